@@ -1,0 +1,1 @@
+"""langfuse-poller: webhook-style events from the Langfuse public API."""
