@@ -1,0 +1,439 @@
+"""Configuration: found, read and checked once, into frozen typed objects.
+
+Nothing past `load_config` touches a raw TOML dict. Every error names the file, the key, what was found
+and what was expected, so that a person can fix it without reading the code.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .durations import DURATION_FORM, START_FORM, parse_duration, parse_start
+from .errors import ConfigError
+
+APP_NAME = "langfuse-poller"
+SYSTEM_CONFIG = Path("/etc/langfuse-poller/config.toml")
+DEFAULT_BASE_URL = "https://cloud.langfuse.com"
+STREAMS = ("observations", "scores")
+# field groups of /v2/observations beyond the ones the events always need (see api.py)
+OPTIONAL_FIELD_GROUPS = ("io", "metadata", "prompt")
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value that never shows itself in repr, str, logs or errors."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def __str__(self) -> str:
+        return "***"
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that must send it."""
+        return self.value
+
+
+class Table:
+    """One TOML table being read: typed getters that name the key on error, and a check for unknown keys."""
+
+    def __init__(self, source: str, prefix: str, data: Mapping[str, Any]) -> None:
+        self.source = source
+        self.prefix = prefix
+        self.data = data
+        self._read: set[str] = set()
+
+    def key(self, name: str) -> str:
+        """The dotted name of a key in this table, as errors show it."""
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, found: object, expected: str) -> ConfigError:
+        """A ConfigError about one key of this table."""
+        return ConfigError(self.source, self.key(name), found, expected)
+
+    def raw(self, name: str) -> Any:
+        self._read.add(name)
+        return self.data.get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def string(self, name: str, default: str | None = None, *, env: Sequence[str] = ()) -> str | None:
+        value = self.raw(name)
+        if value is None:
+            for var in env:
+                if os.environ.get(var):
+                    return os.environ[var]
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(name, value, "a non-empty string")
+        return value
+
+    def required_str(self, name: str, *, env: Sequence[str] = (), expected: str = "a non-empty string") -> str:
+        value = self.string(name, env=env)
+        if value is None:
+            raise self.error(name, None, expected)
+        return value
+
+    def secret(self, name: str, *, env: Sequence[str] = ()) -> Secret | None:
+        """A secret from the key itself, from `<key>_file`, or from the environment, in that order."""
+        file_key = f"{name}_file"
+        path = self.raw(file_key)
+        if self.has(name) and path is not None:
+            raise self.error(file_key, "both set", f"either {self.key(name)} or {self.key(file_key)}, not both")
+        if path is not None:
+            if not isinstance(path, str):
+                raise self.error(file_key, path, "the path of a file holding the secret")
+            try:
+                text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise self.error(file_key, path, f"a readable file ({exc.strerror})") from None
+            if not text:
+                raise self.error(file_key, path, "a file holding the secret, found an empty file")
+            return Secret(text)
+        value = self.raw(name)
+        if value is not None:
+            if not isinstance(value, str) or not value.strip():
+                # the value itself is a secret: never echo it
+                raise self.error(name, "<hidden>", "a non-empty string")
+            return Secret(value)
+        for var in env:
+            if os.environ.get(var):
+                return Secret(os.environ[var])
+        return None
+
+    def duration(self, name: str, default: str | float) -> timedelta:
+        value = self.raw(name)
+        try:
+            return parse_duration(default if value is None else value)
+        except ValueError:
+            raise self.error(name, value, DURATION_FORM) from None
+
+    def positive_duration(self, name: str, default: str | float) -> timedelta:
+        value = self.duration(name, default)
+        if value <= timedelta(0):
+            raise self.error(name, self.raw(name), f"{DURATION_FORM}, greater than zero")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.error(name, value, f"an integer >= {minimum}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, value, f"an integer between {minimum} and {maximum}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(name, value, "true or false")
+        return value
+
+    def str_list(
+        self, name: str, default: Sequence[str] = (), *, choices: Sequence[str] | None = None
+    ) -> tuple[str, ...]:
+        value = self.raw(name)
+        if value is None:
+            return tuple(default)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            expected = "a list of strings"
+            if choices:
+                expected += " from " + ", ".join(repr(c) for c in choices)
+            raise self.error(name, value, expected)
+        if choices is not None:
+            for item in value:
+                if item not in choices:
+                    raise self.error(name, item, "one of " + ", ".join(repr(c) for c in choices))
+        return tuple(value)
+
+    def table(self, name: str) -> Table:
+        value = self.raw(name)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(name, value, "a table")
+        return Table(self.source, self.key(name), value)
+
+    def finish(self) -> None:
+        """Refuse keys nobody read: a misspelt key must not be ignored silently."""
+        unknown = sorted(set(self.data) - self._read)
+        if unknown:
+            known = ", ".join(sorted(self._read)) or "no keys"
+            raise self.error(
+                unknown[0], self.data[unknown[0]], f"a known key of [{self.prefix or 'top level'}]: {known}"
+            )
+
+
+@dataclass(frozen=True)
+class LangfuseConfig:
+    """Where Langfuse is and the keys that read it."""
+
+    base_url: str
+    public_key: str
+    secret_key: Secret
+    timeout: timedelta = timedelta(seconds=30)
+    max_requests_per_minute: int = 0
+
+
+@dataclass(frozen=True)
+class PollConfig:
+    """How often and how far back the poller reads. See poller.py for the window and sweep design."""
+
+    interval: timedelta = timedelta(seconds=10)
+    lookback: timedelta = timedelta(minutes=10)
+    start: str = "now"
+    streams: tuple[str, ...] = STREAMS
+    settle: timedelta = timedelta(seconds=2)
+    reread: tuple[timedelta, ...] = (timedelta(minutes=1),)
+    sweep_interval: timedelta = timedelta(minutes=2)
+    catchup_slice: timedelta = timedelta(hours=1)
+    fields: tuple[str, ...] = ()
+    environments: tuple[str, ...] = ()
+
+    @property
+    def sweep_ages(self) -> tuple[timedelta, ...]:
+        """The ages at which records are read again: each `reread` age, then `lookback`."""
+        return tuple(sorted({*self.reread, self.lookback}))
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retries and retention of the durable delivery queue."""
+
+    max_attempts: int = 10
+    backoff: timedelta = timedelta(seconds=1)
+    max_backoff: timedelta = timedelta(minutes=10)
+    timeout: timedelta = timedelta(seconds=10)
+    retention: timedelta = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A config rule: which events (globs, optional CEL condition) go to which notifiers."""
+
+    name: str
+    events: tuple[str, ...]
+    when: str | None
+    notify: tuple[str, ...]
+    key: str = ""  # where the rule sits in the file, e.g. "rules[2]", for errors found later
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    """A configured notifier: its name, its type and the settings that type parsed."""
+
+    name: str
+    type: str
+    settings: Any
+    key: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration, after every check."""
+
+    source: str
+    langfuse: LangfuseConfig
+    poll: PollConfig
+    state_path: Path
+    handler_modules: tuple[str, ...]
+    rules: tuple[Rule, ...]
+    notifiers: Mapping[str, NotifierConfig]
+    delivery: DeliveryConfig
+
+
+def default_state_path() -> Path:
+    from platformdirs import user_state_path
+
+    return user_state_path(APP_NAME) / "state.db"
+
+
+def find_config_file(explicit: str | None = None) -> Path | None:
+    """The config file to read: --config, else $LANGFUSE_POLLER_CONFIG, else the user config dir, else /etc."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("LANGFUSE_POLLER_CONFIG"):
+        return Path(os.environ["LANGFUSE_POLLER_CONFIG"])
+    from platformdirs import user_config_path
+
+    for candidate in (user_config_path(APP_NAME) / "config.toml", SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(explicit: str | None = None) -> Config:
+    """Find and read the config (see `find_config_file`); with no file at all, defaults and the environment."""
+    path = find_config_file(explicit)
+    if path is None:
+        return parse_config({}, "<no config file>")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "<file>", exc.strerror, "a readable TOML file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "<syntax>", str(exc), "valid TOML") from None
+    return parse_config(data, str(path))
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> Config:
+    """Check a parsed TOML document and build the Config; raises ConfigError naming the first bad key."""
+    from .notifiers import parse_notifier
+
+    top = Table(source, "", data)
+    langfuse = _parse_langfuse(top.table("langfuse"))
+    poll = _parse_poll(top.table("poll"))
+
+    state = top.table("state")
+    state_path_text = state.string("path", env=("LANGFUSE_POLLER_STATE",))
+    state_path = Path(state_path_text).expanduser() if state_path_text else default_state_path()
+    state.finish()
+
+    handlers = top.table("handlers")
+    modules = handlers.str_list("modules")
+    handlers.finish()
+
+    delivery = _parse_delivery(top.table("delivery"))
+
+    notifiers_table = top.table("notifiers")
+    notifiers: dict[str, NotifierConfig] = {}
+    for name in notifiers_table.data:
+        entry = notifiers_table.table(name)
+        notifiers[name] = parse_notifier(name, entry)
+    notifiers_table.finish()
+
+    rules = _parse_rules(top, source, notifiers)
+    top.finish()
+    return Config(
+        source=source,
+        langfuse=langfuse,
+        poll=poll,
+        state_path=state_path,
+        handler_modules=modules,
+        rules=rules,
+        notifiers=notifiers,
+        delivery=delivery,
+    )
+
+
+def _parse_langfuse(table: Table) -> LangfuseConfig:
+    base_url = table.string("base_url", env=("LANGFUSE_BASE_URL", "LANGFUSE_HOST")) or DEFAULT_BASE_URL
+    if not base_url.startswith(("http://", "https://")):
+        raise table.error("base_url", base_url, "an http:// or https:// URL such as https://cloud.langfuse.com")
+    public_key = table.required_str(
+        "public_key",
+        env=("LANGFUSE_PUBLIC_KEY",),
+        expected="a public key (pk-lf-...) in [langfuse] public_key or the LANGFUSE_PUBLIC_KEY environment variable",
+    )
+    secret_key = table.secret("secret_key", env=("LANGFUSE_SECRET_KEY",))
+    if secret_key is None:
+        raise table.error(
+            "secret_key",
+            None,
+            "a secret key (sk-lf-...) in [langfuse] secret_key, secret_key_file, "
+            "or the LANGFUSE_SECRET_KEY environment variable",
+        )
+    config = LangfuseConfig(
+        base_url=base_url.rstrip("/"),
+        public_key=public_key,
+        secret_key=secret_key,
+        timeout=table.positive_duration("timeout", "30s"),
+        max_requests_per_minute=table.integer("max_requests_per_minute", 0),
+    )
+    table.finish()
+    return config
+
+
+def _parse_poll(table: Table) -> PollConfig:
+    interval = table.positive_duration("interval", "10s")
+    lookback = table.duration("lookback", "10m")
+    start = table.string("start", "now") or "now"
+    try:
+        parse_start(start, datetime.now(UTC))
+    except ValueError:
+        raise table.error("start", start, START_FORM) from None
+    reread_raw = table.raw("reread")
+    if reread_raw is None:
+        reread: tuple[timedelta, ...] = (timedelta(minutes=1),)
+    elif isinstance(reread_raw, list):
+        try:
+            reread = tuple(parse_duration(v) for v in reread_raw)
+        except ValueError:
+            raise table.error("reread", reread_raw, f"a list of durations, each {DURATION_FORM}") from None
+    else:
+        raise table.error("reread", reread_raw, f"a list of durations, each {DURATION_FORM}")
+    reread = tuple(age for age in reread if age < lookback)
+    config = PollConfig(
+        interval=interval,
+        lookback=lookback,
+        start=start,
+        streams=table.str_list("streams", STREAMS, choices=STREAMS),
+        settle=table.duration("settle", "2s"),
+        reread=reread,
+        sweep_interval=table.positive_duration("sweep_interval", "2m"),
+        catchup_slice=table.positive_duration("catchup_slice", "1h"),
+        fields=table.str_list("fields", (), choices=OPTIONAL_FIELD_GROUPS),
+        environments=table.str_list("environments", ()),
+    )
+    table.finish()
+    return config
+
+
+def _parse_delivery(table: Table) -> DeliveryConfig:
+    config = DeliveryConfig(
+        max_attempts=table.integer("max_attempts", 10, minimum=1),
+        backoff=table.positive_duration("backoff", "1s"),
+        max_backoff=table.positive_duration("max_backoff", "10m"),
+        timeout=table.positive_duration("timeout", "10s"),
+        retention=table.positive_duration("retention", "7d"),
+    )
+    table.finish()
+    return config
+
+
+def _parse_rules(top: Table, source: str, notifiers: Mapping[str, NotifierConfig]) -> tuple[Rule, ...]:
+    raw = top.raw("rules")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise top.error("rules", raw, "an array of tables: [[rules]]")
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(raw):
+        key = f"rules[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(source, key, entry, "a table with name, events and notify")
+        table = Table(source, key, entry)
+        name = table.required_str("name", expected="a name for the rule, unique in the file")
+        if name in seen:
+            raise table.error("name", name, "a name not used by another rule")
+        seen.add(name)
+        events = table.str_list("events")
+        if not events:
+            raise table.error(
+                "events", table.raw("events"), 'a non-empty list of event types or globs, e.g. ["trace.*"]'
+            )
+        notify = table.str_list("notify")
+        for target in notify:
+            if target not in notifiers:
+                known = ", ".join(sorted(notifiers)) or "none configured"
+                raise table.error("notify", target, f"the name of a [notifiers.NAME] table (configured: {known})")
+        rules.append(Rule(name=name, events=events, when=table.string("when"), notify=notify, key=key))
+        table.finish()
+    return tuple(rules)

@@ -1,0 +1,99 @@
+"""The daemon: APScheduler runs the poll job and the delivery worker; signals stop it cleanly.
+
+Signal handlers only set a flag. The main thread then cancels waits (rate-limit sleeps, backoffs), lets the
+poll in flight finish or roll back its transaction, lets deliveries in flight finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime
+from types import FrameType
+
+from .api import Cancelled
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+DELIVERY_TICK = 1.0
+MAINTENANCE_EVERY = 600.0
+
+
+class Daemon:
+    """Runs a Runtime until `stop()` (or SIGTERM/SIGINT when `run(install_signals=True)`)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.stopping = threading.Event()
+        self.scheduler = None
+
+    def poll_job(self) -> None:
+        try:
+            result = self.runtime.poller.poll_once()
+        except Cancelled:
+            return
+        except Exception:
+            log.exception("poll failed unexpectedly; the next poll tries again")
+            return
+        for error in result.errors:
+            log.error("%s", error)
+        if result.events:
+            log.info("poll: %d new events from %d API requests", result.events, result.requests)
+        self.runtime.worker.kick()
+
+    def deliver_job(self) -> None:
+        self.runtime.worker.kick()
+
+    def maintenance_job(self) -> None:
+        retention = self.runtime.config.delivery.retention.total_seconds()
+        removed = self.runtime.store.prune_delivered(time.time() - retention)
+        if removed:
+            log.info("maintenance: dropped %d delivered events older than the retention", removed)
+
+    def stop(self, *_: object) -> None:
+        self.stopping.set()
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping.set()
+
+    def run(self, *, install_signals: bool = True) -> int:
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        if install_signals:
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        runtime = self.runtime
+        runtime.poller.start_streams()
+        scheduler = BackgroundScheduler(
+            timezone=UTC,
+            # one poll at a time; a poll that overran its interval is followed by one, not a burst
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        now = datetime.now(UTC)
+        scheduler.add_job(
+            self.poll_job,
+            IntervalTrigger(seconds=runtime.config.poll.interval.total_seconds()),
+            id="poll",
+            next_run_time=now,
+        )
+        scheduler.add_job(self.deliver_job, IntervalTrigger(seconds=DELIVERY_TICK), id="deliver", next_run_time=now)
+        scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
+        scheduler.start()
+        log.info(
+            "langfuse-poller running: %s, every %s, state %s",
+            runtime.config.langfuse.base_url,
+            runtime.config.poll.interval,
+            runtime.config.state_path,
+        )
+        while not self.stopping.wait(0.5):
+            pass
+        log.info("stopping: finishing the poll and deliveries in flight")
+        runtime.cancel.set()
+        scheduler.shutdown(wait=True)
+        runtime.close()
+        log.info("stopped")
+        return 0

@@ -1,0 +1,254 @@
+"""Durable delivery: drains the SQLite outbox to handlers and notifiers, with retries and dead letters.
+
+Each target drains in its own thread, oldest event first, so a slow or failing target never delays the
+others. A delivery is recorded right after it succeeded: a crash between the two repeats that one delivery,
+never more. Failures back off exponentially with jitter (tenacity's wait strategy, persisted as `next_at`);
+a target that looks down (timeouts, 5xx, 429) rests until its retry is due instead of being hammered with
+the rest of its queue; a delivery that keeps failing becomes a dead letter.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import tenacity
+
+from .config import DeliveryConfig
+from .errors import DeliveryError
+from .events import Event
+from .notifiers.base import Notifier
+from .store import Due, Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 200
+FORGOTTEN_TARGET_CHECK = 60.0
+
+
+class HandlerTarget:
+    """A registered handler function, as a delivery target."""
+
+    def __init__(self, func: Callable[[Event], Any]) -> None:
+        self.func = func
+
+    def send(self, event: Event) -> None:
+        self.func(event)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class DeliveryStats:
+    """What deliveries did since the worker started, per target and outcome."""
+
+    delivered: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
+
+    def add(self, bucket: dict[str, int], target: str, count: int = 1) -> None:
+        bucket[target] = bucket.get(target, 0) + count
+
+
+class DeliveryWorker:
+    """Delivers due deliveries to `targets` (name -> notifier or handler target)."""
+
+    def __init__(
+        self,
+        store: Store,
+        targets: Mapping[str, Notifier],
+        config: DeliveryConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.targets = dict(targets)
+        self.config = config
+        self.clock = clock
+        self.cancel = cancel or threading.Event()
+        self.stats = DeliveryStats()
+        self._wait = tenacity.wait_exponential_jitter(
+            initial=config.backoff.total_seconds(), max=config.max_backoff.total_seconds()
+        )
+        self._resting_until: dict[str, float] = {}
+        self._running: dict[str, Future[None]] = {}
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(self.targets))), thread_name_prefix="deliver")
+        self._lock = threading.Lock()
+        self._checked_forgotten = 0.0
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt + 1`, exponential with jitter."""
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = max(1, attempt)
+        return float(self._wait(state))
+
+    def kick(self) -> None:
+        """Start draining every target that has nothing in flight; returns at once."""
+        now = self.clock()
+        if now - self._checked_forgotten > FORGOTTEN_TARGET_CHECK:
+            self._checked_forgotten = now
+            self.dead_letter_forgotten_targets()
+        with self._lock:
+            for name in self.targets:
+                running = self._running.get(name)
+                if running is not None and not running.done():
+                    continue
+                if self._resting_until.get(name, 0.0) > now or self.cancel.is_set():
+                    continue
+                self._running[name] = self._pool.submit(self._drain_safely, name)
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait for the drains in flight to finish."""
+        with self._lock:
+            running = list(self._running.values())
+        for future in running:
+            future.result(timeout=timeout)
+
+    def run_until_idle(self, max_rounds: int = 1000) -> None:
+        """Drain until nothing is due now (what backs off for later stays pending); used by `once`."""
+        for _ in range(max_rounds):
+            self.kick()
+            self.wait_idle()
+            now = self.clock()
+            if self.cancel.is_set() or not any(
+                self._has_due(name, now) and self._resting_until.get(name, 0.0) <= now for name in self.targets
+            ):
+                return
+
+    def _has_due(self, target: str, now: float) -> bool:
+        next_at = self.store.next_due_at(target)
+        return next_at is not None and next_at <= now
+
+    def close(self) -> None:
+        self.cancel.set()
+        self._pool.shutdown(wait=True)
+        for target in self.targets.values():
+            try:
+                target.close()
+            except Exception:
+                log.exception("closing a notifier failed")
+
+    def _drain_safely(self, name: str) -> None:
+        try:
+            self.drain(name)
+        except Exception:
+            # the store itself failed (disk full, locked too long): the next kick tries again
+            log.exception("delivery to %s stopped on an unexpected error", name)
+
+    def drain(self, name: str) -> int:
+        """Deliver the due deliveries of one target until none is due, the target rests, or we stop."""
+        target = self.targets[name]
+        sent = 0
+        while not self.cancel.is_set():
+            now = self.clock()
+            if self._resting_until.get(name, 0.0) > now:
+                break
+            batch = self.store.due(name, now, BATCH)
+            if not batch:
+                break
+            send_many = getattr(target, "send_many", None)
+            if send_many is not None:
+                ok = self._send_batch(name, send_many, batch)
+            else:
+                ok = self._send_each(name, target, batch)
+            sent += ok
+            if ok < len(batch) and self._resting_until.get(name, 0.0) > self.clock():
+                break
+        return sent
+
+    def _send_each(self, name: str, target: Notifier, batch: Sequence[Due]) -> int:
+        ok = 0
+        for due in batch:
+            if self.cancel.is_set():
+                break
+            try:
+                target.send(due.event)
+            except Exception as exc:
+                self._failed(name, due, exc)
+                if self._resting_until.get(name, 0.0) > self.clock():
+                    break
+                continue
+            self.store.mark_done([due.id])
+            self.stats.add(self.stats.delivered, name)
+            ok += 1
+        return ok
+
+    def _send_batch(self, name: str, send_many: Callable[[Sequence[Event]], None], batch: Sequence[Due]) -> int:
+        try:
+            send_many([due.event for due in batch])
+        except Exception as exc:
+            for due in batch:
+                self._failed(name, due, exc)
+            return 0
+        self.store.mark_done([due.id for due in batch])
+        self.stats.add(self.stats.delivered, name, len(batch))
+        return len(batch)
+
+    def _failed(self, name: str, due: Due, exc: Exception) -> None:
+        attempts = due.attempts + 1
+        if isinstance(exc, DeliveryError):
+            message, retryable, retry_after, rest = str(exc), exc.retryable, exc.retry_after, exc.retryable
+        else:
+            # a handler's own exception: retried, but the handler's other events go on meanwhile
+            message, retryable, retry_after, rest = f"{type(exc).__name__}: {exc}", True, None, False
+        self.stats.add(self.stats.failed, name)
+        if not retryable or attempts >= self.config.max_attempts:
+            reason = message if not retryable else f"{message} (gave up after {attempts} attempts)"
+            self.store.mark_dead(due.id, error=reason)
+            self.stats.add(self.stats.dead, name)
+            log.error("delivery of %s to %s failed for good: %s", due.event.id, name, reason)
+            return
+        delay = max(self.backoff(attempts), retry_after or 0.0)
+        next_at = self.clock() + delay
+        self.store.mark_retry(due.id, next_at=next_at, error=message)
+        if rest:
+            self._resting_until[name] = next_at
+        log.warning(
+            "delivery of %s to %s failed (%s); retry %d in %.1fs",
+            due.event.id,
+            name,
+            message,
+            attempts,
+            delay,
+        )
+
+    def deliver_event(self, event_id: str) -> dict[str, str | None]:
+        """Deliver one event's pending deliveries now, whatever else is queued: target -> error or None."""
+        outcomes: dict[str, str | None] = {}
+        for due in self.store.pending_of_event(event_id):
+            target = self.targets.get(due.target)
+            if target is None:
+                outcomes[due.target] = "not configured"
+                continue
+            try:
+                target.send(due.event)
+            except Exception as exc:
+                self._failed(due.target, due, exc)
+                outcomes[due.target] = str(exc) or type(exc).__name__
+                continue
+            self.store.mark_done([due.id])
+            self.stats.add(self.stats.delivered, due.target)
+            outcomes[due.target] = None
+        return outcomes
+
+    def dead_letter_forgotten_targets(self) -> int:
+        """Pending deliveries to targets no longer configured become dead letters, visible and replayable."""
+        count = 0
+        for target in self.store.pending_targets():
+            if target in self.targets:
+                continue
+            for due in self.store.due(target, float("inf"), 10_000):
+                self.store.mark_dead(
+                    due.id,
+                    error=f"{target} is no longer configured; add it back and replay this dead letter",
+                    attempted=False,
+                )
+                count += 1
+        return count

@@ -1,0 +1,301 @@
+"""Synthetic events: the envelope, and how Langfuse records become events.
+
+Ids are deterministic (`<event>:<record id>` for created events, `<event>:<record id>:<version>` for updates)
+so that the same record never yields two different ids, whichever poll or replica sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .durations import format_time, parse_time
+
+SOURCES = ("poll", "webhook", "test")
+ERROR_LEVELS = ("ERROR", "WARNING")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event in the envelope that webhook payloads have, plus `id` and `source`."""
+
+    id: str
+    type: str
+    timestamp: datetime
+    source: str
+    data: Mapping[str, Any]
+
+    def envelope(self) -> dict[str, Any]:
+        """The JSON-ready envelope: {id, event, timestamp, source, data}."""
+        return {
+            "id": self.id,
+            "event": self.type,
+            "timestamp": format_time(self.timestamp),
+            "source": self.source,
+            "data": dict(self.data),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.envelope(), separators=(",", ":"), ensure_ascii=False, default=str)
+
+    @classmethod
+    def from_envelope(cls, envelope: Mapping[str, Any]) -> Event:
+        """Rebuild an event from its envelope (as stored, or as received)."""
+        return cls(
+            id=str(envelope["id"]),
+            type=str(envelope["event"]),
+            timestamp=parse_time(str(envelope["timestamp"])),
+            source=str(envelope.get("source", "webhook")),
+            data=dict(envelope.get("data") or {}),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Event:
+        return cls.from_envelope(json.loads(text))
+
+
+class MalformedRecord(ValueError):
+    """Raised when a record from the API lacks what an event needs; it becomes a dead letter with its raw JSON."""
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the store remembers of a record it has turned into events: its version, and its level."""
+
+    version: str
+    level: str = ""
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    """The events made from one record, and what to remember of the record from now on."""
+
+    key: str
+    timestamp: datetime
+    seen: Seen
+    events: tuple[Event, ...]
+
+
+def record_version(record: Mapping[str, Any]) -> str:
+    """The version of a record: its updatedAt in epoch milliseconds ("0" when the API did not send it)."""
+    stamp = record.get("updatedAt") or record.get("createdAt")
+    if not isinstance(stamp, str):
+        return "0"
+    try:
+        return str(int(parse_time(stamp).timestamp() * 1000))
+    except ValueError:
+        return "0"
+
+
+def _required_str(record: Mapping[str, Any], field: str) -> str:
+    value = record.get(field)
+    if not isinstance(value, str) or not value:
+        raise MalformedRecord(f"field {field!r} must be a non-empty string, found {value!r}")
+    return value
+
+
+def _required_time(record: Mapping[str, Any], field: str) -> datetime:
+    value = record.get(field)
+    if not isinstance(value, str):
+        raise MalformedRecord(f"field {field!r} must be an RFC 3339 time, found {value!r}")
+    try:
+        return parse_time(value)
+    except ValueError:
+        raise MalformedRecord(f"field {field!r} must be an RFC 3339 time, found {value!r}") from None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _usage(details: Any) -> dict[str, float | None]:
+    """The classic {promptTokens, completionTokens, totalTokens} from Langfuse's usageDetails."""
+    if not isinstance(details, Mapping):
+        return {"promptTokens": None, "completionTokens": None, "totalTokens": None}
+    prompt = _number(details.get("input"))
+    completion = _number(details.get("output"))
+    total = _number(details.get("total"))
+    if total is None and (prompt is not None or completion is not None):
+        total = (prompt or 0) + (completion or 0)
+    return {"promptTokens": prompt, "completionTokens": completion, "totalTokens": total}
+
+
+class EventFactory:
+    """Turns raw API records into events. `observation_created` says whether anything subscribes to it."""
+
+    def __init__(self, base_url: str, observation_created: Callable[[], bool] = lambda: False) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.observation_created = observation_created
+
+    def trace_url(self, project_id: str, trace_id: str | None) -> str:
+        if trace_id:
+            return f"{self.base_url}/project/{project_id}/traces/{trace_id}"
+        return f"{self.base_url}/project/{project_id}"
+
+    def from_observation(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
+        """Events for an observation seen for the first time (`previous` None) or seen again."""
+        if not isinstance(record, Mapping):
+            raise MalformedRecord(f"an observation must be a JSON object, found {type(record).__name__}")
+        obs_id = _required_str(record, "id")
+        trace_id = _required_str(record, "traceId")
+        project_id = _required_str(record, "projectId")
+        obs_type = _required_str(record, "type")
+        start = _required_time(record, "startTime")
+        level = record.get("level") or "DEFAULT"
+        version = record_version(record)
+        url = self.trace_url(project_id, trace_id)
+        is_root = bool(record.get("isRootObservation")) or (
+            record.get("isRootObservation") is None and not record.get("parentObservationId")
+        )
+        common = {
+            "projectId": project_id,
+            "traceId": trace_id,
+            "observationId": obs_id,
+            "name": record.get("name"),
+            "level": level,
+            "statusMessage": record.get("statusMessage"),
+            "environment": record.get("environment"),
+            "url": url,
+        }
+        events: list[Event] = []
+
+        def add(event_type: str, event_id: str, data: dict[str, Any]) -> None:
+            events.append(Event(id=event_id, type=event_type, timestamp=start, source="poll", data=data))
+
+        if previous is None:
+            if is_root:
+                add(
+                    "trace.created",
+                    f"trace.created:{trace_id}",
+                    {
+                        **common,
+                        "name": record.get("traceName") or record.get("name"),
+                        "userId": record.get("userId"),
+                        "sessionId": record.get("sessionId"),
+                        "tags": record.get("tags") or [],
+                        "release": record.get("release"),
+                    },
+                )
+            if obs_type == "GENERATION":
+                add(
+                    "generation.created",
+                    f"generation.created:{obs_id}",
+                    {
+                        **common,
+                        "traceName": record.get("traceName"),
+                        "model": record.get("model"),
+                        "usage": _usage(record.get("usageDetails")),
+                        "usageDetails": record.get("usageDetails") or {},
+                        "costDetails": record.get("costDetails") or {},
+                        "totalCost": record.get("totalCost"),
+                        "latency": record.get("latency"),
+                        "timeToFirstToken": record.get("timeToFirstToken"),
+                    },
+                )
+            if self.observation_created():
+                add(
+                    "observation.created",
+                    f"observation.created:{obs_id}",
+                    {**common, "type": obs_type, "parentObservationId": record.get("parentObservationId")},
+                )
+        # an error or warning yields one update when first seen at that level; a root yields one per new version
+        became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
+        root_moved = is_root and previous is not None and version != previous.version
+        if became_error or root_moved:
+            add(
+                "trace.updated",
+                f"trace.updated:{obs_id}:{version}",
+                {
+                    **common,
+                    "type": obs_type,
+                    "traceName": record.get("traceName"),
+                    "userId": record.get("userId"),
+                    "sessionId": record.get("sessionId"),
+                    "tags": record.get("tags") or [],
+                    "isRootObservation": is_root,
+                },
+            )
+        return Synthesis(key=f"o:{obs_id}", timestamp=start, seen=Seen(version, level), events=tuple(events))
+
+    def from_score(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
+        """score.created for a score seen for the first time, score.updated when its updatedAt moved."""
+        if not isinstance(record, Mapping):
+            raise MalformedRecord(f"a score must be a JSON object, found {type(record).__name__}")
+        score_id = _required_str(record, "id")
+        project_id = _required_str(record, "projectId")
+        name = _required_str(record, "name")
+        timestamp = _required_time(record, "timestamp")
+        version = record_version(record)
+        if previous is not None and previous.version == version:
+            return Synthesis(key=f"s:{score_id}", timestamp=timestamp, seen=previous, events=())
+        raw_subject = record.get("subject")
+        subject: Mapping[str, Any] = raw_subject if isinstance(raw_subject, Mapping) else {}
+        kind = subject.get("kind")
+        trace_id = subject.get("id") if kind == "trace" else subject.get("traceId")
+        trace_id = trace_id or record.get("traceId")
+        observation_id = subject.get("id") if kind == "observation" else record.get("observationId")
+        session_id = subject.get("id") if kind == "session" else record.get("sessionId")
+        raw_value = record.get("value")
+        data_type = record.get("dataType") or "NUMERIC"
+        if isinstance(raw_value, bool):
+            value: float | None = 1.0 if raw_value else 0.0
+            string_value: str | None = str(raw_value)
+        elif isinstance(raw_value, int | float):
+            value, string_value = float(raw_value), None
+        else:
+            value, string_value = None, None if raw_value is None else str(raw_value)
+        data = {
+            "projectId": project_id,
+            "scoreId": score_id,
+            "traceId": trace_id,
+            "observationId": observation_id,
+            "sessionId": session_id,
+            "name": name,
+            "value": value,
+            "stringValue": string_value,
+            "dataType": data_type,
+            "source": record.get("source"),
+            "comment": record.get("comment"),
+            "environment": record.get("environment"),
+            "configId": record.get("configId"),
+            "url": self.trace_url(project_id, trace_id),
+        }
+        if previous is None:
+            event = Event(f"score.created:{score_id}", "score.created", timestamp, "poll", data)
+        else:
+            event = Event(f"score.updated:{score_id}:{version}", "score.updated", timestamp, "poll", data)
+        return Synthesis(key=f"s:{score_id}", timestamp=timestamp, seen=Seen(version), events=(event,))
+
+
+def test_event(event_type: str = "trace.created", *, base_url: str = "https://cloud.langfuse.com") -> Event:
+    """A synthetic event for `send-test-event`: realistic data, `source` "test", a fresh id."""
+    import uuid
+
+    now = datetime.now(UTC)
+    suffix = uuid.uuid4().hex[:12]
+    trace_id = f"test-trace-{suffix}"
+    data: dict[str, Any] = {
+        "projectId": "test-project",
+        "traceId": trace_id,
+        "observationId": f"test-observation-{suffix}",
+        "name": "langfuse-poller test event",
+        "level": "ERROR" if event_type == "trace.updated" else "DEFAULT",
+        "statusMessage": "This is a test event sent by langfuse-poller send-test-event.",
+        "environment": "test",
+        "url": f"{base_url.rstrip('/')}/project/test-project/traces/{trace_id}",
+    }
+    if event_type.startswith("score."):
+        data.update(scoreId=f"test-score-{suffix}", name="test-score", value=0.25, dataType="NUMERIC", source="API")
+    if event_type == "generation.created":
+        data.update(
+            model="gpt-4o",
+            usage={"promptTokens": 120.0, "completionTokens": 30.0, "totalTokens": 150.0},
+            usageDetails={"input": 120, "output": 30, "total": 150},
+            costDetails={"total": 0.0012},
+            totalCost=0.0012,
+            latency=1.25,
+        )
+    return Event(id=f"{event_type}:test-{suffix}", type=event_type, timestamp=now, source="test", data=data)

@@ -1,0 +1,78 @@
+"""Wiring: builds the store, reader, router, notifiers, poller and delivery worker from one Config."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .api import LangfuseReader
+from .config import Config
+from .delivery import DeliveryWorker, HandlerTarget
+from .events import EventFactory
+from .notifiers import Notifier, build_notifier
+from .poller import Poller
+from .registry import Registry, Router, import_handler_modules, registry
+from .store import Store
+
+
+@dataclass
+class Runtime:
+    """Everything a command needs, built once; `close` releases it."""
+
+    config: Config
+    store: Store
+    router: Router
+    reader: LangfuseReader
+    poller: Poller
+    worker: DeliveryWorker
+    cancel: threading.Event
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        *,
+        handlers: Registry | None = None,
+        clock: Callable[[], float] = time.time,
+        lock: bool = True,
+        on_commit: Callable[[], None] | None = None,
+    ) -> Runtime:
+        """Build from config: imports handler modules, compiles rules, opens (and locks) the state."""
+        handlers = handlers or registry
+        import_handler_modules(config.handler_modules, config.source)
+        router = Router(config.rules, handlers, config.source)
+        store = Store(config.state_path, clock=clock)
+        if lock:
+            store.lock()
+        cancel = threading.Event()
+        targets: dict[str, Notifier] = {
+            f"handler:{name}": HandlerTarget(handler.func) for name, handler in handlers.handlers.items()
+        }
+        targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
+        worker = DeliveryWorker(store, targets, config.delivery, clock=clock, cancel=cancel)
+        reader = LangfuseReader(
+            config.langfuse,
+            extra_fields=config.poll.fields,
+            environments=config.poll.environments,
+            cancel=cancel,
+            clock=clock,
+        )
+        factory = EventFactory(config.langfuse.base_url, lambda: router.subscribes("observation.created"))
+        poller = Poller(
+            config.poll,
+            store,
+            reader,
+            factory,
+            router.targets,
+            clock=clock,
+            on_commit=on_commit or worker.kick,
+        )
+        return cls(config, store, router, reader, poller, worker, cancel)
+
+    def close(self) -> None:
+        self.cancel.set()
+        self.worker.close()
+        self.reader.close()
+        self.store.close()

@@ -1,0 +1,82 @@
+"""`status`: what the state says, in words a person can act on, or as JSON. Never contacts Langfuse."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import Config
+from .durations import format_duration
+
+
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+def collect_status(config: Config, *, now: float) -> dict[str, Any]:
+    """A JSON-ready report of every stream, the queue and the dead letters."""
+    from .store import Store
+
+    report: dict[str, Any] = {
+        "config": config.source,
+        "state": str(config.state_path),
+        "langfuse": config.langfuse.base_url,
+        "streams": [],
+        "queue": {"pending": 0, "by_target": {}},
+        "dead_letters": 0,
+    }
+    if not config.state_path.exists():
+        report["note"] = "no state yet: the poller has not run with this state path"
+        return report
+    store = Store(config.state_path)
+    try:
+        interval = config.poll.interval.total_seconds()
+        for stream in store.streams():
+            lag = max(0.0, now - stream.head)
+            healthy = stream.last_error is None and lag <= interval * 3 + config.poll.settle.total_seconds() + 60
+            report["streams"].append(
+                {
+                    "name": stream.name,
+                    "watermark": _iso(stream.head),
+                    "lag_seconds": round(lag, 3),
+                    "sweeps": {format_duration(age): _iso(wm) for age, wm in sorted(stream.sweeps.items())},
+                    "last_poll": _iso(stream.last_poll_at),
+                    "last_success": _iso(stream.last_success_at),
+                    "last_error": stream.last_error,
+                    "last_error_at": _iso(stream.last_error_at),
+                    "api_requests": stream.api_requests,
+                    "records": stream.records,
+                    "events": stream.events,
+                    "healthy": healthy,
+                }
+            )
+        by_target = store.pending_by_target()
+        report["queue"] = {"pending": sum(by_target.values()), "by_target": by_target}
+        report["dead_letters"] = store.dead_letter_count()
+    finally:
+        store.close()
+    return report
+
+
+def render_status(report: dict[str, Any]) -> str:
+    lines = [f"state {report['state']}  (config {report['config']}, Langfuse {report['langfuse']})"]
+    if report.get("note"):
+        lines.append(report["note"])
+    for stream in report["streams"]:
+        mark = "ok  " if stream["healthy"] else "WARN"
+        lines.append(
+            f"{mark} {stream['name']:<13} watermark {stream['watermark']}  lag {format_duration(stream['lag_seconds'])}"
+            f"  last poll {stream['last_poll'] or 'never'}  ({stream['events']} events from {stream['records']} "
+            f"records, {stream['api_requests']} API requests)"
+        )
+        if stream["last_error"]:
+            lines.append(f"     last error at {stream['last_error_at']}: {stream['last_error']}")
+    queue = report["queue"]
+    lines.append(f"queue: {queue['pending']} deliveries pending")
+    for target, count in sorted(queue["by_target"].items()):
+        lines.append(f"     {target}: {count}")
+    dead = report["dead_letters"]
+    lines.append(
+        f"dead letters: {dead}" + ("  (see `langfuse-poller dead-letters list`, then replay or purge)" if dead else "")
+    )
+    return "\n".join(lines)

@@ -1,0 +1,515 @@
+"""The SQLite state: watermarks, dedup keys, the event outbox, deliveries and dead letters.
+
+One file, WAL mode, a busy timeout, one connection per thread, and write transactions that take the write
+lock up front (BEGIN IMMEDIATE) so two writers never deadlock on a lock upgrade. Schema changes go through
+ordered migrations, each applied in its own transaction and recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StateError
+from .events import Event, Seen, Synthesis
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE streams (
+        name TEXT PRIMARY KEY,
+        head REAL NOT NULL,
+        last_poll_at REAL,
+        last_success_at REAL,
+        last_error TEXT,
+        last_error_at REAL,
+        api_requests INTEGER NOT NULL DEFAULT 0,
+        records INTEGER NOT NULL DEFAULT 0,
+        events INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE sweeps (
+        stream TEXT NOT NULL,
+        age REAL NOT NULL,
+        watermark REAL NOT NULL,
+        last_run_at REAL,
+        PRIMARY KEY (stream, age)
+    );
+    CREATE TABLE seen (
+        key TEXT PRIMARY KEY,
+        stream TEXT NOT NULL,
+        ts REAL NOT NULL,
+        version TEXT NOT NULL,
+        level TEXT NOT NULL DEFAULT ''
+    ) WITHOUT ROWID;
+    CREATE INDEX seen_by_time ON seen (stream, ts);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        type TEXT NOT NULL,
+        ts REAL NOT NULL,
+        source TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        event_seq INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+        target TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL,
+        ts REAL NOT NULL,
+        last_error TEXT,
+        updated_at REAL NOT NULL,
+        UNIQUE (event_seq, target)
+    );
+    CREATE INDEX deliveries_pending ON deliveries (target, ts, id) WHERE state = 'pending';
+    CREATE INDEX deliveries_by_state ON deliveries (state, updated_at);
+    CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        delivery_id INTEGER REFERENCES deliveries (id) ON DELETE CASCADE,
+        stream TEXT,
+        raw TEXT,
+        error TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+)
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """A stream's progress as stored: head watermark, sweep watermarks by age, last poll and last error."""
+
+    name: str
+    head: float
+    sweeps: dict[float, float]
+    last_poll_at: float | None
+    last_success_at: float | None
+    last_error: str | None
+    last_error_at: float | None
+    api_requests: int
+    records: int
+    events: int
+
+
+@dataclass(frozen=True)
+class Due:
+    """A delivery that is due: which event, to which target, how many attempts so far."""
+
+    id: int
+    target: str
+    attempts: int
+    event: Event
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead letter: a delivery that failed for good, or a record that could not be parsed."""
+
+    id: int
+    kind: str
+    error: str
+    created_at: float
+    target: str | None
+    event_id: str | None
+    event_type: str | None
+    attempts: int | None
+    stream: str | None
+    raw: str | None
+
+
+class Transaction:
+    """The writes of one transaction; obtained from `Store.write()`."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self.conn = conn
+        self.now = now
+        self.enqueued = 0
+
+    def seen_states(self, keys: Sequence[str]) -> dict[str, Seen]:
+        """What is remembered of these records; records never seen are absent."""
+        found: dict[str, Seen] = {}
+        # stay well below SQLite's limit on host parameters
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for key, version, level in self.conn.execute(
+                f"SELECT key, version, level FROM seen WHERE key IN ({marks})", chunk
+            ):
+                found[key] = Seen(version, level)
+        return found
+
+    def remember(self, stream: str, synthesis: Synthesis) -> None:
+        self.conn.execute(
+            "INSERT INTO seen (key, stream, ts, version, level) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET version = excluded.version, level = excluded.level",
+            (
+                synthesis.key,
+                stream,
+                synthesis.timestamp.timestamp(),
+                synthesis.seen.version,
+                synthesis.seen.level,
+            ),
+        )
+
+    def enqueue(self, event: Event, targets: Iterable[str]) -> bool:
+        """Store an event and one pending delivery per target; False when the event id is already stored."""
+        cursor = self.conn.execute(
+            "INSERT OR IGNORE INTO events (id, type, ts, source, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (event.id, event.type, event.timestamp.timestamp(), event.source, event.to_json(), self.now),
+        )
+        if cursor.rowcount == 0:
+            return False
+        seq = cursor.lastrowid
+        ts = event.timestamp.timestamp()
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [(seq, target, self.now, ts, self.now) for target in dict.fromkeys(targets)],
+        )
+        self.enqueued += 1
+        return True
+
+    def add_bad_record(self, stream: str, raw: Any, error: str) -> None:
+        """Keep a record that could not be turned into events, with its raw JSON, as a dead letter."""
+        text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
+        self.conn.execute(
+            "INSERT INTO dead_letters (kind, stream, raw, error, created_at) VALUES ('record', ?, ?, ?, ?)",
+            (stream, text, error, self.now),
+        )
+
+    def set_head(self, stream: str, head: float) -> None:
+        self.conn.execute("UPDATE streams SET head = MAX(head, ?) WHERE name = ?", (head, stream))
+
+    def set_sweep(self, stream: str, age: float, watermark: float, ran: bool = False) -> None:
+        self.conn.execute(
+            "UPDATE sweeps SET watermark = MAX(watermark, ?), last_run_at = CASE WHEN ? THEN ? ELSE last_run_at END "
+            "WHERE stream = ? AND age = ?",
+            (watermark, ran, self.now, stream, age),
+        )
+
+    def count_poll(self, stream: str, requests: int, records: int, events: int) -> None:
+        self.conn.execute(
+            "UPDATE streams SET api_requests = api_requests + ?, records = records + ?, events = events + ? "
+            "WHERE name = ?",
+            (requests, records, events, stream),
+        )
+
+
+class Store:
+    """The state database. Safe to share between threads: each thread gets its own connection."""
+
+    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._lock_fd: int | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {self.path.parent}: {exc.strerror}") from None
+        self._migrate()
+
+    # connections and transactions
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode = WAL")
+                # NORMAL in WAL mode survives a process crash; a power cut may drop the last commits, which
+                # rolls back the watermark together with its events, so nothing is lost, only re-read
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                conn.execute("PRAGMA busy_timeout = 30000")
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot open the state database {self.path}: {exc}") from None
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def write(self, now: float | None = None) -> Iterator[Transaction]:
+        """One write transaction: everything inside commits together, or nothing does."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Transaction(conn, self.clock() if now is None else now)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        if applied and max(applied) > len(MIGRATIONS):
+            raise StateError(
+                f"{self.path} was written by a newer langfuse-poller (schema {max(applied)}, "
+                f"this version knows {len(MIGRATIONS)}): upgrade langfuse-poller or use another state path"
+            )
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version in applied:
+                continue
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,)).fetchone():
+                    conn.execute("ROLLBACK")
+                    continue
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, self.clock()))
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def lock(self) -> None:
+        """Take the state's exclusive lock: two pollers on one state would deliver everything twice."""
+        import fcntl
+
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StateError(
+                f"another langfuse-poller (pid {holder}) is using {self.path}; stop it first, "
+                "or give this one its own [state] path"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    # streams
+
+    def ensure_stream(self, name: str, start: float, ages: Sequence[float]) -> None:
+        """Create a stream's state on first use, starting at `start`; add sweep tiers that are new."""
+        with self.write() as tx:
+            tx.conn.execute("INSERT OR IGNORE INTO streams (name, head) VALUES (?, ?)", (name, start))
+            head = tx.conn.execute("SELECT head FROM streams WHERE name = ?", (name,)).fetchone()[0]
+            for age in ages:
+                # a new tier starts at the head: it re-reads what comes from now on, not the past
+                tx.conn.execute(
+                    "INSERT OR IGNORE INTO sweeps (stream, age, watermark) VALUES (?, ?, ?)",
+                    (name, age, head),
+                )
+            marks = ",".join("?" * len(ages))
+            tx.conn.execute(f"DELETE FROM sweeps WHERE stream = ? AND age NOT IN ({marks})", (name, *ages))
+
+    def stream(self, name: str) -> StreamState | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT name, head, last_poll_at, last_success_at, last_error, last_error_at, api_requests, records, "
+                "events FROM streams WHERE name = ?",
+                (name,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        sweeps = {
+            age: wm for age, wm in self._conn().execute("SELECT age, watermark FROM sweeps WHERE stream = ?", (name,))
+        }
+        return StreamState(row[0], row[1], sweeps, *row[2:])
+
+    def streams(self) -> list[StreamState]:
+        names = [row[0] for row in self._conn().execute("SELECT name FROM streams ORDER BY name")]
+        return [state for name in names if (state := self.stream(name)) is not None]
+
+    def sweep_last_run(self, stream: str, age: float) -> float | None:
+        row = (
+            self._conn()
+            .execute("SELECT last_run_at FROM sweeps WHERE stream = ? AND age = ?", (stream, age))
+            .fetchone()
+        )
+        return None if row is None else row[0]
+
+    def record_poll(self, stream: str, *, error: str | None, now: float | None = None) -> None:
+        """Note the outcome of a poll of `stream`: success clears the error, a failure keeps its words."""
+        now = self.clock() if now is None else now
+        with self.write(now) as tx:
+            if error is None:
+                tx.conn.execute(
+                    "UPDATE streams SET last_poll_at = ?, last_success_at = ?, last_error = NULL WHERE name = ?",
+                    (now, now, stream),
+                )
+            else:
+                tx.conn.execute(
+                    "UPDATE streams SET last_poll_at = ?, last_error = ?, last_error_at = ? WHERE name = ?",
+                    (now, error, now, stream),
+                )
+
+    def prune_seen(self, stream: str, before: float) -> int:
+        """Forget dedup keys of records older than any window will read again."""
+        with self.write() as tx:
+            return tx.conn.execute("DELETE FROM seen WHERE stream = ? AND ts < ?", (stream, before)).rowcount
+
+    # deliveries
+
+    def pending_targets(self) -> list[str]:
+        return [
+            row[0] for row in self._conn().execute("SELECT DISTINCT target FROM deliveries WHERE state = 'pending'")
+        ]
+
+    def due(self, target: str, now: float, limit: int = 100) -> list[Due]:
+        """Pending deliveries of one target whose time has come, oldest event first."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT d.id, d.attempts, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+                "WHERE d.state = 'pending' AND d.target = ? AND d.next_at <= ? ORDER BY d.ts, d.id LIMIT ?",
+                (target, now, limit),
+            )
+            .fetchall()
+        )
+        return [Due(row[0], target, row[1], Event.from_json(row[2])) for row in rows]
+
+    def pending_of_event(self, event_id: str) -> list[Due]:
+        """The pending deliveries of one event, whatever their due time."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT d.id, d.target, d.attempts, e.body FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+                "WHERE e.id = ? AND d.state = 'pending' ORDER BY d.target",
+                (event_id,),
+            )
+            .fetchall()
+        )
+        return [Due(row[0], row[1], row[2], Event.from_json(row[3])) for row in rows]
+
+    def next_due_at(self, target: str) -> float | None:
+        row = (
+            self._conn()
+            .execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending' AND target = ?", (target,))
+            .fetchone()
+        )
+        return None if row is None else row[0]
+
+    def mark_done(self, ids: Sequence[int], now: float | None = None) -> None:
+        with self.write(now) as tx:
+            tx.conn.executemany(
+                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, last_error = NULL "
+                "WHERE id = ?",
+                [(tx.now, delivery_id) for delivery_id in ids],
+            )
+
+    def mark_retry(self, delivery_id: int, *, next_at: float, error: str, now: float | None = None) -> None:
+        with self.write(now) as tx:
+            tx.conn.execute(
+                "UPDATE deliveries SET attempts = attempts + 1, next_at = ?, last_error = ?, updated_at = ? "
+                "WHERE id = ?",
+                (next_at, error, tx.now, delivery_id),
+            )
+
+    def mark_dead(self, delivery_id: int, *, error: str, attempted: bool = True, now: float | None = None) -> None:
+        with self.write(now) as tx:
+            tx.conn.execute(
+                "UPDATE deliveries SET state = 'dead', attempts = attempts + ?, last_error = ?, updated_at = ? "
+                "WHERE id = ?",
+                (1 if attempted else 0, error, tx.now, delivery_id),
+            )
+            tx.conn.execute(
+                "INSERT INTO dead_letters (kind, delivery_id, error, created_at) VALUES ('delivery', ?, ?, ?)",
+                (delivery_id, error, tx.now),
+            )
+
+    def queue_depth(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0])
+
+    def pending_by_target(self) -> dict[str, int]:
+        return dict(
+            self._conn().execute("SELECT target, COUNT(*) FROM deliveries WHERE state = 'pending' GROUP BY target")
+        )
+
+    def event(self, event_id: str) -> Event | None:
+        row = self._conn().execute("SELECT body FROM events WHERE id = ?", (event_id,)).fetchone()
+        return None if row is None else Event.from_json(row[0])
+
+    def deliveries_of(self, event_id: str) -> list[tuple[str, str, int, str | None]]:
+        """(target, state, attempts, last error) of each delivery of one event."""
+        return [
+            (row[0], row[1], row[2], row[3])
+            for row in self._conn().execute(
+                "SELECT d.target, d.state, d.attempts, d.last_error FROM deliveries d "
+                "JOIN events e ON e.seq = d.event_seq WHERE e.id = ? ORDER BY d.target",
+                (event_id,),
+            )
+        ]
+
+    def prune_delivered(self, before: float) -> int:
+        """Drop events whose deliveries all finished before `before` (dead letters stay until purged)."""
+        with self.write() as tx:
+            tx.conn.execute("DELETE FROM deliveries WHERE state = 'done' AND updated_at < ?", (before,))
+            return tx.conn.execute(
+                "DELETE FROM events WHERE created_at < ? AND NOT EXISTS "
+                "(SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+                (before,),
+            ).rowcount
+
+    # dead letters
+
+    def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        query = (
+            "SELECT l.id, l.kind, l.error, l.created_at, d.target, e.id, e.type, d.attempts, l.stream, l.raw "
+            "FROM dead_letters l LEFT JOIN deliveries d ON d.id = l.delivery_id "
+            "LEFT JOIN events e ON e.seq = d.event_seq"
+        )
+        params: list[Any] = []
+        if ids is not None:
+            query += f" WHERE l.id IN ({','.join('?' * len(ids))})"
+            params = list(ids)
+        rows = self._conn().execute(query + " ORDER BY l.id", params).fetchall()
+        return [DeadLetter(*row) for row in rows]
+
+    def dead_letter_count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
+
+    def requeue_delivery(self, letter_id: int, now: float | None = None) -> None:
+        """Put a dead delivery back in the queue, with a fresh count of attempts."""
+        with self.write(now) as tx:
+            row = tx.conn.execute("SELECT delivery_id FROM dead_letters WHERE id = ?", (letter_id,)).fetchone()
+            if row is None or row[0] is None:
+                return
+            tx.conn.execute(
+                "UPDATE deliveries SET state = 'pending', attempts = 0, next_at = ?, updated_at = ? WHERE id = ?",
+                (tx.now, tx.now, row[0]),
+            )
+            tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
+
+    def delete_dead_letters(self, ids: Sequence[int] | None = None) -> int:
+        """Purge dead letters (all when `ids` is None); their deliveries are dropped with them."""
+        with self.write() as tx:
+            if ids is None:
+                rows = tx.conn.execute("SELECT id, delivery_id FROM dead_letters").fetchall()
+            else:
+                marks = ",".join("?" * len(ids))
+                rows = tx.conn.execute(
+                    f"SELECT id, delivery_id FROM dead_letters WHERE id IN ({marks})", list(ids)
+                ).fetchall()
+            tx.conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(r[0],) for r in rows])
+            tx.conn.executemany("DELETE FROM deliveries WHERE id = ?", [(r[1],) for r in rows if r[1] is not None])
+            return len(rows)
