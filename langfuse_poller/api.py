@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import tenacity
 
+from .backoff import jittered_backoff
 from .config import LangfuseConfig
 from .durations import format_time
 from .errors import ApiError, AuthError, LangfusePollerError
@@ -173,7 +174,7 @@ class LangfuseReader:
 
     def get(self, path: str, params: Mapping[str, Any]) -> Any:
         """GET a JSON document, retrying timeouts, 5xx, 429 and malformed bodies with backoff and jitter."""
-        backoff = tenacity.wait_exponential_jitter(initial=self.backoff_initial, max=self.backoff_max)
+        backoff = jittered_backoff(self.backoff_initial, self.backoff_max)
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None

@@ -17,8 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import tenacity
-
+from .backoff import backoff_seconds, jittered_backoff
 from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
@@ -74,9 +73,7 @@ class DeliveryWorker:
         self.clock = clock
         self.cancel = cancel or threading.Event()
         self.stats = DeliveryStats()
-        self._wait = tenacity.wait_exponential_jitter(
-            initial=config.backoff.total_seconds(), max=config.max_backoff.total_seconds()
-        )
+        self._wait = jittered_backoff(config.backoff.total_seconds(), config.max_backoff.total_seconds())
         self._resting_until: dict[str, float] = {}
         self._running: dict[str, Future[None]] = {}
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(32, len(self.targets))), thread_name_prefix="deliver")
@@ -85,9 +82,7 @@ class DeliveryWorker:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt + 1`, exponential with jitter."""
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = max(1, attempt)
-        return float(self._wait(state))
+        return backoff_seconds(self._wait, attempt)
 
     def kick(self) -> None:
         """Start draining every target that has nothing in flight; returns at once."""

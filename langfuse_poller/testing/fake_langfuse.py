@@ -1,0 +1,1204 @@
+"""A loopback HTTP stand-in for the Langfuse public read API.
+
+``FakeLangfuse`` serves ``/api/public/health``, ``/api/public/projects``, ``/api/public/v2/observations`` and
+``/api/public/v3/scores`` the way Langfuse Cloud does (auth, limits, field groups, keyset cursors, ordering,
+time filters, 429 rate limiting), so that pollers can be tested end to end with the real SDK or plain httpx.
+It also lets a test make data visible late (ingestion delay), update records, and inject faults.
+
+Usage::
+
+    with FakeLangfuse() as fake:
+        fake.add_trace(observations=2)
+        api = LangfuseAPI(base_url=fake.url, username=fake.public_key, password=fake.secret_key)
+        page = api.observations.get_many(limit=100)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import calendar
+import contextlib
+import functools
+import json
+import math
+import os
+import re
+import socket
+import socketserver
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = [
+    "OBSERVATION_FIELD_GROUPS",
+    "SCORE_FIELD_GROUPS",
+    "FakeLangfuse",
+    "RequestRecord",
+]
+
+HEALTH_PATH: Final = "/api/public/health"
+PROJECTS_PATH: Final = "/api/public/projects"
+OBSERVATIONS_PATH: Final = "/api/public/v2/observations"
+SCORES_PATH: Final = "/api/public/v3/scores"
+_DATA_PATHS: Final = frozenset({OBSERVATIONS_PATH, SCORES_PATH})
+_KNOWN_PATHS: Final = frozenset({HEALTH_PATH, PROJECTS_PATH, OBSERVATIONS_PATH, SCORES_PATH})
+
+SERVER_VERSION: Final = "3.130.0"
+
+OBSERVATION_FIELD_GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    "core": ("id", "traceId", "startTime", "endTime", "projectId", "parentObservationId", "type"),
+    "basic": (
+        "name",
+        "level",
+        "statusMessage",
+        "version",
+        "environment",
+        "bookmarked",
+        "public",
+        "userId",
+        "sessionId",
+        "isRootObservation",
+    ),
+    "time": ("completionStartTime", "createdAt", "updatedAt"),
+    "io": ("input", "output"),
+    "metadata": ("metadata",),
+    "model": ("model", "internalModelId", "modelParameters"),
+    "usage": ("usageDetails", "costDetails", "totalCost", "usagePricingTierName"),
+    "prompt": ("promptId", "promptName", "promptVersion"),
+    "metrics": ("latency", "timeToFirstToken"),
+    "trace_context": ("traceName", "tags", "release"),
+}
+"""Field groups of ``/v2/observations`` and the keys each one adds to a returned record."""
+
+SCORE_FIELD_GROUPS: Final[dict[str, tuple[str, ...]]] = {
+    "core": (
+        "id",
+        "projectId",
+        "name",
+        "value",
+        "dataType",
+        "source",
+        "timestamp",
+        "environment",
+        "createdAt",
+        "updatedAt",
+    ),
+    "details": ("comment", "configId", "metadata"),
+    "annotation": ("authorUserId", "queueId"),
+    "subject": ("subject",),
+}
+"""Field groups of ``/v3/scores``; ``core`` is always returned."""
+
+_OBSERVATION_KEYS: Final = frozenset(k for keys in OBSERVATION_FIELD_GROUPS.values() for k in keys)
+# Scores also keep what they are attached to, for the traceId/observationId/sessionId filters and `subject`.
+_SCORE_LINK_KEYS: Final = ("traceId", "observationId", "sessionId")
+_SCORE_KEYS: Final = frozenset(k for keys in SCORE_FIELD_GROUPS.values() for k in keys) | frozenset(_SCORE_LINK_KEYS)
+_DATETIME_KEYS: Final = frozenset({"startTime", "endTime", "completionStartTime", "createdAt", "updatedAt"})
+_KEY_ALIASES: Final = {"is_root": "isRootObservation", "isRoot": "isRootObservation"}
+
+_LEVELS: Final = frozenset({"DEBUG", "DEFAULT", "WARNING", "ERROR"})
+_SCORE_DATA_TYPES: Final = frozenset({"NUMERIC", "BOOLEAN", "CATEGORICAL", "TEXT", "CORRECTION"})
+_SCORE_SOURCES: Final = frozenset({"API", "ANNOTATION", "EVAL"})
+
+OBSERVATIONS_DEFAULT_LIMIT: Final = 50
+OBSERVATIONS_MAX_LIMIT: Final = 1000
+SCORES_DEFAULT_LIMIT: Final = 50
+SCORES_MAX_LIMIT: Final = 100
+_METADATA_CUT: Final = 200
+# The limit reported in a 429 from rate_limit_next() when no budget is configured (Langfuse Cloud Pro).
+_DEFAULT_REPORTED_LIMIT: Final = 1000
+
+_UNAUTHORIZED_MESSAGE: Final = "Invalid credentials. Confirm that you've configured the correct host."
+_MALFORMED_BODY: Final = b'{"data": [{"id": "truncated-'
+
+Record = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One request the fake answered."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    status: int
+    at: float = 0.0
+    """clock() when the request was answered."""
+
+
+class BadRequest(Exception):
+    """A query the real server rejects with HTTP 400."""
+
+
+# --- time helpers -----------------------------------------------------------------------------------------
+
+_ISO_RE: Final = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
+    # An unescaped "+" in a query string decodes to a space, so a space is accepted as a "+" sign.
+    r"\s*(Z|z|[+\- ]\d{2}(?::?\d{2})?)?$"
+)
+
+
+def parse_iso_us(text: str) -> int:
+    """Parse an ISO 8601 timestamp into integer microseconds since the epoch (UTC if no offset is given).
+
+    Fractional seconds of any length are accepted (digits past microseconds are dropped).
+    """
+    m = _ISO_RE.match(text.strip())
+    if m is None:
+        raise ValueError(f"not an ISO 8601 datetime: {text!r}")
+    year, month, day, hour, minute, sec, frac, tz = m.groups()
+    seconds = calendar.timegm((int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(sec or 0)))
+    micros = int((frac or "0")[:6].ljust(6, "0"))
+    offset = 0
+    if tz and tz not in ("Z", "z"):
+        sign = -1 if tz[0] == "-" else 1
+        digits = tz[1:].replace(":", "")
+        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:4] or 0) * 60)
+    return (seconds - offset) * 1_000_000 + micros
+
+
+def format_ms(ms: int) -> str:
+    """Format epoch milliseconds the way Langfuse does: ``2026-11-27T07:37:16.522Z``."""
+    sec, milli = divmod(ms, 1000)
+    return f"{_format_second(sec)}.{milli:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _format_second(sec: int) -> str:
+    t = time.gmtime(sec)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
+
+
+def _new_id() -> str:
+    """A uuid4 in hex, without the cost of building a ``uuid.UUID`` (bulk adds make tens of thousands)."""
+    n = int.from_bytes(os.urandom(16))
+    n = (n & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
+    return f"{n:032x}"
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def datetime_to_ms(value: datetime) -> int:
+    """Epoch milliseconds of a datetime (naive means UTC), truncated like Langfuse's DateTime64(3) columns."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return (value - _EPOCH) // timedelta(milliseconds=1)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -((-a) // b)
+
+
+def _trace_hash(trace_id: str) -> int:
+    # Stands in for Langfuse's xxHash32(trace_id): only a stable 32-bit tie-breaker is needed.
+    return zlib.crc32(trace_id.encode())
+
+
+def _camel(key: str) -> str:
+    if key in _KEY_ALIASES:
+        return _KEY_ALIASES[key]
+    head, *rest = key.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def _b64decode_json(text: str) -> Any:
+    # Cursors travel in query strings, where "+" can turn into a space and padding may be dropped.
+    text = text.strip().replace(" ", "+")
+    padded = text + "=" * (-len(text) % 4)
+    raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
+    return json.loads(raw)
+
+
+# --- storage ----------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One position in the sort order; its versions say what is served there at a given clock time."""
+
+    key: tuple[Any, ...]
+    trace_id: str
+    raw: bool
+    versions: list[tuple[float, Record | None]]
+
+    def visible(self, now: float) -> Record | None:
+        versions = self.versions
+        if len(versions) == 1:
+            at, rec = versions[0]
+            return rec if now >= at else None
+        # Latest version in update order that is already visible; None marks "moved to another key".
+        for at, rec in reversed(versions):
+            if now >= at:
+                return rec
+        return None
+
+    def latest(self) -> Record | None:
+        return self.versions[-1][1]
+
+
+class _Index:
+    """Entries kept sorted ascending by key; pages are read backwards (newest first)."""
+
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self.keys: list[tuple[Any, ...]] = []
+        self.by_id: dict[str, _Entry] = {}
+        self._dirty = False
+
+    def add(self, entry: _Entry) -> None:
+        # Appending in key order (the common bulk case) keeps the list sorted without a re-sort.
+        if not self._dirty and (not self.keys or entry.key >= self.keys[-1]):
+            self.keys.append(entry.key)
+        else:
+            self._dirty = True
+        self.entries.append(entry)
+
+    def ensure_sorted(self) -> None:
+        if self._dirty:
+            self.entries.sort(key=lambda e: e.key)
+            self.keys = [e.key for e in self.entries]
+            self._dirty = False
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+@dataclass(slots=True)
+class _Response:
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> _Response:
+    body = json.dumps(payload, separators=(",", ":"), default=str).encode()
+    return _Response(status, body, list(headers))
+
+
+def _error(status: int, message: str, **extra: Any) -> _Response:
+    return _json_response(status, {"message": message, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class _Fault:
+    kind: str  # "fail" | "rate" | "malformed" | "slow"
+    value: float = 0.0
+
+
+# --- HTTP plumbing ----------------------------------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], fake: FakeLangfuse) -> None:
+        self.fake = fake
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host name with getfqdn(), which can stall on some resolvers.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "127.0.0.1", int(self.server_address[1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without this, Nagle plus delayed ACKs add ~40 ms per response.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.fake._track(self.connection, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.fake._track(self.connection, False)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
+    def do_PATCH(self) -> None:
+        self._serve("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def _serve(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        split = urlsplit(self.path)
+        query = parse_qs(split.query, keep_blank_values=True)
+        response = self.server.fake._handle(method, split.path, query, self.headers.get("Authorization"))
+        try:
+            self.send_response(response.status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(response.body)))
+            for name, value in response.headers:
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(response.body)
+        except OSError:
+            # The client gave up (timeout tests) or stop() closed the socket.
+            self.close_connection = True
+
+
+# --- the fake ---------------------------------------------------------------------------------------------
+
+
+class FakeLangfuse:
+    """A Langfuse public read API on 127.0.0.1: in-memory store, visibility delays, fault injection.
+
+    Records are stored in wire format (camelCase keys, RFC 3339 UTC timestamps with milliseconds). Every
+    record, and every update of one, becomes visible ``visible_after`` seconds (by ``clock``) after it was
+    added; until an update is visible, the previous version is served. Faults set with ``fail_next`` and
+    friends apply to the next requests to the data endpoints (``/v2/observations``, ``/v3/scores``) in
+    order of arrival, after the credentials were checked.
+    """
+
+    def __init__(
+        self,
+        *,
+        public_key: str = "pk-lf-test",
+        secret_key: str = "sk-lf-test",
+        project_id: str = "proj-test",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.public_key = public_key
+        self.secret_key = secret_key
+        self.project_id = project_id
+        self.clock = clock
+        self.requests: list[RequestRecord] = []
+        """Every request served, in order of answer."""
+        self.errors: list[BaseException] = []
+        """Exceptions raised while handling requests (each answered with a 500); empty in a healthy test."""
+        self.healthy = True
+        """When False, the health endpoint answers 503."""
+        self._lock = threading.RLock()
+        self._observations = _Index()
+        self._scores = _Index()
+        self._faults: deque[_Fault] = deque()
+        self._rate_limit: int | None = None
+        self._rate_window = -1
+        self._rate_used = 0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:54321``; only valid once started."""
+        if self._server is None:
+            raise RuntimeError("FakeLangfuse is not started")
+        return f"http://127.0.0.1:{self._port}"
+
+    def start(self) -> FakeLangfuse:
+        """Start serving on a free loopback port (the same port again after a stop()); returns self."""
+        if self._server is not None:
+            raise RuntimeError("FakeLangfuse is already started")
+        self._stopping.clear()
+        server = _Server(("127.0.0.1", self._port), self)
+        self._port = server.server_address[1]
+        self._server = server
+        # A short poll interval keeps stop() fast; serve_forever only polls to notice shutdown().
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-langfuse", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and drop open keep-alive connections, so clients see the server as gone."""
+        server, thread = self._server, self._thread
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> FakeLangfuse:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _track(self, conn: socket.socket, active: bool) -> None:
+        with self._lock:
+            if active:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    # -- data ----------------------------------------------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return math.floor(self.clock() * 1000)
+
+    def add_observation(
+        self,
+        *,
+        id: str | None = None,
+        trace_id: str | None = None,
+        start_time: datetime | None = None,
+        type: str = "SPAN",
+        name: str = "span",
+        level: str = "DEFAULT",
+        status_message: str | None = None,
+        parent_observation_id: str | None = None,
+        is_root: bool | None = None,
+        visible_after: float = 0.0,
+        **extra: Any,
+    ) -> Record:
+        """Store an observation and return its full wire record.
+
+        ``extra`` sets any other field of the field-group table, by camelCase or snake_case name
+        (``end_time=``, ``user_id=``, ``usage_details=``, ``tags=``, ...); datetimes are formatted, and
+        ``input``/``output`` are stored as raw strings (non-strings are JSON encoded), as Langfuse serves
+        them.
+        ``is_root`` defaults to "has no parent". Unknown field names raise ``ValueError``.
+        """
+        now_ms = self._now_ms()
+        created = format_ms(now_ms)
+        start_ms = now_ms if start_time is None else datetime_to_ms(start_time)
+        rec: Record = {
+            "id": id or _new_id(),
+            "traceId": trace_id or _new_id(),
+            "startTime": format_ms(start_ms),
+            "endTime": None,
+            "projectId": self.project_id,
+            "parentObservationId": parent_observation_id,
+            "type": type,
+            "name": name,
+            "level": level,
+            "statusMessage": status_message,
+            "version": None,
+            "environment": "default",
+            "bookmarked": False,
+            "public": False,
+            "userId": None,
+            "sessionId": None,
+            "isRootObservation": parent_observation_id is None if is_root is None else is_root,
+            "completionStartTime": None,
+            "createdAt": created,
+            "updatedAt": created,
+            "input": None,
+            "output": None,
+            "metadata": {},
+            "model": None,
+            "internalModelId": None,
+            "modelParameters": None,
+            "usageDetails": {},
+            "costDetails": {},
+            "totalCost": None,
+            "usagePricingTierName": None,
+            "promptId": None,
+            "promptName": None,
+            "promptVersion": None,
+            "latency": None,
+            "timeToFirstToken": None,
+            "traceName": None,
+            "tags": [],
+            "release": None,
+        }
+        latency_given = "latency" in extra
+        if extra:
+            wire = self._wire_changes(extra, _OBSERVATION_KEYS)
+            rec.update(wire)
+            if "startTime" in wire:
+                start_ms = parse_iso_us(rec["startTime"]) // 1000
+        if rec["endTime"] is not None and not latency_given:
+            rec["latency"] = (parse_iso_us(rec["endTime"]) - parse_iso_us(rec["startTime"])) / 1e6
+        visible_at = self.clock() + visible_after
+        trace_key = rec["traceId"] or ""
+        key = (start_ms, _trace_hash(trace_key), rec["id"])
+        entry = _Entry(key, trace_key, False, [(visible_at, rec)])
+        with self._lock:
+            if rec["id"] in self._observations.by_id:
+                raise ValueError(f"observation {rec['id']!r} exists; use update_observation()")
+            self._observations.by_id[rec["id"]] = entry
+            self._observations.add(entry)
+        return rec
+
+    def add_trace(
+        self,
+        *,
+        trace_id: str | None = None,
+        name: str = "trace",
+        start_time: datetime | None = None,
+        observations: int = 0,
+        level: str = "DEFAULT",
+        visible_after: float = 0.0,
+        environment: str = "default",
+        user_id: str | None = None,
+        session_id: str | None = None,
+        tags: Iterable[str] = (),
+        generation: bool = True,
+    ) -> list[Record]:
+        """Store a trace as Langfuse v4 sees it: a root observation plus ``observations`` children.
+
+        The root is a SPAN named ``name`` with ``isRootObservation`` true, no parent, and ``level``. The
+        children are parented to it with level DEFAULT; the first is a GENERATION (model ``gpt-4o`` with
+        usage, cost and latency) when ``generation`` is true, the rest are SPANs. All share the trace's start
+        time (so a time window never splits a trace), environment, user, session, tags and trace name.
+        Returns the stored records, root first.
+        """
+        tid = trace_id or _new_id()
+        start_ms = self._now_ms() if start_time is None else datetime_to_ms(start_time)
+        start = _EPOCH + timedelta(milliseconds=start_ms)
+        h = _trace_hash(tid)
+        gen_ms = 400 + h % 1600
+        context: dict[str, Any] = {
+            "environment": environment,
+            "userId": user_id,
+            "sessionId": session_id,
+            "traceName": name,
+            "tags": list(tags),
+        }
+        root_ms = (gen_ms if observations and generation else 0) + 100
+        root = self.add_observation(
+            trace_id=tid,
+            start_time=start,
+            type="SPAN",
+            name=name,
+            level=level,
+            is_root=True,
+            visible_after=visible_after,
+            end_time=start + timedelta(milliseconds=root_ms),
+            **context,
+        )
+        records = [root]
+        for i in range(observations):
+            if i == 0 and generation:
+                tokens_in, tokens_out = 50 + h % 200, 10 + (h >> 8) % 100
+                cost_in, cost_out = tokens_in * 2.5e-6, tokens_out * 1e-5
+                child = self.add_observation(
+                    trace_id=tid,
+                    start_time=start,
+                    type="GENERATION",
+                    name="llm-call",
+                    parent_observation_id=root["id"],
+                    visible_after=visible_after,
+                    end_time=start + timedelta(milliseconds=gen_ms),
+                    completion_start_time=start + timedelta(milliseconds=gen_ms // 4),
+                    time_to_first_token=(gen_ms // 4) / 1000,
+                    model="gpt-4o",
+                    internal_model_id="model-gpt-4o",
+                    model_parameters={"temperature": 0.7},
+                    usage_details={"input": tokens_in, "output": tokens_out, "total": tokens_in + tokens_out},
+                    cost_details={"input": cost_in, "output": cost_out, "total": cost_in + cost_out},
+                    total_cost=cost_in + cost_out,
+                    input=[{"role": "user", "content": "Hello"}],
+                    output={"role": "assistant", "content": "Hi there"},
+                    **context,
+                )
+            else:
+                child = self.add_observation(
+                    trace_id=tid,
+                    start_time=start,
+                    type="SPAN",
+                    name=f"step-{i}",
+                    parent_observation_id=root["id"],
+                    visible_after=visible_after,
+                    end_time=start + timedelta(milliseconds=50),
+                    **context,
+                )
+            records.append(child)
+        return records
+
+    def add_raw_observation(self, record: dict[str, Any], *, start_time: datetime, visible_after: float = 0.0) -> None:
+        """Store ``record`` as given (it may be malformed); it is served unchanged, whatever ``fields`` says.
+
+        ``start_time`` places it in the order and time filters, whatever its own ``startTime`` says.
+        """
+        trace_id = record.get("traceId")
+        rec_id = record.get("id")
+        trace_key = trace_id if isinstance(trace_id, str) else ""
+        id_key = rec_id if isinstance(rec_id, str) else ""
+        key = (datetime_to_ms(start_time), _trace_hash(trace_key), id_key)
+        entry = _Entry(key, trace_key, True, [(self.clock() + visible_after, record)])
+        with self._lock:
+            self._observations.add(entry)
+
+    def add_score(
+        self,
+        *,
+        id: str | None = None,
+        trace_id: str | None = None,
+        observation_id: str | None = None,
+        session_id: str | None = None,
+        name: str = "quality",
+        value: float | bool | str = 1.0,
+        data_type: str = "NUMERIC",
+        source: str = "API",
+        timestamp: datetime | None = None,
+        comment: str | None = None,
+        visible_after: float = 0.0,
+        environment: str = "default",
+        **extra: Any,
+    ) -> Record:
+        """Store a score and return its full wire record.
+
+        ``value`` is coerced by ``data_type`` (NUMERIC: float, BOOLEAN: bool, others: str). The subject is the
+        observation if ``observation_id`` is given, else the trace, else the session; with none of the three
+        a new trace id is made up. ``extra`` sets ``config_id``, ``metadata``, ``author_user_id`` or
+        ``queue_id``.
+        The stored record also keeps ``traceId``/``observationId``/``sessionId`` (never served) for filtering.
+        """
+        if data_type not in _SCORE_DATA_TYPES:
+            raise ValueError(f"unknown score dataType {data_type!r}")
+        if source not in _SCORE_SOURCES:
+            raise ValueError(f"unknown score source {source!r}")
+        if trace_id is None and observation_id is None and session_id is None:
+            trace_id = _new_id()
+        now_ms = self._now_ms()
+        created = format_ms(now_ms)
+        rec: Record = {
+            "id": id or _new_id(),
+            "projectId": self.project_id,
+            "name": name,
+            "value": value,
+            "dataType": data_type,
+            "source": source,
+            "timestamp": format_ms(now_ms if timestamp is None else datetime_to_ms(timestamp)),
+            "environment": environment,
+            "createdAt": created,
+            "updatedAt": created,
+            "comment": comment,
+            "configId": None,
+            "metadata": {},
+            "authorUserId": None,
+            "queueId": None,
+            "traceId": trace_id,
+            "observationId": observation_id,
+            "sessionId": session_id,
+        }
+        rec.update(self._wire_changes(extra, _SCORE_KEYS))
+        self._finish_score(rec, subject_given="subject" in extra)
+        entry = _Entry(self._score_key(rec), "", False, [(self.clock() + visible_after, rec)])
+        with self._lock:
+            if rec["id"] in self._scores.by_id:
+                raise ValueError(f"score {rec['id']!r} exists; use update_score()")
+            self._scores.by_id[rec["id"]] = entry
+            self._scores.add(entry)
+        return rec
+
+    def update_observation(self, id: str, *, visible_after: float = 0.0, **changes: Any) -> Record:
+        """Change fields of an observation (camelCase or snake_case keys) and bump ``updatedAt`` to now.
+
+        The new version is served once ``visible_after`` seconds have passed; the previous one until then.
+        Changing ``startTime`` or ``traceId`` moves the record in the order at that same moment.
+        Returns the new version.
+        """
+        return self._update(self._observations, id, visible_after, changes, score=False)
+
+    def update_score(self, id: str, *, visible_after: float = 0.0, **changes: Any) -> Record:
+        """Change fields of a score like ``update_observation`` does; ``value`` is coerced by ``dataType``."""
+        return self._update(self._scores, id, visible_after, changes, score=True)
+
+    def _update(
+        self, index: _Index, rec_id: str, visible_after: float, changes: Mapping[str, Any], *, score: bool
+    ) -> Record:
+        wire = self._wire_changes(changes, _SCORE_KEYS if score else _OBSERVATION_KEYS)
+        if "id" in wire and wire["id"] != rec_id:
+            raise ValueError("the id of a record cannot change")
+        visible_at = self.clock() + visible_after
+        with self._lock:
+            entry = index.by_id.get(rec_id)
+            current = entry.latest() if entry is not None else None
+            if entry is None or current is None:
+                raise KeyError(rec_id)
+            rec = {**current, **wire, "updatedAt": format_ms(self._now_ms())}
+            key: tuple[Any, ...]
+            if score:
+                self._finish_score(rec, subject_given="subject" in wire)
+                key = self._score_key(rec)
+            else:
+                key = self._observation_key(rec)
+            if key == entry.key:
+                entry.versions.append((visible_at, rec))
+            else:
+                entry.versions.append((visible_at, None))
+                moved = _Entry(key, rec.get("traceId") or "", False, [(visible_at, rec)])
+                index.by_id[rec_id] = moved
+                index.add(moved)
+        return rec
+
+    @staticmethod
+    def _wire_changes(changes: Mapping[str, Any], allowed: frozenset[str]) -> Record:
+        out: Record = {}
+        for key, value in changes.items():
+            name = _camel(key)
+            if name not in allowed:
+                raise ValueError(f"unknown field {key!r}")
+            if isinstance(value, datetime):
+                value = format_ms(datetime_to_ms(value))
+            elif name in ("input", "output") and value is not None and not isinstance(value, str):
+                value = json.dumps(value)
+            elif name == "tags" and value is not None:
+                value = list(value)
+            out[name] = value
+        return out
+
+    @staticmethod
+    def _finish_score(rec: Record, *, subject_given: bool) -> None:
+        data_type = rec["dataType"]
+        if data_type not in _SCORE_DATA_TYPES:
+            raise ValueError(f"unknown score dataType {data_type!r}")
+        value = rec["value"]
+        if data_type == "NUMERIC":
+            rec["value"] = float(value)
+        elif data_type == "BOOLEAN":
+            rec["value"] = value.strip().lower() in ("true", "1") if isinstance(value, str) else bool(value)
+        else:
+            rec["value"] = str(value)
+        if not subject_given:
+            if rec["observationId"] is not None:
+                rec["subject"] = {
+                    "kind": "observation",
+                    "id": rec["observationId"],
+                    "traceId": rec["traceId"],
+                }
+            elif rec["traceId"] is not None:
+                rec["subject"] = {"kind": "trace", "id": rec["traceId"]}
+            else:
+                rec["subject"] = {"kind": "session", "id": rec["sessionId"]}
+
+    @staticmethod
+    def _observation_key(rec: Record) -> tuple[int, int, str]:
+        trace_id = rec.get("traceId") or ""
+        return (parse_iso_us(rec["startTime"]) // 1000, _trace_hash(trace_id), rec["id"])
+
+    @staticmethod
+    def _score_key(rec: Record) -> tuple[int, str]:
+        return (parse_iso_us(rec["timestamp"]) // 1000, rec["id"])
+
+    def observation_count(self) -> int:
+        """Number of stored observations (visible or not, raw included)."""
+        with self._lock:
+            return len(self._observations)
+
+    def score_count(self) -> int:
+        """Number of stored scores (visible or not)."""
+        with self._lock:
+            return len(self._scores)
+
+    # -- faults --------------------------------------------------------------------------------------------
+
+    def fail_next(self, n: int = 1, status: int = 503) -> None:
+        """Answer the next ``n`` data requests with ``status`` and an "Internal Server Error" message."""
+        self._queue_faults(n, _Fault("fail", status))
+
+    def rate_limit_next(self, n: int = 1, retry_after: float = 1) -> None:
+        """Answer the next ``n`` data requests with a Langfuse Cloud 429 (``Retry-After`` rounded up)."""
+        self._queue_faults(n, _Fault("rate", retry_after))
+
+    def malformed_next(self, n: int = 1) -> None:
+        """Answer the next ``n`` data requests with a 200 whose body is not valid JSON."""
+        self._queue_faults(n, _Fault("malformed"))
+
+    def slow_next(self, n: int = 1, seconds: float = 5.0) -> None:
+        """Delay the next ``n`` data requests by ``seconds`` (wall time) before answering them normally."""
+        self._queue_faults(n, _Fault("slow", seconds))
+
+    def _queue_faults(self, n: int, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.extend([fault] * n)
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        with self._lock:
+            self._faults.clear()
+
+    def set_rate_limit(self, per_minute: int | None) -> None:
+        """Allow ``per_minute`` data requests per fixed one-minute window of ``clock()``; None turns it off.
+
+        While set, every data response carries ``X-RateLimit-Limit/-Remaining/-Reset`` and requests past the
+        budget get a 429 until the window ends.
+        """
+        with self._lock:
+            self._rate_limit = per_minute
+            self._rate_window = -1
+            self._rate_used = 0
+
+    # -- request log ---------------------------------------------------------------------------------------
+
+    def count(self, path_suffix: str) -> int:
+        """Number of requests whose path ends with ``path_suffix`` (e.g. ``"/v2/observations"``)."""
+        with self._lock:
+            return sum(1 for r in self.requests if r.path.endswith(path_suffix))
+
+    def reset_requests(self) -> None:
+        """Forget the request log."""
+        with self._lock:
+            self.requests.clear()
+
+    # -- request handling ----------------------------------------------------------------------------------
+
+    def _handle(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> _Response:
+        try:
+            response = self._route(method, path, query, auth)
+        except Exception as exc:
+            with self._lock:
+                self.errors.append(exc)
+            response = _error(500, "Internal Server Error")
+        # Logged before the answer is written, so a client that got its response always finds it in the log.
+        with self._lock:
+            self.requests.append(RequestRecord(method, path, query, response.status, self.clock()))
+        return response
+
+    def _route(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> _Response:
+        if path not in _KNOWN_PATHS:
+            return _error(404, "Not Found")
+        if method != "GET":
+            return _error(405, "Method Not Allowed")
+        if path == HEALTH_PATH:
+            if not self.healthy:
+                return _json_response(503, {"status": "Database not available", "version": SERVER_VERSION})
+            return _json_response(200, {"status": "OK", "version": SERVER_VERSION})
+        if not self._authorized(auth):
+            return _error(401, _UNAUTHORIZED_MESSAGE)
+        if path == PROJECTS_PATH:
+            return _json_response(200, self._projects_payload())
+
+        with self._lock:
+            fault = self._faults.popleft() if self._faults else None
+        if fault is not None:
+            if fault.kind == "fail":
+                return _error(int(fault.value), "Internal Server Error")
+            if fault.kind == "rate":
+                limit = self._rate_limit or _DEFAULT_REPORTED_LIMIT
+                return self._too_many(math.ceil(fault.value), limit, self.clock() + fault.value)
+            if fault.kind == "malformed":
+                return _Response(200, _MALFORMED_BODY)
+            self._stopping.wait(fault.value)
+
+        rate_headers: list[tuple[str, str]] = []
+        with self._lock:
+            if self._rate_limit is not None:
+                now = self.clock()
+                window = math.floor(now / 60)
+                reset = (window + 1) * 60
+                if window != self._rate_window:
+                    self._rate_window, self._rate_used = window, 0
+                if self._rate_used >= self._rate_limit:
+                    return self._too_many(max(1, math.ceil(reset - now)), self._rate_limit, reset)
+                self._rate_used += 1
+                rate_headers = [
+                    ("X-RateLimit-Limit", str(self._rate_limit)),
+                    ("X-RateLimit-Remaining", str(self._rate_limit - self._rate_used)),
+                    ("X-RateLimit-Reset", str(reset)),
+                ]
+        listing = self._list_observations if path == OBSERVATIONS_PATH else self._list_scores
+        try:
+            response = listing(query)
+        except BadRequest as exc:
+            response = _error(400, "Invalid request data", error=str(exc))
+        response.headers.extend(rate_headers)
+        return response
+
+    def _authorized(self, header: str | None) -> bool:
+        if not header:
+            return False
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return decoded == f"{self.public_key}:{self.secret_key}"
+
+    def _projects_payload(self) -> dict[str, Any]:
+        return {
+            "data": [
+                {
+                    "id": self.project_id,
+                    "name": "test-project",
+                    "metadata": {},
+                    "retentionDays": None,
+                    "organization": {"id": "org-test", "name": "test-org"},
+                }
+            ]
+        }
+
+    @staticmethod
+    def _too_many(retry_after: int, limit: int, reset_at: float) -> _Response:
+        reset_at_text = format_ms(math.floor(reset_at * 1000))
+        return _json_response(
+            429,
+            {
+                "message": "Rate limit exceeded",
+                "code": "rate_limited",
+                "details": {
+                    "retryAfterSeconds": retry_after,
+                    "limit": limit,
+                    "remaining": 0,
+                    "resetAt": reset_at_text,
+                },
+            },
+            [
+                ("Retry-After", str(retry_after)),
+                ("X-RateLimit-Limit", str(limit)),
+                ("X-RateLimit-Remaining", "0"),
+                ("X-RateLimit-Reset", str(math.ceil(reset_at))),
+            ],
+        )
+
+    # -- listing -------------------------------------------------------------------------------------------
+
+    def _list_observations(self, query: dict[str, list[str]]) -> _Response:
+        groups = _parse_groups(_one(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
+        limit = _parse_limit(_one(query, "limit"), OBSERVATIONS_DEFAULT_LIMIT, OBSERVATIONS_MAX_LIMIT)
+        if _parse_bool(query, "parseIoAsJson"):
+            raise BadRequest("parseIoAsJson=true is no longer supported; input/output are raw strings")
+        if _one(query, "filter"):
+            raise BadRequest("the `filter` parameter is not supported by FakeLangfuse")
+        cursor = _one(query, "cursor")
+        cursor_key: tuple[Any, ...] | None = None
+        if cursor:
+            try:
+                c = _b64decode_json(cursor)
+                last_trace = c["lastTraceId"] or ""
+                cursor_key = (
+                    parse_iso_us(c["lastStartTimeTo"]) // 1000,
+                    _trace_hash(last_trace),
+                    c["lastId"],
+                )
+            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+                raise BadRequest(f"invalid cursor: {exc}") from exc
+        lo, hi = _time_bounds(query, "fromStartTime", "toStartTime")
+
+        checks: list[tuple[str, Any]] = []
+        for param in ("type", "level", "traceId", "name", "userId", "sessionId", "version"):
+            value = _one(query, param)
+            if value is not None:
+                checks.append((param, value))
+        level = _one(query, "level")
+        if level is not None and level not in _LEVELS:
+            raise BadRequest(f"invalid level {level!r}")
+        is_root = _parse_bool(query, "isRootObservation")
+        if is_root is not None:
+            checks.append(("isRootObservation", is_root))
+        parent = _one(query, "parentObservationId")
+        if parent is not None:
+            checks.append(("parentObservationId", parent or None))
+        environments = frozenset(query.get("environment", ()))
+
+        def matches(rec: Record) -> bool:
+            for name, expected in checks:
+                if rec.get(name) != expected:
+                    return False
+            return not environments or rec.get("environment") in environments
+
+        keys = tuple(k for g in OBSERVATION_FIELD_GROUPS if g in groups for k in OBSERVATION_FIELD_GROUPS[g])
+        expand = frozenset(k.strip() for k in (_one(query, "expandMetadata") or "").split(",") if k.strip())
+        cut_metadata = "metadata" in groups
+
+        page, last, more = self._page(self._observations, lo, hi, cursor_key, limit, matches)
+        data: list[Record] = []
+        for entry, rec in page:
+            if entry.raw:
+                data.append(rec)
+                continue
+            out = {k: rec[k] for k in keys}
+            if cut_metadata:
+                out["metadata"] = _cut_metadata(out["metadata"], expand)
+            data.append(out)
+        meta: dict[str, Any] = {}
+        if more and last is not None:
+            token = {
+                "lastStartTimeTo": format_ms(last.key[0]),
+                "lastTraceId": last.trace_id,
+                "lastId": last.key[2],
+            }
+            meta["cursor"] = base64.b64encode(json.dumps(token).encode()).decode()
+        return _json_response(200, {"data": data, "meta": meta})
+
+    def _list_scores(self, query: dict[str, list[str]]) -> _Response:
+        groups = _parse_groups(_one(query, "fields"), SCORE_FIELD_GROUPS, ())
+        limit = _parse_limit(_one(query, "limit"), SCORES_DEFAULT_LIMIT, SCORES_MAX_LIMIT)
+        cursor = _one(query, "cursor")
+        cursor_key: tuple[Any, ...] | None = None
+        if cursor:
+            try:
+                c = _b64decode_json(cursor)
+                cursor_key = (parse_iso_us(c["lastTimestamp"]) // 1000, c["lastId"])
+            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+                raise BadRequest(f"invalid cursor: {exc}") from exc
+        lo, hi = _time_bounds(query, "fromTimestamp", "toTimestamp")
+        checks: list[tuple[str, Any]] = []
+        for param in (
+            "id",
+            "name",
+            "source",
+            "dataType",
+            "traceId",
+            "observationId",
+            "sessionId",
+            "configId",
+            "queueId",
+            "authorUserId",
+        ):
+            value = _one(query, param)
+            if value is not None:
+                checks.append((param, value))
+        environments = frozenset(query.get("environment", ()))
+
+        def matches(rec: Record) -> bool:
+            for name, expected in checks:
+                if rec.get(name) != expected:
+                    return False
+            return not environments or rec.get("environment") in environments
+
+        keys = tuple(k for g in SCORE_FIELD_GROUPS if g == "core" or g in groups for k in SCORE_FIELD_GROUPS[g])
+        page, last, more = self._page(self._scores, lo, hi, cursor_key, limit, matches)
+        data = [{k: rec[k] for k in keys} for _, rec in page]
+        meta: dict[str, Any] = {"limit": limit}
+        if more and last is not None:
+            token = {"lastTimestamp": format_ms(last.key[0]), "lastId": last.key[1]}
+            meta["cursor"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
+        return _json_response(200, {"data": data, "meta": meta})
+
+    def _page(
+        self,
+        index: _Index,
+        lo_ms: int | None,
+        hi_ms: int | None,
+        cursor_key: tuple[Any, ...] | None,
+        limit: int,
+        matches: Callable[[Record], bool],
+    ) -> tuple[list[tuple[_Entry, Record]], _Entry | None, bool]:
+        """Up to ``limit`` visible matching records, newest first, and whether another one follows."""
+        now = self.clock()
+        with self._lock:
+            index.ensure_sorted()
+            keys, entries = index.keys, index.entries
+            lo = 0 if lo_ms is None else bisect.bisect_left(keys, (lo_ms,))
+            hi = len(keys) if hi_ms is None else bisect.bisect_left(keys, (hi_ms,))
+            if cursor_key is not None:
+                hi = min(hi, bisect.bisect_left(keys, cursor_key))
+            page: list[tuple[_Entry, Record]] = []
+            last: _Entry | None = None
+            i = hi - 1
+            while i >= lo:
+                entry = entries[i]
+                i -= 1
+                rec = entry.visible(now)
+                if rec is None or not matches(rec):
+                    continue
+                if len(page) == limit:
+                    return page, last, True
+                page.append((entry, rec))
+                last = entry
+            return page, last, False
+
+
+# --- query parsing ----------------------------------------------------------------------------------------
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    values = query.get(name)
+    return values[-1] if values else None
+
+
+def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], default: tuple[str, ...]) -> frozenset[str]:
+    if text is None or not text.strip():
+        return frozenset(("core", *default))
+    groups = {g.strip() for g in text.split(",") if g.strip()}
+    unknown = groups - table.keys()
+    if unknown:
+        raise BadRequest(f"unknown field group(s) {sorted(unknown)}; valid: {sorted(table)}")
+    return frozenset(groups | {"core"})
+
+
+def _parse_limit(text: str | None, default: int, maximum: int) -> int:
+    if text is None or text == "":
+        return default
+    try:
+        limit = int(text)
+    except ValueError as exc:
+        raise BadRequest(f"limit must be an integer, got {text!r}") from exc
+    if not 1 <= limit <= maximum:
+        raise BadRequest(f"limit must be between 1 and {maximum}, got {limit}")
+    return limit
+
+
+def _parse_bool(query: dict[str, list[str]], name: str) -> bool | None:
+    text = _one(query, name)
+    if text is None:
+        return None
+    lowered = text.strip().lower()
+    if lowered in ("true", "1"):
+        return True
+    if lowered in ("false", "0"):
+        return False
+    raise BadRequest(f"{name} must be true or false, got {text!r}")
+
+
+def _time_bounds(query: dict[str, list[str]], from_name: str, to_name: str) -> tuple[int | None, int | None]:
+    """Millisecond bounds [lo, hi) for the index from inclusive/exclusive microsecond query datetimes."""
+    bounds: list[int | None] = []
+    for name in (from_name, to_name):
+        text = _one(query, name)
+        if text is None or text == "":
+            bounds.append(None)
+            continue
+        try:
+            # Stored times are whole milliseconds: t_ms*1000 >= us  <=>  t_ms >= ceil(us/1000), same for <.
+            bounds.append(_ceil_div(parse_iso_us(text), 1000))
+        except ValueError as exc:
+            raise BadRequest(f"{name}: {exc}") from exc
+    return bounds[0], bounds[1]
+
+
+def _cut_metadata(metadata: Any, expand: frozenset[str]) -> Any:
+    if not isinstance(metadata, dict):
+        return metadata
+    if not any(isinstance(v, str) and len(v) > _METADATA_CUT for v in metadata.values()):
+        return metadata
+    return {
+        k: v[:_METADATA_CUT] if isinstance(v, str) and len(v) > _METADATA_CUT and k not in expand else v
+        for k, v in metadata.items()
+    }

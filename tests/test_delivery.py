@@ -1,0 +1,216 @@
+"""Durable delivery: retries, isolation of failing targets, dead letters and replay, signed webhooks."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from langfuse_poller.config import parse_config
+from langfuse_poller.events import Event
+from langfuse_poller.registry import Registry
+from langfuse_poller.runtime import Runtime
+from langfuse_poller.signing import verify
+
+from .receivers import receiver
+
+
+def event(n: int, event_type: str = "trace.created") -> Event:
+    return Event(
+        id=f"{event_type}:t{n}",
+        type=event_type,
+        timestamp=datetime.fromtimestamp(1_800_000_000 + n, UTC),
+        source="test",
+        data={"traceId": f"t{n}", "level": "ERROR" if n % 2 else "DEFAULT"},
+    )
+
+
+def config_for(tmp_path: Path, notifiers: dict[str, Any], **delivery: Any) -> Any:
+    return parse_config(
+        {
+            "langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"},
+            "state": {"path": str(tmp_path / "state.db")},
+            "delivery": {"backoff": "10ms", "max_backoff": "50ms", **delivery},
+            "notifiers": notifiers,
+            "rules": [{"name": "all", "events": ["*"], "notify": list(notifiers)}],
+        },
+        "test",
+    )
+
+
+@contextmanager
+def runtime(config: Any, handlers: Registry | None = None) -> Iterator[Runtime]:
+    rt = Runtime.build(config, handlers=handlers or Registry())
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+def enqueue(rt: Runtime, events: list[Event]) -> None:
+    with rt.store.write() as tx:
+        for e in events:
+            tx.enqueue(e, rt.router.targets(e))
+
+
+def drain_until(rt: Runtime, done: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not done():
+        rt.worker.run_until_idle()
+        time.sleep(0.02)
+
+
+def test_signed_webhook_like_langfuse(tmp_path: Path) -> None:
+    with receiver() as hook:
+        config = config_for(tmp_path, {"hook": {"type": "webhook", "url": hook.url, "secret": "lf-whsec_abc"}})
+        with runtime(config) as rt:
+            enqueue(rt, [event(1)])
+            rt.worker.run_until_idle()
+    [request] = hook.received
+    assert request.headers["webhook-id"] == "trace.created:t1"
+    assert request.headers["content-type"] == "application/json"
+    assert verify(["lf-whsec_abc"], request.headers["x-langfuse-signature"], request.body, tolerance=60)
+    assert not verify(["other"], request.headers["x-langfuse-signature"], request.body, tolerance=60)
+    assert request.json["event"] == "trace.created" and request.json["data"]["traceId"] == "t1"
+
+
+def test_retries_until_the_endpoint_recovers_in_timestamp_order(tmp_path: Path) -> None:
+    with receiver(lambda n: 503 if n < 3 else 200) as hook:
+        config = config_for(tmp_path, {"hook": {"type": "webhook", "url": hook.url}})
+        with runtime(config) as rt:
+            enqueue(rt, [event(n) for n in (3, 1, 2)])
+            drain_until(rt, lambda: len(hook.received) == 3)
+            assert rt.store.queue_depth() == 0
+    assert hook.ids() == ["trace.created:t1", "trace.created:t2", "trace.created:t3"]
+
+
+def test_a_failing_target_never_delays_the_others(tmp_path: Path) -> None:
+    with receiver(lambda n: 500) as down, receiver(delay=0) as up, receiver(delay=1.0) as slow:
+        config = config_for(
+            tmp_path,
+            {
+                "down": {"type": "webhook", "url": down.url},
+                "up": {"type": "webhook", "url": up.url},
+                "slow": {"type": "webhook", "url": slow.url},
+            },
+            max_attempts=1000,
+        )
+        with runtime(config) as rt:
+            enqueue(rt, [event(n) for n in range(20)])
+            started = time.monotonic()
+            rt.worker.kick()
+            while len(up.received) < 20 and time.monotonic() - started < 5:
+                time.sleep(0.01)
+            elapsed = time.monotonic() - started
+            assert len(up.received) == 20
+            # the slow target has not even finished its second request when the fast one is done
+            assert elapsed < 2.0 and len(slow.received) <= 2
+            pending = rt.store.pending_by_target()
+            assert pending["notifier:down"] == 20
+            rt.cancel.set()
+
+
+def test_refused_events_become_dead_letters_and_replay(tmp_path: Path) -> None:
+    answers = {"status": 400}
+    with receiver(lambda n: answers["status"]) as hook:
+        config = config_for(tmp_path, {"hook": {"type": "webhook", "url": hook.url}})
+        with runtime(config) as rt:
+            enqueue(rt, [event(1), event(2)])
+            rt.worker.run_until_idle()
+            letters = rt.store.dead_letters()
+            assert [letter.event_id for letter in letters] == ["trace.created:t1", "trace.created:t2"]
+            assert "HTTP 400" in letters[0].error and letters[0].target == "notifier:hook"
+            answers["status"] = 200
+            from langfuse_poller.replay import replay_dead_letters
+
+            assert replay_dead_letters(rt, [letters[0].id]) == (1, 0)
+            rt.worker.run_until_idle()
+            assert hook.ids() == ["trace.created:t1"]
+            assert len(rt.store.dead_letters()) == 1
+            assert rt.store.delete_dead_letters(None) == 1
+            assert rt.store.dead_letters() == []
+
+
+def test_what_keeps_failing_ends_as_a_dead_letter(tmp_path: Path) -> None:
+    with receiver(lambda n: 503) as hook:
+        config = config_for(tmp_path, {"hook": {"type": "webhook", "url": hook.url}}, max_attempts=3)
+        with runtime(config) as rt:
+            enqueue(rt, [event(1)])
+            drain_until(rt, lambda: rt.store.dead_letter_count() == 1)
+            [letter] = rt.store.dead_letters()
+    assert letter.attempts == 3 and "gave up after 3 attempts" in letter.error
+    assert len(hook.statuses) == 3
+
+
+def test_handlers_from_the_registry_are_isolated_and_retried(tmp_path: Path) -> None:
+    handlers = Registry()
+    calls: dict[str, list[str]] = {"good": [], "flaky": []}
+
+    @handlers.on("trace.*")
+    def good(e: Event) -> None:
+        calls["good"].append(e.id)
+
+    @handlers.on("trace.created", name="flaky")
+    def flaky(e: Event) -> None:
+        calls["flaky"].append(e.id)
+        if len(calls["flaky"]) <= 2:
+            raise RuntimeError("downstream hiccup")
+
+    config = config_for(tmp_path, {})
+    with runtime(config, handlers) as rt:
+        enqueue(rt, [event(1), event(2)])
+        drain_until(rt, lambda: rt.store.queue_depth() == 0)
+    assert calls["good"] == ["trace.created:t1", "trace.created:t2"]
+    assert sorted(set(calls["flaky"])) == ["trace.created:t1", "trace.created:t2"]
+    assert len(calls["flaky"]) == 4
+
+
+def test_jsonl_repeats_nothing_after_a_crash_between_write_and_record(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    config = config_for(tmp_path, {"file": {"type": "jsonl", "path": str(path)}})
+    with runtime(config) as rt:
+        enqueue(rt, [event(n) for n in range(5)])
+        # the process wrote the lines, then died before recording the deliveries (and tore the next line)
+        path.write_text("".join(event(n).to_json() + "\n" for n in range(3)) + '{"id": "torn')
+    with runtime(config) as rt:
+        rt.worker.run_until_idle()
+        assert rt.store.queue_depth() == 0
+    lines = path.read_text().splitlines()
+    ids = [json.loads(line)["id"] for line in lines if line.startswith('{"id":"')]
+    assert ids == [f"trace.created:t{n}" for n in range(5)]
+
+
+def test_the_same_event_id_is_stored_once(tmp_path: Path) -> None:
+    config = config_for(tmp_path, {"log": {"type": "log"}})
+    with runtime(config) as rt, rt.store.write() as tx:
+        assert tx.enqueue(event(1), ["notifier:log"])
+        assert not tx.enqueue(event(1), ["notifier:log"])
+
+
+def test_rules_with_cel_conditions_route_events(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "langfuse": {"public_key": "pk", "secret_key": "sk"},
+            "state": {"path": str(tmp_path / "s.db")},
+            "notifiers": {"a": {"type": "log"}, "b": {"type": "log"}},
+            "rules": [
+                {"name": "errors", "events": ["trace.*"], "when": 'data.level == "ERROR"', "notify": ["a"]},
+                {"name": "low", "events": ["score.created"], "when": "data.value < 0.5", "notify": ["b"]},
+            ],
+        },
+        "test",
+    )
+    from langfuse_poller.registry import Router
+
+    router = Router(config.rules, Registry())
+    assert router.targets(event(1)) == ["notifier:a"]
+    assert router.targets(event(2)) == []
+    low = Event("score.created:s", "score.created", datetime.now(UTC), "poll", {"value": 0.2})
+    text = Event("score.created:s2", "score.created", datetime.now(UTC), "poll", {"value": None, "stringValue": "x"})
+    assert router.targets(low) == ["notifier:b"]
+    assert router.targets(text) == []  # a categorical score does not match a numeric condition, nor crash
+    assert not router.subscribes("observation.created")

@@ -1,0 +1,108 @@
+"""Event synthesis: which records yield which events, with which ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from langfuse_poller.events import Event, EventFactory, MalformedRecord, Seen
+
+FACTORY = EventFactory("https://cloud.langfuse.com/", lambda: True)
+
+
+def obs(**fields: object) -> dict[str, object]:
+    record: dict[str, object] = {
+        "id": "o1",
+        "traceId": "t1",
+        "projectId": "p1",
+        "type": "SPAN",
+        "startTime": "2026-11-27T07:37:16.522Z",
+        "updatedAt": "2026-11-27T07:37:17.000Z",
+        "level": "DEFAULT",
+        "parentObservationId": "o0",
+        "isRootObservation": False,
+    }
+    record.update(fields)
+    return record
+
+
+def types(synthesis: object) -> list[str]:
+    return [e.id for e in synthesis.events]  # type: ignore[attr-defined]
+
+
+def test_a_root_generation_with_an_error() -> None:
+    record = obs(type="GENERATION", isRootObservation=True, parentObservationId=None, level="ERROR", traceName="chat")
+    result = FACTORY.from_observation(record, None)
+    assert types(result) == [
+        "trace.created:t1",
+        "generation.created:o1",
+        "observation.created:o1",
+        "trace.updated:o1:1795765037000",
+    ]
+    created = result.events[0]
+    assert created.data["name"] == "chat"
+    assert created.data["url"] == "https://cloud.langfuse.com/project/p1/traces/t1"
+    assert created.timestamp.isoformat() == "2026-11-27T07:37:16.522000+00:00"
+    assert result.seen == Seen("1795765037000", "ERROR")
+
+
+def test_seen_again_yields_only_what_changed() -> None:
+    first = FACTORY.from_observation(obs(level="ERROR"), None)
+    same = FACTORY.from_observation(obs(level="ERROR", updatedAt="2026-11-27T07:40:00.000Z"), first.seen)
+    assert types(same) == []  # an error is reported once, not at every update of the same observation
+    warning = FACTORY.from_observation(obs(level="WARNING"), None)
+    worse = FACTORY.from_observation(obs(level="ERROR"), warning.seen)
+    assert [e.type for e in worse.events] == ["trace.updated"]
+
+
+def test_a_root_whose_updated_at_moved_is_trace_updated() -> None:
+    root = obs(isRootObservation=True, parentObservationId=None)
+    first = FACTORY.from_observation(root, None)
+    assert [e.type for e in first.events] == ["trace.created", "observation.created"]
+    moved = FACTORY.from_observation({**root, "updatedAt": "2026-11-27T08:00:00.000Z"}, first.seen)
+    assert [e.id for e in moved.events] == ["trace.updated:o1:1795766400000"]
+    again = FACTORY.from_observation({**root, "updatedAt": "2026-11-27T08:00:00.000Z"}, moved.seen)
+    assert again.events == ()
+
+
+def test_scores_created_and_updated() -> None:
+    score = {
+        "id": "s1",
+        "projectId": "p1",
+        "name": "helpfulness",
+        "value": 0.25,
+        "dataType": "NUMERIC",
+        "source": "EVAL",
+        "timestamp": "2026-11-27T07:37:16.522Z",
+        "updatedAt": "2026-11-27T07:37:16.522Z",
+        "subject": {"kind": "observation", "id": "o1", "traceId": "t1"},
+        "comment": "meh",
+    }
+    created = FACTORY.from_score(score, None)
+    [event] = created.events
+    assert event.id == "score.created:s1"
+    assert event.data["traceId"] == "t1" and event.data["observationId"] == "o1"
+    assert event.data["value"] == 0.25 and event.data["comment"] == "meh"
+    assert FACTORY.from_score(score, created.seen).events == ()
+    updated = FACTORY.from_score({**score, "updatedAt": "2026-11-27T09:00:00.000Z"}, created.seen)
+    assert [e.type for e in updated.events] == ["score.updated"]
+    categorical = FACTORY.from_score({**score, "value": "good", "dataType": "CATEGORICAL"}, None)
+    assert categorical.events[0].data["value"] is None
+    assert categorical.events[0].data["stringValue"] == "good"
+    boolean = FACTORY.from_score({**score, "value": True, "dataType": "BOOLEAN"}, None)
+    assert boolean.events[0].data["value"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [obs(traceId=None), obs(startTime="yesterday"), obs(id=""), obs(projectId=3), ["not", "an", "object"]],
+)
+def test_malformed_records_raise(broken: object) -> None:
+    with pytest.raises(MalformedRecord):
+        FACTORY.from_observation(broken, None)  # type: ignore[arg-type]
+
+
+def test_envelope_round_trip() -> None:
+    event = FACTORY.from_observation(obs(), None).events[0]
+    again = Event.from_json(event.to_json())
+    assert again == event
+    assert set(event.envelope()) == {"id", "event", "timestamp", "source", "data"}
