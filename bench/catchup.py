@@ -1,0 +1,89 @@
+"""Catch-up cost: a backlog read from a fresh state with `once`, delivered to a jsonl notifier.
+
+    python bench/catchup.py --observations 10000
+
+Prints events per second, API requests against the minimum, peak RSS of the `once` process, state size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--observations", type=int, default=10_000, help="5 per trace, 1 trace in 10 an error")
+    parser.add_argument("--hours", type=float, default=24.0, help="how far back the backlog spreads")
+    args = parser.parse_args()
+    traces = max(1, args.observations // 5)
+    with FakeLangfuse() as fake, tempfile.TemporaryDirectory() as tmp:
+        now = datetime.now(UTC)
+        step = args.hours * 3600 / traces
+        for index in range(traces):
+            start = now - timedelta(seconds=args.hours * 3600 - index * step)
+            records = fake.add_trace(start_time=start, observations=4, level="ERROR" if index % 10 == 0 else "DEFAULT")
+            fake.add_score(trace_id=records[0]["traceId"], timestamp=start)
+        config = Path(tmp) / "config.toml"
+        config.write_text(
+            f"""
+[langfuse]
+base_url = "{fake.url}"
+public_key = "pk-lf-test"
+secret_key = "sk-lf-test"
+[poll]
+start = "-{args.hours + 1}h"
+[state]
+path = "{tmp}/state.db"
+[[rules]]
+name = "all"
+events = ["trace.*", "generation.*", "score.*"]
+notify = ["file"]
+[notifiers.file]
+type = "jsonl"
+path = "{tmp}/events.jsonl"
+"""
+        )
+        began = time.perf_counter()
+        # the child reports its own high-water mark: ru_maxrss of children would count the fork of this
+        # process (which holds the whole backlog in its stand-in server) before the exec
+        probe = (
+            "import atexit, runpy, sys; "
+            "atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0],"
+            " file=sys.stderr)); "
+            "sys.argv = ['langfuse-poller', *sys.argv[1:]]; runpy.run_module('langfuse_poller', run_name='__main__')"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe, "once", "--config", str(config)], capture_output=True, text=True
+        )
+        elapsed = time.perf_counter() - began
+        if done.returncode != 0:
+            sys.exit(f"once failed ({done.returncode}): {done.stderr[-2000:]}")
+        events = len(Path(f"{tmp}/events.jsonl").read_bytes().splitlines())
+        observations = fake.count("/v2/observations")
+        scores = fake.count("/v3/scores")
+        minimum = math.ceil(traces * 5 / 1000) + math.ceil(traces / 100)
+        hwm = [line for line in done.stderr.splitlines() if line.startswith("VmHWM")]
+        peak_mb = int(hwm[-1].split()[1]) / 1024 if hwm else float("nan")
+        size_mb = sum(p.stat().st_size for p in Path(tmp).glob("state.db*")) / 1e6
+        print(f"observations      {traces * 5}")
+        print(f"scores            {traces}")
+        print(f"events delivered  {events}")
+        print(f"wall time         {elapsed:.1f} s (including process start)")
+        print(f"events/s          {events / elapsed:.0f}")
+        print(f"API requests      {observations + scores} ({observations} observations, {scores} scores)")
+        print(f"minimum requests  {minimum}  (ratio {(observations + scores) / minimum:.2f})")
+        print(f"peak RSS          {peak_mb:.0f} MB")
+        print(f"state size        {size_mb:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
