@@ -17,15 +17,12 @@ def run_check(config: Config, *, out: TextIO) -> int:
         problems += 0 if ok else 1
         out.write(f"{'ok  ' if ok else 'FAIL'} {what}\n")
 
-    report(True, f"config {config.source}")
     from .registry import Router, import_handler_modules, registry
 
-    try:
-        import_handler_modules(config.handler_modules, config.source)
-        router = Router(config.rules, registry, config.source)
-        report(True, f"{len(router.rules)} rules, {len(registry.handlers)} handlers")
-    except LangfusePollerError as exc:
-        report(False, str(exc))
+    # a config error (a bad CEL condition, a handler module that does not import) ends the check with exit 2
+    import_handler_modules(config.handler_modules, config.source)
+    router = Router(config.rules, registry, config.source)
+    report(True, f"config {config.source}: {len(router.rules)} rules, {len(registry.handlers)} handlers")
 
     from .notifiers import build_notifier
 

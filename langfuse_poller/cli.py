@@ -128,6 +128,9 @@ def cmd_once(args: argparse.Namespace) -> int:
         dead_before = runtime.store.dead_letter_count()
         runtime.poller.start_streams()
         result = runtime.poller.poll_once(force_sweeps=True)
+        if result.requests == 0 and not result.errors:
+            # nothing to read yet (a fresh start = "now"): still prove the host and the keys
+            runtime.reader.check()
         runtime.worker.run_until_idle()
         runtime.store.prune_delivered(time.time() - runtime.config.delivery.retention.total_seconds())
         pending = runtime.store.queue_depth()

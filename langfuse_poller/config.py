@@ -173,9 +173,8 @@ class Table:
         unknown = sorted(set(self.data) - self._read)
         if unknown:
             known = ", ".join(sorted(self._read)) or "no keys"
-            raise self.error(
-                unknown[0], self.data[unknown[0]], f"a known key of [{self.prefix or 'top level'}]: {known}"
-            )
+            # name the key, never its value: a misspelt `secert = "..."` holds a secret
+            raise self.error(unknown[0], unknown[0], f"a known key of [{self.prefix or 'top level'}]: {known}")
 
 
 @dataclass(frozen=True)
@@ -285,6 +284,8 @@ def load_config(explicit: str | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), "<file>", exc.strerror, "a readable TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "<file>", f"byte {exc.start} is not UTF-8", "a UTF-8 TOML file") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -6,6 +6,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+MAX_SECONDS = 100 * 365 * 86400.0  # a century: beyond it, datetime arithmetic overflows
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 DURATION_FORM = 'a duration such as "250ms", "10s", "5m", "2h", "1d", or a number of seconds'
 START_FORM = '"now", a time relative to now such as "-1h" or "-7d", or an RFC 3339 time'
@@ -15,15 +16,14 @@ def parse_duration(value: object) -> timedelta:
     """Turn "250ms", "10s", "5m", "2h", "1d" or a number of seconds into a timedelta; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError(DURATION_FORM)
+    seconds: float | None = None
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(DURATION_FORM)
-        return timedelta(seconds=float(value))
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            return timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2) or "s"])
-    raise ValueError(DURATION_FORM)
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if seconds is None or not 0 <= seconds <= MAX_SECONDS:
+        raise ValueError(DURATION_FORM)
+    return timedelta(seconds=seconds)
 
 
 def parse_time(text: str) -> datetime:
@@ -44,7 +44,7 @@ def parse_start(value: object, now: datetime) -> datetime:
             if text.startswith("-"):
                 return now - parse_duration(text[1:])
             return parse_time(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     raise ValueError(START_FORM)
 

@@ -194,7 +194,7 @@ class Poller:
         for page in self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end)):
             pages += 1
             with self.store.write() as tx:
-                made = self._commit_page(tx, stream, page, start)
+                made = self._commit_page(tx, stream, page, end)
                 result.records += len(page.records)
                 result.events += made
                 if page.cursor is None:
@@ -209,7 +209,7 @@ class Poller:
             return self.reader.observations(start, end)
         return self.reader.scores(start, end)
 
-    def _commit_page(self, tx: Transaction, stream: str, page: Page, window_start: float) -> int:
+    def _commit_page(self, tx: Transaction, stream: str, page: Page, window_end: float) -> int:
         keys = [_record_key(stream, record) for record in page.records]
         previous = tx.seen_states([key for key in keys if key])
         made = 0
@@ -219,7 +219,7 @@ class Poller:
                     raise MalformedRecord("the record has no string 'id'")
                 synthesis = self._synthesize(stream, record, previous.get(key))
             except (MalformedRecord, TypeError, ValueError, KeyError, AttributeError) as exc:
-                self._keep_bad_record(tx, stream, record, exc, window_start)
+                self._keep_bad_record(tx, stream, record, exc, window_end)
                 continue
             if synthesis.events or previous.get(key) != synthesis.seen:
                 tx.remember(stream, synthesis)
@@ -234,13 +234,14 @@ class Poller:
             return self.factory.from_observation(record, previous)
         return self.factory.from_score(record, previous)
 
-    def _keep_bad_record(self, tx: Transaction, stream: str, record: Any, exc: Exception, window_start: float) -> None:
+    def _keep_bad_record(self, tx: Transaction, stream: str, record: Any, exc: Exception, window_end: float) -> None:
         raw = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
         key = f"x:{stream}:{hashlib.sha256(raw.encode()).hexdigest()[:32]}"
-        # a bad record is read again by every sweep: remember it so it becomes one dead letter, not several
+        # a bad record is read again by every sweep: remember it so it becomes one dead letter, not several.
+        # Its own time may be what is broken; the window's end is no earlier, so the key outlives every re-read.
         if tx.seen_states([key]):
             return
-        tx.remember(stream, Synthesis(key, utc_from_timestamp(window_start), Seen("bad"), ()))
+        tx.remember(stream, Synthesis(key, utc_from_timestamp(window_end), Seen("bad"), ()))
         tx.add_bad_record(stream, raw, f"{type(exc).__name__}: {exc}")
         log.warning("a %s record could not be parsed (%s); kept as a dead letter", stream, exc)
 
