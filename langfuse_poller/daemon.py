@@ -7,6 +7,7 @@ poll in flight finish or roll back its transaction, lets deliveries in flight fi
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 
 DELIVERY_TICK = 1.0
 MAINTENANCE_EVERY = 600.0
+# how long a stop waits for the poll in flight; past it the process exits anyway, which is safe: a page is
+# committed in one transaction or not at all, and an HTTP request in flight holds no transaction open
+STOP_GRACE = 3.0
 
 
 class Daemon:
@@ -28,16 +32,21 @@ class Daemon:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.stopping = threading.Event()
-        self.scheduler = None
+        self._poll_done = threading.Event()
+        self._poll_done.set()
 
     def poll_job(self) -> None:
+        self._poll_done.clear()
         try:
             result = self.runtime.poller.poll_once()
         except Cancelled:
             return
         except Exception:
-            log.exception("poll failed unexpectedly; the next poll tries again")
+            if not self.stopping.is_set():
+                log.exception("poll failed unexpectedly; the next poll tries again")
             return
+        finally:
+            self._poll_done.set()
         for error in result.errors:
             log.error("%s", error)
         if result.events:
@@ -93,7 +102,13 @@ class Daemon:
             pass
         log.info("stopping: finishing the poll and deliveries in flight")
         runtime.cancel.set()
-        scheduler.shutdown(wait=True)
+        scheduler.shutdown(wait=False)
+        poll_ended = self._poll_done.wait(STOP_GRACE)
         runtime.close()
+        if not poll_ended:
+            log.warning("the poll in flight did not end within %.0fs; stopped without it", STOP_GRACE)
+            logging.shutdown()
+            # the scheduler's worker threads are joined at interpreter exit, which would wait out the request
+            os._exit(0)
         log.info("stopped")
         return 0
