@@ -100,8 +100,10 @@ def _setup_logging(level: str) -> None:
         stream=sys.stderr,
     )
     # request logs of the HTTP clients carry full URLs, and notifier URLs can hold tokens
-    for noisy in ("httpx", "httpcore", "apscheduler"):
+    for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" each interval while a long poll runs is expected
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -19,7 +19,8 @@ from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-DELIVERY_TICK = 1.0
+# deliveries start at once after a poll commits; this tick picks up retries whose backoff ended
+DELIVERY_TICK = 0.25
 MAINTENANCE_EVERY = 600.0
 # how long a stop waits for the poll in flight; past it the process exits anyway, which is safe: a page is
 # committed in one transaction or not at all, and an HTTP request in flight holds no transaction open

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 200
 FORGOTTEN_TARGET_CHECK = 60.0
+# `once` waits for retries due within this long; later ones stay pending for the next run
+ONCE_RETRY_HORIZON = 5.0
 
 
 class HandlerTarget:
@@ -112,9 +114,14 @@ class DeliveryWorker:
             self.kick()
             self.wait_idle()
             now = self.clock()
-            if self.cancel.is_set() or not any(
-                self._has_due(name, now) and self._resting_until.get(name, 0.0) <= now for name in self.targets
-            ):
+            if self.cancel.is_set():
+                return
+            due = [name for name in self.targets if self._has_due(name, now)]
+            if any(self._resting_until.get(name, 0.0) <= now for name in due):
+                continue
+            # every target with due work rests after a failure: wait for a retry that is due soon, not give up
+            wake = min((self._resting_until[name] for name in due), default=None)
+            if wake is None or wake - now > ONCE_RETRY_HORIZON or self.cancel.wait(wake - now):
                 return
 
     def _has_due(self, target: str, now: float) -> bool:

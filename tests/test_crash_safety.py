@@ -36,8 +36,6 @@ from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
 pytestmark = pytest.mark.timeout(180)
 
 ROUTED = ["trace.*", "generation.*", "score.*"]  # not "*": that would subscribe to observation.created
-HOOK = "notifier:hook"
-ARCHIVE = "notifier:archive"
 
 
 # --- the receiver -----------------------------------------------------------------------------------------

@@ -214,3 +214,14 @@ def test_rules_with_cel_conditions_route_events(tmp_path: Path) -> None:
     assert router.targets(low) == ["notifier:b"]
     assert router.targets(text) == []  # a categorical score does not match a numeric condition, nor crash
     assert not router.subscribes("observation.created")
+
+
+def test_run_until_idle_waits_for_retries_due_soon(tmp_path: Path) -> None:
+    # what `once` relies on: a flaky endpoint is retried within the run, not left for the next one
+    with receiver(lambda n: 500 if n % 2 == 0 else 200) as hook:
+        config = config_for(tmp_path, {"hook": {"type": "webhook", "url": hook.url}}, max_attempts=50)
+        with runtime(config) as rt:
+            enqueue(rt, [event(n) for n in range(10)])
+            rt.worker.run_until_idle()
+            assert rt.store.queue_depth() == 0
+    assert sorted(hook.ids()) == sorted(f"trace.created:t{n}" for n in range(10))
