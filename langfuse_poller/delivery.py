@@ -116,17 +116,17 @@ class DeliveryWorker:
             now = self.clock()
             if self.cancel.is_set():
                 return
-            due = [name for name in self.targets if self._has_due(name, now)]
-            if any(self._resting_until.get(name, 0.0) <= now for name in due):
-                continue
-            # every target with due work rests after a failure: wait for a retry that is due soon, not give up
-            wake = min((self._resting_until[name] for name in due), default=None)
-            if wake is None or wake - now > ONCE_RETRY_HORIZON or self.cancel.wait(wake - now):
+            # what backs off after a failure is retried within the run when it is due soon, not left for the next
+            wakes = [
+                max(next_at, self._resting_until.get(name, 0.0))
+                for name in self.targets
+                if (next_at := self.store.next_due_at(name)) is not None
+            ]
+            wake = min(wakes, default=None)
+            if wake is None or wake - now > ONCE_RETRY_HORIZON:
                 return
-
-    def _has_due(self, target: str, now: float) -> bool:
-        next_at = self.store.next_due_at(target)
-        return next_at is not None and next_at <= now
+            if wake > now and self.cancel.wait(wake - now):
+                return
 
     def close(self) -> None:
         self.cancel.set()
