@@ -280,26 +280,23 @@ class LangfuseReader:
             timeout=self.config.timeout.total_seconds(),
         )
         no_retries: Any = {"max_retries": 0}
-        try:
-            health = api.health.health(request_options=no_retries)
-        except SdkApiError as exc:
-            raise ApiError(
-                f"{self.host} is not healthy: GET /api/public/health answered HTTP {exc.status_code}",
-                status=exc.status_code,
-            ) from None
-        except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach {self.config.base_url}: {exc}") from None
-        try:
-            projects = api.projects.get(request_options=no_retries)
-        except SdkApiError as exc:
-            if exc.status_code in (401, 403):
-                raise self.auth_error(exc.status_code, _body_message(exc.body)) from None
-            raise ApiError(
-                f"{self.host} answered GET /api/public/projects with HTTP {exc.status_code}",
-                status=exc.status_code,
-            ) from None
-        except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach {self.config.base_url}: {exc}") from None
+
+        def call(path: str, request: Callable[[], Any], trouble: str) -> Any:
+            try:
+                return request()
+            except SdkApiError as exc:
+                if exc.status_code in (401, 403):
+                    raise self.auth_error(exc.status_code, _body_message(exc.body)) from None
+                raise ApiError(
+                    f"{self.host} {trouble}: GET {path} answered HTTP {exc.status_code}", status=exc.status_code
+                ) from None
+            except httpx.HTTPError as exc:
+                raise ApiError(f"cannot reach {self.config.base_url}: {exc}") from None
+
+        health = call("/api/public/health", lambda: api.health.health(request_options=no_retries), "is not healthy")
+        projects = call(
+            "/api/public/projects", lambda: api.projects.get(request_options=no_retries), "cannot list projects"
+        )
         return CheckResult(
             version=str(getattr(health, "version", "?")),
             projects=tuple((p.id, p.name) for p in projects.data),

@@ -97,7 +97,7 @@ class DeliveryWorker:
                 running = self._running.get(name)
                 if running is not None and not running.done():
                     continue
-                if self._resting_until.get(name, 0.0) > now or self.cancel.is_set():
+                if self._resting(name, now) or self.cancel.is_set():
                     continue
                 self._running[name] = self._pool.submit(self._drain_safely, name)
 
@@ -150,7 +150,7 @@ class DeliveryWorker:
         sent = 0
         while not self.cancel.is_set():
             now = self.clock()
-            if self._resting_until.get(name, 0.0) > now:
+            if self._resting(name, now):
                 break
             batch = self.store.due(name, now, BATCH)
             if not batch:
@@ -161,7 +161,7 @@ class DeliveryWorker:
             else:
                 ok = self._send_each(name, target, batch)
             sent += ok
-            if ok < len(batch) and self._resting_until.get(name, 0.0) > self.clock():
+            if ok < len(batch) and self._resting(name):
                 break
         return sent
 
@@ -170,17 +170,26 @@ class DeliveryWorker:
         for due in batch:
             if self.cancel.is_set():
                 break
-            try:
-                target.send(due.event)
-            except Exception as exc:
-                self._failed(name, due, exc)
-                if self._resting_until.get(name, 0.0) > self.clock():
-                    break
-                continue
-            self.store.mark_done([due.id])
-            self.stats.add(self.stats.delivered, name)
-            ok += 1
+            if self._deliver_one(name, target, due) is None:
+                ok += 1
+            elif self._resting(name):
+                break
         return ok
+
+    def _deliver_one(self, name: str, target: Notifier, due: Due) -> Exception | None:
+        """Send one delivery and record its outcome; the failure, if any."""
+        try:
+            target.send(due.event)
+        except Exception as exc:
+            self._failed(name, due, exc)
+            return exc
+        self.store.mark_done([due.id])
+        self.stats.add(self.stats.delivered, name)
+        return None
+
+    def _resting(self, name: str, now: float | None = None) -> bool:
+        """Whether a target that looked down is waiting for its retry."""
+        return self._resting_until.get(name, 0.0) > (self.clock() if now is None else now)
 
     def _send_batch(self, name: str, send_many: Callable[[Sequence[Event]], None], batch: Sequence[Due]) -> int:
         try:
@@ -229,15 +238,8 @@ class DeliveryWorker:
             if target is None:
                 outcomes[due.target] = "not configured"
                 continue
-            try:
-                target.send(due.event)
-            except Exception as exc:
-                self._failed(due.target, due, exc)
-                outcomes[due.target] = str(exc) or type(exc).__name__
-                continue
-            self.store.mark_done([due.id])
-            self.stats.add(self.stats.delivered, due.target)
-            outcomes[due.target] = None
+            error = self._deliver_one(due.target, target, due)
+            outcomes[due.target] = None if error is None else str(error) or type(error).__name__
         return outcomes
 
     def dead_letter_forgotten_targets(self) -> int:

@@ -16,6 +16,8 @@ from .durations import format_time, parse_time
 
 SOURCES = ("poll", "webhook", "test")
 ERROR_LEVELS = ("ERROR", "WARNING")
+# the dedup key of a record is its stream's prefix and its id
+KEY_PREFIXES = {"observations": "o:", "scores": "s:"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,14 @@ def record_version(record: Mapping[str, Any]) -> str:
         return "0"
 
 
+def record_key(stream: str, record: Any) -> str | None:
+    """The dedup key of a record of `stream`; None when the record has no usable id."""
+    record_id = record.get("id") if isinstance(record, Mapping) else None
+    if not isinstance(record_id, str) or not record_id:
+        return None
+    return KEY_PREFIXES[stream] + record_id
+
+
 def _required_str(record: Mapping[str, Any], field: str) -> str:
     value = record.get(field)
     if not isinstance(value, str) or not value:
@@ -134,6 +144,12 @@ class EventFactory:
         if trace_id:
             return f"{self.base_url}/project/{project_id}/traces/{trace_id}"
         return f"{self.base_url}/project/{project_id}"
+
+    def from_record(self, stream: str, record: Any, previous: Seen | None) -> Synthesis:
+        """Events for a record of `stream` ("observations" or "scores")."""
+        if stream == "observations":
+            return self.from_observation(record, previous)
+        return self.from_score(record, previous)
 
     def from_observation(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
         """Events for an observation seen for the first time (`previous` None) or seen again."""
@@ -218,7 +234,9 @@ class EventFactory:
                     "isRootObservation": is_root,
                 },
             )
-        return Synthesis(key=f"o:{obs_id}", timestamp=start, seen=Seen(version, level), events=tuple(events))
+        return Synthesis(
+            key=KEY_PREFIXES["observations"] + obs_id, timestamp=start, seen=Seen(version, level), events=tuple(events)
+        )
 
     def from_score(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
         """score.created for a score seen for the first time, score.updated when its updatedAt moved."""
@@ -230,7 +248,7 @@ class EventFactory:
         timestamp = _required_time(record, "timestamp")
         version = record_version(record)
         if previous is not None and previous.version == version:
-            return Synthesis(key=f"s:{score_id}", timestamp=timestamp, seen=previous, events=())
+            return Synthesis(key=KEY_PREFIXES["scores"] + score_id, timestamp=timestamp, seen=previous, events=())
         raw_subject = record.get("subject")
         subject: Mapping[str, Any] = raw_subject if isinstance(raw_subject, Mapping) else {}
         kind = subject.get("kind")
@@ -267,7 +285,9 @@ class EventFactory:
             event = Event(f"score.created:{score_id}", "score.created", timestamp, "poll", data)
         else:
             event = Event(f"score.updated:{score_id}:{version}", "score.updated", timestamp, "poll", data)
-        return Synthesis(key=f"s:{score_id}", timestamp=timestamp, seen=Seen(version), events=(event,))
+        return Synthesis(
+            key=KEY_PREFIXES["scores"] + score_id, timestamp=timestamp, seen=Seen(version), events=(event,)
+        )
 
 
 def test_event(event_type: str = "trace.created", *, base_url: str = "https://cloud.langfuse.com") -> Event:

@@ -33,7 +33,7 @@ from typing import Any
 from .api import Cancelled, LangfuseReader, Page, utc_from_timestamp
 from .config import PollConfig
 from .errors import LangfusePollerError
-from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis
+from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis, record_key
 from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
@@ -210,29 +210,25 @@ class Poller:
         return self.reader.scores(start, end)
 
     def _commit_page(self, tx: Transaction, stream: str, page: Page, window_end: float) -> int:
-        keys = [_record_key(stream, record) for record in page.records]
+        keys = [record_key(stream, record) for record in page.records]
         previous = tx.seen_states([key for key in keys if key])
         made = 0
         for record, key in zip(page.records, keys, strict=True):
             try:
                 if key is None:
                     raise MalformedRecord("the record has no string 'id'")
-                synthesis = self._synthesize(stream, record, previous.get(key))
+                synthesis = self.factory.from_record(stream, record, previous.get(key))
             except (MalformedRecord, TypeError, ValueError, KeyError, AttributeError) as exc:
                 self._keep_bad_record(tx, stream, record, exc, window_end)
                 continue
-            if synthesis.events or previous.get(key) != synthesis.seen:
+            # a record that yields events always comes with a new version or level: one check covers both
+            if previous.get(key) != synthesis.seen:
                 tx.remember(stream, synthesis)
             for event in synthesis.events:
                 targets = list(self.router(event))
                 if targets and tx.enqueue(event, targets):
                     made += 1
         return made
-
-    def _synthesize(self, stream: str, record: Any, previous: Any) -> Synthesis:
-        if stream == "observations":
-            return self.factory.from_observation(record, previous)
-        return self.factory.from_score(record, previous)
 
     def _keep_bad_record(self, tx: Transaction, stream: str, record: Any, exc: Exception, window_end: float) -> None:
         raw = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
@@ -258,8 +254,7 @@ class Poller:
     ) -> None:
         if head:
             tx.set_head(stream, end)
-        state_sweeps = dict(tx.conn.execute("SELECT age, watermark FROM sweeps WHERE stream = ?", (stream,)).fetchall())
-        for tier_age, watermark in state_sweeps.items():
+        for tier_age, watermark in tx.sweep_watermarks(stream).items():
             if tier_age == age:
                 tx.set_sweep(stream, tier_age, end, ran=True)
             elif watermark >= start:
@@ -267,10 +262,3 @@ class Poller:
                 reach = min(end, quantize(read_at - tier_age))
                 if reach > watermark:
                     tx.set_sweep(stream, tier_age, reach)
-
-
-def _record_key(stream: str, record: Any) -> str | None:
-    record_id = record.get("id") if isinstance(record, dict) else None
-    if not isinstance(record_id, str) or not record_id:
-        return None
-    return ("o:" if stream == "observations" else "s:") + record_id

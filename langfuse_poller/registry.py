@@ -109,8 +109,7 @@ class CompiledRule:
         self._warned = False
 
     def matches(self, event: Event, envelope: Mapping[str, Any]) -> bool:
-        if not matches(self.rule.events, event.type):
-            return False
+        """Whether the condition holds for an event whose type the rule's globs match (the Router checked)."""
         if self.program is None:
             return True
         try:
@@ -155,8 +154,3 @@ class Router:
                 if rule.matches(event, envelope):
                     targets.extend(f"notifier:{name}" for name in rule.rule.notify)
         return list(dict.fromkeys(targets))
-
-    def matching_rules(self, event: Event) -> list[str]:
-        _, rules = self._candidates(event.type)
-        envelope = event.envelope()
-        return [r.rule.name for r in rules if r.matches(event, envelope)]

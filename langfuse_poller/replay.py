@@ -20,11 +20,7 @@ def replay_dead_letters(runtime: Runtime, ids: Sequence[int] | None) -> tuple[in
             queued += 1
             continue
         try:
-            record = json.loads(letter.raw or "null")
-            if letter.stream == "observations":
-                synthesis = factory.from_observation(record, None)
-            else:
-                synthesis = factory.from_score(record, None)
+            synthesis = factory.from_record(letter.stream or "observations", json.loads(letter.raw or "null"), None)
         except (MalformedRecord, ValueError, TypeError, KeyError, AttributeError):
             still_bad += 1
             continue

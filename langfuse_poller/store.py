@@ -128,6 +128,10 @@ class DeadLetter:
     raw: str | None
 
 
+def _sweep_watermarks(conn: sqlite3.Connection, stream: str) -> dict[float, float]:
+    return dict(conn.execute("SELECT age, watermark FROM sweeps WHERE stream = ?", (stream,)).fetchall())
+
+
 class Transaction:
     """The writes of one transaction; obtained from `Store.write()`."""
 
@@ -186,6 +190,10 @@ class Transaction:
             "INSERT INTO dead_letters (kind, stream, raw, error, created_at) VALUES ('record', ?, ?, ?, ?)",
             (stream, text, error, self.now),
         )
+
+    def sweep_watermarks(self, stream: str) -> dict[float, float]:
+        """Each sweep tier's watermark, by age, as this transaction sees them."""
+        return _sweep_watermarks(self.conn, stream)
 
     def set_head(self, stream: str, head: float) -> None:
         self.conn.execute("UPDATE streams SET head = MAX(head, ?) WHERE name = ?", (head, stream))
@@ -331,10 +339,7 @@ class Store:
         )
         if row is None:
             return None
-        sweeps = {
-            age: wm for age, wm in self._conn().execute("SELECT age, watermark FROM sweeps WHERE stream = ?", (name,))
-        }
-        return StreamState(row[0], row[1], sweeps, *row[2:])
+        return StreamState(row[0], row[1], _sweep_watermarks(self._conn(), name), *row[2:])
 
     def streams(self) -> list[StreamState]:
         names = [row[0] for row in self._conn().execute("SELECT name FROM streams ORDER BY name")]

@@ -166,11 +166,16 @@ def test_catch_up_from_seven_days_in_bounded_slices(fake: FakeLangfuse, clock: C
     assert score_requests <= 5 + 12 + 2
 
 
+def add_root_generations(fake: FakeLangfuse, clock: Clock, count: int) -> None:
+    """`count` one-observation traces, a second apart, ending 3000 - count seconds ago."""
+    for index in range(count):
+        fake.add_observation(start_time=at(clock, 3000 - index), type="GENERATION", is_root=True)
+
+
 def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
     config = make_config(fake, tmp_path, poll={"start": "-1h", "catchup_slice": "2h"})
     with runtime_for(config, clock) as runtime:
-        for index in range(2500):
-            fake.add_observation(start_time=at(clock, 3000 - index), type="GENERATION", is_root=True)
+        add_root_generations(fake, clock, 2500)
         clock.advance(1)
         # pages 1 and 2 commit, then the server keeps failing: the window's watermark must not move
         fake_requests_before = fake.count("/v2/observations")
@@ -191,8 +196,7 @@ def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: 
 def test_partial_window_progress_is_kept_and_deduplicated(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
     config = make_config(fake, tmp_path, poll={"start": "-1h", "catchup_slice": "2h"})
     with runtime_for(config, clock) as runtime:
-        for index in range(2500):
-            fake.add_observation(start_time=at(clock, 3000 - index), type="GENERATION", is_root=True)
+        add_root_generations(fake, clock, 2500)
         clock.advance(1)
         pages = runtime.reader.observations(at(clock, 3700), at(clock, 0))
         first = next(pages)
