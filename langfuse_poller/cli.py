@@ -61,15 +61,52 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("ids", nargs="*", type=int, metavar="ID")
         cmd.add_argument("--all", action="store_true", help="every dead letter")
 
+    silence = sub.add_parser("silence", parents=[common], help="mute a rule's alerts for a while")
+    silence_sub = silence.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = silence_sub.add_parser("add", parents=[common], help="silence a rule (or the matches meeting --when)")
+    add.add_argument("--rule", required=True, metavar="NAME", help="the rule to silence")
+    add.add_argument("--for", dest="duration", required=True, metavar="DURATION", help='how long, e.g. "2h"')
+    add.add_argument("--when", metavar="EXPR", help="only matches meeting this CEL condition over the event")
+    add.add_argument("--comment", default="", help="why, for whoever reads `silence list`")
+    silence_list = silence_sub.add_parser("list", parents=[common], help="list silences that have not ended")
+    silence_list.add_argument("--all", action="store_true", help="include silences that ended")
+    silence_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    expire = silence_sub.add_parser("expire", parents=[common], help="end a silence now")
+    expire.add_argument("id", type=int, metavar="ID")
+
+    dry = sub.add_parser("test-rule", parents=[common], help="show what a rule would have sent, sending nothing")
+    dry.add_argument("rule", metavar="NAME", help="the rule to try")
+    dry.add_argument("--since", default="-1h", help='where to start reading Langfuse: "-1h" (default), RFC 3339')
+    dry.add_argument("--until", default="now", help='where to stop: "now" (default), "-10m", RFC 3339')
+    dry.add_argument("--events", metavar="FILE", help="replay the envelopes of a jsonl file instead of Langfuse")
+    dry.add_argument("--json", action="store_true", help="print the notifications as envelopes, one per line")
+
     test = sub.add_parser("send-test-event", parents=[common], help="push a test event through the registry")
     test.add_argument("--event", default="trace.created", metavar="TYPE", help="event type (default trace.created)")
     test.add_argument("--notifier", metavar="NAME", help="send to this notifier only, whatever the rules say")
     return parser
 
 
+# options whose values often start with "-" ("--since -1h"), which argparse would take for an option
+RELATIVE_TIME_OPTIONS = ("--since", "--until")
+
+
+def _join_relative_times(argv: Sequence[str]) -> list[str]:
+    """Turn `--since -1h` into `--since=-1h`, as the docs write it and argparse cannot read it."""
+    joined: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in RELATIVE_TIME_OPTIONS:
+            value = next(args, None)
+            joined.append(arg if value is None else f"{arg}={value}")
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_relative_times(sys.argv[1:] if argv is None else argv))
     if args.version:
         from . import __version__
 
@@ -129,11 +166,15 @@ def cmd_once(args: argparse.Namespace) -> int:
     try:
         dead_before = runtime.store.dead_letter_count()
         runtime.poller.start_streams()
+        runtime.alerter.start()
         result = runtime.poller.poll_once(force_sweeps=True)
         if result.requests == 0 and not result.errors:
             # nothing to read yet (a fresh start = "now"): still prove the host and the keys
             runtime.reader.check()
         runtime.worker.run_until_idle()
+        # alert groups whose timers ran out are sent now; open groups wait in the state for the next run
+        if runtime.alerter.tick():
+            runtime.worker.run_until_idle()
         runtime.store.prune_delivered(time.time() - runtime.config.delivery.retention.total_seconds())
         pending = runtime.store.queue_depth()
         dead = runtime.store.dead_letter_count() - dead_before
@@ -212,6 +253,81 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_silence(args: argparse.Namespace) -> int:
+    from .alerting.silences import add_silence, expire_silence, list_silences
+    from .durations import DURATION_FORM, format_duration, parse_duration
+    from .store import Store
+
+    config = _config(args)
+    now = time.time()
+    store = Store(config.state_path)
+    try:
+        if args.action == "add":
+            from .alerting.dryrun import find_rule
+
+            find_rule(config, args.rule)
+            try:
+                duration = parse_duration(args.duration).total_seconds()
+            except ValueError:
+                raise ConfigError("command line", "--for", args.duration, DURATION_FORM) from None
+            silence = add_silence(
+                store, args.rule, duration=duration, condition=args.when, comment=args.comment, now=now
+            )
+            print(f"silence {silence.id}: rule {silence.rule} silenced for {format_duration(duration)}")
+            return EXIT_OK
+        if args.action == "expire":
+            if not expire_silence(store, args.id, now=now):
+                print(f"no active silence has id {args.id} (see `langfuse-poller silence list`)", file=sys.stderr)
+                return EXIT_FAILED
+            print(f"silence {args.id} expired")
+            return EXIT_OK
+        silences = list_silences(store, now=None if args.all else now)
+    finally:
+        store.close()
+    for silence in silences:
+        if args.json:
+            print(json.dumps(silence.__dict__))
+            continue
+        state = "active" if silence.active(now) else "ended"
+        ends = datetime.fromtimestamp(silence.ends_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        condition = f" when {silence.condition}" if silence.condition else ""
+        print(f"{silence.id:>5}  {state:<6} rule {silence.rule}{condition} until {ends}, {silence.matched} matched")
+        if silence.comment:
+            print(f"       {silence.comment} ({silence.created_by})")
+    if not silences and not args.json:
+        print("no silences")
+    return EXIT_OK
+
+
+def cmd_test_rule(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .alerting.dryrun import DryRun, dry_run, dump, events_from_file, events_from_langfuse, find_rule, render
+    from .durations import START_FORM, parse_start
+
+    config = _config(args)
+    rule = find_rule(config, args.rule)
+    run = DryRun(rule)
+    if args.events:
+        events = events_from_file(Path(args.events), run)
+        source = args.events
+    else:
+        bounds = []
+        for flag, text in (("--since", args.since), ("--until", args.until)):
+            try:
+                bounds.append(parse_start(text, datetime.now(UTC)))
+            except ValueError:
+                raise ConfigError("command line", flag, text, START_FORM) from None
+        events = events_from_langfuse(config, rule, bounds[0], bounds[1])
+        source = f"{config.langfuse.base_url} from {bounds[0].isoformat()} to {bounds[1].isoformat()}"
+    dry_run(config, rule, events, run)
+    if args.json:
+        dump(run, sys.stdout)
+    else:
+        render(run, sys.stdout, source=source)
+    return EXIT_OK
+
+
 def cmd_send_test_event(args: argparse.Namespace) -> int:
     from .events import test_event
 
@@ -223,19 +339,34 @@ def cmd_send_test_event(args: argparse.Namespace) -> int:
             raise ConfigError(config.source, "--notifier", args.notifier, f"a configured notifier ({known})")
         event = test_event(args.event, base_url=config.langfuse.base_url)
         targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.targets(event)
+        # a test event goes straight to an alerting rule's notifiers: it must not join a real alert group
+        grouping = {compiled.rule.target: compiled.rule.notify for compiled in runtime.router.rules}
+        targets = list(
+            dict.fromkeys(
+                expanded
+                for target in targets
+                for expanded in ([f"notifier:{n}" for n in grouping[target]] if target in grouping else [target])
+            )
+        )
         if not targets:
             print(f"no rule or handler wants {event.type}; nothing sent (use --notifier NAME to send anyway)")
             return EXIT_FAILED
         with runtime.store.write() as tx:
             tx.enqueue(event, targets)
         outcomes = runtime.worker.deliver_event(event.id)
+        states = {target: state for target, state, _, _ in runtime.store.deliveries_of(event.id)}
     finally:
         runtime.close()
     failed = 0
     for target, error in outcomes.items():
         if error is None:
             print(f"sent {event.id} to {target}")
-        else:
-            failed += 1
-            print(f"FAILED {target}: {error} (it stays queued for retry)", file=sys.stderr)
+            continue
+        failed += 1
+        after = (
+            "a dead letter now: see `langfuse-poller dead-letters list`"
+            if states.get(target) == "dead"
+            else "it stays queued for retry"
+        )
+        print(f"FAILED {target}: {error} ({after})", file=sys.stderr)
     return EXIT_OK if failed == 0 else EXIT_FAILED

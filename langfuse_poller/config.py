@@ -12,10 +12,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .durations import DURATION_FORM, START_FORM, parse_duration, parse_start
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .rules import Rule
 
 APP_NAME = "langfuse-poller"
 SYSTEM_CONFIG = Path("/etc/langfuse-poller/config.toml")
@@ -221,17 +224,6 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
-class Rule:
-    """A config rule: which events (globs, optional CEL condition) go to which notifiers."""
-
-    name: str
-    events: tuple[str, ...]
-    when: str | None
-    notify: tuple[str, ...]
-    key: str = ""  # where the rule sits in the file, e.g. "rules[2]", for errors found later
-
-
-@dataclass(frozen=True)
 class NotifierConfig:
     """A configured notifier: its name, its type and the settings that type parsed."""
 
@@ -296,6 +288,7 @@ def load_config(explicit: str | None = None) -> Config:
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
     """Check a parsed TOML document and build the Config; raises ConfigError naming the first bad key."""
     from .notifiers import parse_notifier
+    from .rules import parse_rules
 
     top = Table(source, "", data)
     langfuse = _parse_langfuse(top.table("langfuse"))
@@ -319,7 +312,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         notifiers[name] = parse_notifier(name, entry)
     notifiers_table.finish()
 
-    rules = _parse_rules(top, source, notifiers)
+    rules = parse_rules(top, notifiers)
     top.finish()
     return Config(
         source=source,
@@ -406,35 +399,3 @@ def _parse_delivery(table: Table) -> DeliveryConfig:
     )
     table.finish()
     return config
-
-
-def _parse_rules(top: Table, source: str, notifiers: Mapping[str, NotifierConfig]) -> tuple[Rule, ...]:
-    raw = top.raw("rules")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise top.error("rules", raw, "an array of tables: [[rules]]")
-    rules: list[Rule] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(raw):
-        key = f"rules[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(source, key, entry, "a table with name, events and notify")
-        table = Table(source, key, entry)
-        name = table.required_str("name", expected="a name for the rule, unique in the file")
-        if name in seen:
-            raise table.error("name", name, "a name not used by another rule")
-        seen.add(name)
-        events = table.str_list("events")
-        if not events:
-            raise table.error(
-                "events", table.raw("events"), 'a non-empty list of event types or globs, e.g. ["trace.*"]'
-            )
-        notify = table.str_list("notify")
-        for target in notify:
-            if target not in notifiers:
-                known = ", ".join(sorted(notifiers)) or "none configured"
-                raise table.error("notify", target, f"the name of a [notifiers.NAME] table (configured: {known})")
-        rules.append(Rule(name=name, events=events, when=table.string("when"), notify=notify, key=key))
-        table.finish()
-    return tuple(rules)

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # deliveries start at once after a poll commits; this tick picks up retries whose backoff ended
 DELIVERY_TICK = 0.25
+# alert groups are looked at this often: group_wait and friends are kept to within a second
+ALERT_TICK = 1.0
 MAINTENANCE_EVERY = 600.0
 # how long a stop waits for the poll in flight; past it the process exits anyway, which is safe: a page is
 # committed in one transaction or not at all, and an HTTP request in flight holds no transaction open
@@ -57,6 +59,13 @@ class Daemon:
     def deliver_job(self) -> None:
         self.runtime.worker.kick()
 
+    def alert_job(self) -> None:
+        try:
+            if self.runtime.alerter.tick():
+                self.runtime.worker.kick()
+        except Exception:
+            log.exception("alert groups could not be evaluated; the next tick tries again")
+
     def maintenance_job(self) -> None:
         retention = self.runtime.config.delivery.retention.total_seconds()
         removed = self.runtime.store.prune_delivered(time.time() - retention)
@@ -78,6 +87,7 @@ class Daemon:
             signal.signal(signal.SIGINT, self._on_signal)
         runtime = self.runtime
         runtime.poller.start_streams()
+        runtime.alerter.start()
         scheduler = BackgroundScheduler(
             timezone=UTC,
             # one poll at a time; a poll that overran its interval is followed by one, not a burst
@@ -91,6 +101,7 @@ class Daemon:
             next_run_time=now,
         )
         scheduler.add_job(self.deliver_job, IntervalTrigger(seconds=DELIVERY_TICK), id="deliver", next_run_time=now)
+        scheduler.add_job(self.alert_job, IntervalTrigger(seconds=ALERT_TICK), id="alerts", next_run_time=now)
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
         scheduler.start()
         log.info(

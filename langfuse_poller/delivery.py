@@ -15,14 +15,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from .backoff import backoff_seconds, jittered_backoff
 from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
 from .notifiers.base import Notifier
-from .store import Due, Store
+from .store import Due, Store, Transaction
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ class HandlerTarget:
 
     def close(self) -> None:
         pass
+
+
+@runtime_checkable
+class InProcessTarget(Protocol):
+    """A target inside this process whose work is a state change: done in the transaction that records it."""
+
+    def apply(self, tx: Transaction, events: Sequence[Event]) -> None: ...
 
 
 @dataclass
@@ -155,8 +162,9 @@ class DeliveryWorker:
             batch = self.store.due(name, now, BATCH)
             if not batch:
                 break
-            send_many = getattr(target, "send_many", None)
-            if send_many is not None:
+            if isinstance(target, InProcessTarget):
+                ok = self._apply_batch(name, target, batch)
+            elif (send_many := getattr(target, "send_many", None)) is not None:
                 ok = self._send_batch(name, send_many, batch)
             else:
                 ok = self._send_each(name, target, batch)
@@ -176,8 +184,23 @@ class DeliveryWorker:
                 break
         return ok
 
+    def _apply_batch(self, name: str, target: InProcessTarget, batch: Sequence[Due]) -> int:
+        """Apply deliveries to an in-process target in the transaction that records them done."""
+        try:
+            with self.store.write() as tx:
+                target.apply(tx, [due.event for due in batch])
+                tx.mark_done([due.id for due in batch])
+        except Exception as exc:
+            for due in batch:
+                self._failed(name, due, exc)
+            return 0
+        self.stats.add(self.stats.delivered, name, len(batch))
+        return len(batch)
+
     def _deliver_one(self, name: str, target: Notifier, due: Due) -> Exception | None:
         """Send one delivery and record its outcome; the failure, if any."""
+        if isinstance(target, InProcessTarget):
+            return None if self._apply_batch(name, target, [due]) else DeliveryError(f"{name} failed")
         try:
             target.send(due.event)
         except Exception as exc:

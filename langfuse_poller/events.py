@@ -14,7 +14,7 @@ from typing import Any
 
 from .durations import format_time, parse_time
 
-SOURCES = ("poll", "webhook", "test")
+SOURCES = ("poll", "webhook", "test", "rule")
 ERROR_LEVELS = ("ERROR", "WARNING")
 # the dedup key of a record is its stream's prefix and its id
 KEY_PREFIXES = {"observations": "o:", "scores": "s:"}

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
-from .config import Rule
 from .errors import ConfigError
 from .events import Event
+from .rules import Rule
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,20 @@ class CompiledRule:
 
 
 class Router:
-    """Routes events to targets: matching handlers of a registry, and notifiers of matching rules."""
+    """Routes events to targets: matching handlers of a registry, and the notifiers or alert groups of matching
+    rules."""
 
-    def __init__(self, rules: Sequence[Rule], handlers: Registry | None = None, source: str = "config") -> None:
+    def __init__(
+        self,
+        rules: Sequence[Rule],
+        handlers: Registry | None = None,
+        source: str = "config",
+        silenced: Callable[[str, Mapping[str, Any]], object] | None = None,
+    ) -> None:
         self.rules = [CompiledRule(rule, source) for rule in rules]
         self.registry = handlers or registry
+        # (rule name, envelope) -> the silence covering a forwarded match, or None
+        self.silenced = silenced
         self._by_type: dict[str, tuple[list[str], list[CompiledRule]]] = {}
 
     def _candidates(self, event_type: str) -> tuple[list[str], list[CompiledRule]]:
@@ -150,7 +159,13 @@ class Router:
         targets = list(handlers)
         if rules:
             envelope = event.envelope()
-            for rule in rules:
-                if rule.matches(event, envelope):
-                    targets.extend(f"notifier:{name}" for name in rule.rule.notify)
+            for compiled in rules:
+                if not compiled.matches(event, envelope):
+                    continue
+                rule = compiled.rule
+                if rule.grouping is not None:
+                    # the alerter counts the match into its group, and applies silences there
+                    targets.append(rule.target)
+                elif self.silenced is None or not self.silenced(rule.name, envelope):
+                    targets.extend(f"notifier:{name}" for name in rule.notify)
         return list(dict.fromkeys(targets))

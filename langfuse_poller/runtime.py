@@ -1,4 +1,4 @@
-"""Wiring: builds the store, reader, router, notifiers, poller and delivery worker from one Config."""
+"""Wiring: builds the store, reader, router, notifiers, alerter, poller and delivery worker from one Config."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .alerting.alerter import Alerter
+from .alerting.silences import Silences
 from .api import LangfuseReader
 from .config import Config
 from .delivery import DeliveryWorker, HandlerTarget
@@ -27,6 +29,7 @@ class Runtime:
     reader: LangfuseReader
     poller: Poller
     worker: DeliveryWorker
+    alerter: Alerter
     cancel: threading.Event
 
     @classmethod
@@ -42,15 +45,20 @@ class Runtime:
         """Build from config: imports handler modules, compiles rules, opens (and locks) the state."""
         handlers = handlers or registry
         import_handler_modules(config.handler_modules, config.source)
+        # rules compile before the state is opened: a bad condition is a config error, whatever else runs
         router = Router(config.rules, handlers, config.source)
         store = Store(config.state_path, clock=clock)
         if lock:
             store.lock()
+        silences = Silences(store, clock=clock)
+        router.silenced = silences.match
+        alerter = Alerter(store, router.rules, silences, clock=clock)
         cancel = threading.Event()
         targets: dict[str, Notifier] = {
             f"handler:{name}": HandlerTarget(handler.func) for name, handler in handlers.handlers.items()
         }
         targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
+        targets.update(alerter.targets())
         worker = DeliveryWorker(store, targets, config.delivery, clock=clock, cancel=cancel)
         reader = LangfuseReader(
             config.langfuse,
@@ -69,7 +77,7 @@ class Runtime:
             clock=clock,
             on_commit=on_commit or worker.kick,
         )
-        return cls(config, store, router, reader, poller, worker, cancel)
+        return cls(config, store, router, reader, poller, worker, alerter, cancel)
 
     def close(self) -> None:
         self.cancel.set()

@@ -15,6 +15,8 @@ def _iso(seconds: float | None) -> str | None:
 
 def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     """A JSON-ready report of every stream, the queue and the dead letters."""
+    from .alerting.alerter import load_groups
+    from .alerting.silences import list_silences
     from .store import Store
 
     report: dict[str, Any] = {
@@ -24,6 +26,8 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
         "streams": [],
         "queue": {"pending": 0, "by_target": {}},
         "dead_letters": 0,
+        "alerts": [],
+        "silences": [],
     }
     if not config.state_path.exists():
         report["note"] = "no state yet: the poller has not run with this state path"
@@ -50,6 +54,23 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
                     "healthy": healthy,
                 }
             )
+        report["alerts"] = [
+            {
+                "rule": group.rule,
+                "group": group.labels,
+                "state": group.state,
+                "matches": group.count,
+                "silenced": group.silenced,
+                "opened": _iso(group.opened_at),
+                "last_notified": _iso(group.last_notified_at),
+            }
+            for group in load_groups(store.connection(), "state IN ('firing', 'pending')")
+        ]
+        report["silences"] = [
+            {"id": s.id, "rule": s.rule, "when": s.condition, "until": _iso(s.ends_at), "matched": s.matched}
+            for s in list_silences(store, now=now)
+            if s.active(now)
+        ]
         by_target = store.pending_by_target()
         report["queue"] = {"pending": sum(by_target.values()), "by_target": by_target}
         report["dead_letters"] = store.dead_letter_count()
@@ -75,6 +96,17 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"queue: {queue['pending']} deliveries pending")
     for target, count in sorted(queue["by_target"].items()):
         lines.append(f"     {target}: {count}")
+    alerts = report["alerts"]
+    lines.append(f"alerts: {sum(1 for a in alerts if a['state'] == 'firing')} firing groups")
+    for alert in alerts:
+        group = ", ".join(f"{k}={v}" for k, v in alert["group"].items())
+        lines.append(
+            f"     {alert['rule']}{f' [{group}]' if group else ''}: {alert['state']}, {alert['matches']} matches"
+            f" since {alert['opened']}, last notified {alert['last_notified'] or 'not yet'}"
+        )
+    for silence in report["silences"]:
+        when = f" when {silence['when']}" if silence["when"] else ""
+        lines.append(f"silence {silence['id']}: rule {silence['rule']}{when} until {silence['until']}")
     dead = report["dead_letters"]
     lines.append(
         f"dead letters: {dead}" + ("  (see `langfuse-poller dead-letters list`, then replay or purge)" if dead else "")

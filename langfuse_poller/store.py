@@ -83,6 +83,41 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    # 2: alerting: alert groups of grouping rules, and silences
+    """
+    CREATE TABLE alert_groups (
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        labels TEXT NOT NULL,
+        state TEXT NOT NULL,
+        opened_at REAL NOT NULL,
+        last_match_at REAL,
+        first_ts REAL,
+        last_ts REAL,
+        count INTEGER NOT NULL DEFAULT 0,
+        silenced INTEGER NOT NULL DEFAULT 0,
+        notified_count INTEGER NOT NULL DEFAULT 0,
+        last_notified_at REAL,
+        seq INTEGER NOT NULL DEFAULT 0,
+        muted INTEGER NOT NULL DEFAULT 0,
+        samples TEXT NOT NULL DEFAULT '[]',
+        arrivals TEXT NOT NULL DEFAULT '[]',
+        next_at REAL,
+        PRIMARY KEY (rule, key)
+    );
+    CREATE INDEX alert_groups_due ON alert_groups (next_at) WHERE next_at IS NOT NULL;
+    CREATE TABLE silences (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rule TEXT NOT NULL,
+        condition TEXT,
+        starts_at REAL NOT NULL,
+        ends_at REAL NOT NULL,
+        comment TEXT NOT NULL DEFAULT '',
+        created_by TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        matched INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 
@@ -183,6 +218,14 @@ class Transaction:
         self.enqueued += 1
         return True
 
+    def mark_done(self, ids: Sequence[int]) -> None:
+        """Record deliveries as done."""
+        self.conn.executemany(
+            "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, last_error = NULL "
+            "WHERE id = ?",
+            [(self.now, delivery_id) for delivery_id in ids],
+        )
+
     def add_bad_record(self, stream: str, raw: Any, error: str) -> None:
         """Keep a record that could not be turned into events, with its raw JSON, as a dead letter."""
         text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
@@ -244,6 +287,10 @@ class Store:
                 raise StateError(f"cannot open the state database {self.path}: {exc}") from None
             self._local.conn = conn
         return conn
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection, for the read queries of modules that own a table (alerting, silences)."""
+        return self._conn()
 
     @contextmanager
     def write(self, now: float | None = None) -> Iterator[Transaction]:
@@ -416,11 +463,7 @@ class Store:
 
     def mark_done(self, ids: Sequence[int], now: float | None = None) -> None:
         with self.write(now) as tx:
-            tx.conn.executemany(
-                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, last_error = NULL "
-                "WHERE id = ?",
-                [(tx.now, delivery_id) for delivery_id in ids],
-            )
+            tx.mark_done(ids)
 
     def mark_retry(self, delivery_id: int, *, next_at: float, error: str, now: float | None = None) -> None:
         with self.write(now) as tx:

@@ -286,6 +286,11 @@ COMMANDS = (
     ("dead-letters", "replay"),
     ("dead-letters", "purge"),
     ("send-test-event",),
+    ("silence",),
+    ("silence", "add"),
+    ("silence", "list"),
+    ("silence", "expire"),
+    ("test-rule",),
 )
 
 
@@ -427,7 +432,7 @@ BAD_CONFIGS = {
         f'{langfuse_section(NOWHERE)}[notifiers.mail]\ntype = "smtp"\nto = "ops@example.com"\n',
         "notifiers.mail.type",
         "found 'smtp'",
-        ("a notifier type: jsonl, log, webhook",),
+        ("a notifier type: jsonl, log, pagerduty, slack, webhook",),
     ),
 }
 

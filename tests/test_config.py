@@ -29,8 +29,26 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.poll.interval == timedelta(seconds=10)
     assert config.poll.lookback == timedelta(minutes=10)
     assert config.poll.sweep_ages == (timedelta(minutes=1), timedelta(minutes=10))
-    assert {n.type for n in config.notifiers.values()} == {"webhook", "jsonl", "log"}
-    assert [rule.name for rule in config.rules] == ["errors", "low-scores", "usage-archive", "new-traces"]
+    assert {n.type for n in config.notifiers.values()} == {"webhook", "jsonl", "log", "slack", "pagerduty"}
+    rules = {rule.name: rule for rule in config.rules}
+    assert list(rules) == [
+        "trace-errors",
+        "low-scores",
+        "error-storm",
+        "no-traffic",
+        "errors",
+        "usage-archive",
+        "new-traces",
+    ]
+    # the seed scenarios: grouped alerts to Slack, a frequency rule paging PagerDuty, an absence rule,
+    # and forwarding rules that send every event
+    assert rules["trace-errors"].grouping is not None
+    assert rules["trace-errors"].grouping.by == ("data.name", "data.environment")
+    assert rules["low-scores"].when is not None and "data.value < 0.5" in rules["low-scores"].when
+    assert (rules["error-storm"].kind, rules["error-storm"].threshold) == ("frequency", 20)
+    assert rules["error-storm"].notify == ("pagerduty", "slack")
+    assert (rules["no-traffic"].kind, rules["no-traffic"].window) == ("absence", timedelta(minutes=15))
+    assert rules["usage-archive"].grouping is None and rules["errors"].grouping is None
     Router(config.rules)  # every CEL condition of the example compiles
     # every key of the example was read: nothing in it is silently ignored
     data = tomllib.loads(EXAMPLE.read_text())

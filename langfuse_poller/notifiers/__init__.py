@@ -18,9 +18,17 @@ def notifier_types() -> dict[str, Any]:
     """The built-in types, by the name used in `type = "..."`. Imported lazily: config is read by every command."""
     from .jsonl import JsonlSettings
     from .log import LogSettings
+    from .pagerduty import PagerDutySettings
+    from .slack import SlackSettings
     from .webhook import WebhookSettings
 
-    return {"webhook": WebhookSettings, "jsonl": JsonlSettings, "log": LogSettings}
+    return {
+        "webhook": WebhookSettings,
+        "jsonl": JsonlSettings,
+        "log": LogSettings,
+        "slack": SlackSettings,
+        "pagerduty": PagerDutySettings,
+    }
 
 
 def parse_notifier(name: str, table: Table) -> NotifierConfig:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from ..events import Event
 
@@ -22,3 +22,15 @@ class BatchNotifier(Notifier, Protocol):
     """A notifier that can make a batch durable at once (one fsync), and knows what it already holds."""
 
     def send_many(self, events: Sequence[Event]) -> None: ...
+
+
+def retry_after(headers: Mapping[str, Any] | None) -> float | None:
+    """A response's Retry-After in seconds, if it sent one; header values may be lists (slack-sdk's are)."""
+    for key, value in (headers or {}).items():
+        if key.lower() == "retry-after":
+            text = value[0] if isinstance(value, list) and value else value
+            try:
+                return float(text)
+            except (TypeError, ValueError):
+                return None
+    return None

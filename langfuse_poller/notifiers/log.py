@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..config import Table
 from ..events import Event
+from .messages import message_for
 
 LEVELS = ("debug", "info", "warning", "error")
 
@@ -34,11 +35,8 @@ class LogNotifier:
         self.level = logging.getLevelName(settings.level.upper())
 
     def send(self, event: Event) -> None:
-        data = event.data
-        what = data.get("name") or data.get("scoreId") or data.get("observationId") or ""
-        extra = f" value={data['value']}" if "value" in data else ""
-        level = f" level={data['level']}" if data.get("level") else ""
-        self.logger.log(self.level, "%s %s%s%s %s", event.type, what, level, extra, data.get("url", ""))
+        message = message_for(event)
+        self.logger.log(self.level, "%s %s", message.text, message.url or "")
 
     def close(self) -> None:
         pass

@@ -1,0 +1,197 @@
+"""`test-rule`: replays real events through one rule and says what it would have sent, sending nothing.
+
+Events come from Langfuse (read-only, the state is not touched) or from a jsonl file of envelopes. They are
+replayed in time order through the rule's real alert groups, kept in a throwaway state, on a clock that
+follows the events' timestamps: group_wait, group_interval, repeat and resolve play out as they would have.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TextIO
+
+from ..config import Config
+from ..errors import ConfigError
+from ..events import Event, EventFactory
+from ..registry import CompiledRule, matches
+from ..rules import Rule
+from ..store import Store
+from . import alerter as alerter_module
+from .alerter import Alerter
+from .silences import Silences
+
+# forwarded matches are listed up to this many; the rest are counted
+LIST_LIMIT = 20
+MAX_TICKS = 100_000
+ABSENCE_STEP = 60.0
+
+
+@dataclass
+class DryRun:
+    """What a rule would have done with a set of events."""
+
+    rule: Rule
+    read: int = 0
+    matched: int = 0
+    forwarded: list[Event] = field(default_factory=list)
+    notifications: list[Event] = field(default_factory=list)
+    skipped_lines: int = 0
+
+
+def find_rule(config: Config, name: str) -> Rule:
+    for rule in config.rules:
+        if rule.name == name:
+            return rule
+    known = ", ".join(rule.name for rule in config.rules) or "no rules configured"
+    raise ConfigError(config.source, "rule", name, f"the name of a [[rules]] entry ({known})")
+
+
+def events_from_langfuse(config: Config, rule: Rule, since: datetime, until: datetime) -> Iterator[Event]:
+    """Every event the poller would make from the records of [since, until), as if seen for the first time."""
+    from ..api import LangfuseReader
+
+    factory = EventFactory(config.langfuse.base_url, lambda: matches(rule.events, "observation.created"))
+    reader = LangfuseReader(config.langfuse, extra_fields=config.poll.fields, environments=config.poll.environments)
+    try:
+        if any(matches(rule.events, t) for t in ("trace.created", "trace.updated", "generation.created")) or matches(
+            rule.events, "observation.created"
+        ):
+            for page in reader.observations(since, until):
+                for record in page.records:
+                    yield from _events_of(factory, "observations", record)
+        if matches(rule.events, "score.created") or matches(rule.events, "score.updated"):
+            for page in reader.scores(since, until):
+                for record in page.records:
+                    yield from _events_of(factory, "scores", record)
+    finally:
+        reader.close()
+
+
+def _events_of(factory: EventFactory, stream: str, record: object) -> tuple[Event, ...]:
+    try:
+        return factory.from_record(stream, record, None).events
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return ()
+
+
+def events_from_file(path: Path, run: DryRun) -> Iterator[Event]:
+    """Envelopes, one per line (what the jsonl notifier writes); lines that are not one are counted and skipped."""
+    try:
+        handle = path.open(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("command line", "--events", str(path), f"a readable jsonl file ({exc.strerror})") from None
+    with handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            try:
+                yield Event.from_json(line)
+            except (ValueError, KeyError, TypeError):
+                run.skipped_lines += 1
+
+
+def dry_run(config: Config, rule: Rule, events: Iterator[Event], run: DryRun | None = None) -> DryRun:
+    """Replay `events` through `rule` on a clock that follows their timestamps."""
+    run = run or DryRun(rule)
+    compiled = CompiledRule(rule, config.source)
+    # the alerter logs each notification it enqueues; here nothing is sent, and `render` says what would be
+    quiet = logging.getLogger(alerter_module.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        return _replay(config, rule, compiled, events, run)
+    finally:
+        quiet.setLevel(level)
+
+
+def _replay(config: Config, rule: Rule, compiled: CompiledRule, events: Iterator[Event], run: DryRun) -> DryRun:
+    ordered = sorted(events, key=lambda e: e.timestamp)
+    run.read = len(ordered)
+    with tempfile.TemporaryDirectory(prefix="langfuse-poller-test-rule-") as tmp:
+        now = [ordered[0].timestamp.timestamp() if ordered else 0.0]
+        store = Store(Path(tmp) / "state.db", clock=lambda: now[0])
+        try:
+            clock = lambda: now[0]  # noqa: E731
+            alerter = Alerter(store, [compiled], Silences(store, clock=clock), clock=clock, progress=clock)
+            alerter.start(now[0])
+            for event in ordered:
+                _tick_until(alerter, rule, event.timestamp.timestamp(), now)
+                if not matches(rule.events, event.type) or not compiled.matches(event, event.envelope()):
+                    continue
+                run.matched += 1
+                if rule.grouping is None:
+                    run.forwarded.append(event)
+                    continue
+                with store.write(now[0]) as tx:
+                    alerter.record(tx, rule, [event])
+            if ordered:
+                _tick_until(alerter, rule, now[0] + _horizon(rule), now)
+            run.notifications = [
+                Event.from_json(body)
+                for (body,) in store.connection().execute(
+                    "SELECT body FROM events WHERE type IN ('rule.firing', 'rule.resolved') ORDER BY seq"
+                )
+            ]
+        finally:
+            store.close()
+    return run
+
+
+def _horizon(rule: Rule) -> float:
+    """How long after the last event the replay goes on: until its groups would have resolved."""
+    if rule.grouping is None:
+        return 0.0
+    return max(rule.grouping.wait, rule.grouping.resolve_after, rule.window).total_seconds() + 1
+
+
+def _tick_until(alerter: Alerter, rule: Rule, until: float, now: list[float]) -> None:
+    """Run the alert ticks that fall due up to `until`, each at its own time."""
+    conn = alerter.store.connection()
+    for _ in range(MAX_TICKS):
+        if conn.execute("SELECT 1 FROM alert_groups WHERE next_at <= ? LIMIT 1", (now[0],)).fetchone():
+            alerter.tick(now[0])
+        if now[0] >= until:
+            return
+        (future,) = conn.execute("SELECT MIN(next_at) FROM alert_groups WHERE next_at > ?", (now[0],)).fetchone()
+        step = until if future is None else min(until, future)
+        if rule.kind == "absence":
+            # absence depends on progress, not on a known time: step through the quiet stretch
+            step = min(step, now[0] + ABSENCE_STEP)
+        now[0] = step
+
+
+def render(run: DryRun, out: TextIO, *, source: str) -> None:
+    from ..notifiers.messages import message_for
+
+    rule = run.rule
+    notifiers = ", ".join(rule.notify) or "no notifier"
+    out.write(f"rule {rule.name}: {run.read} events read from {source}, {run.matched} matched\n")
+    if run.skipped_lines:
+        out.write(f"  ({run.skipped_lines} lines were not event envelopes and were skipped)\n")
+    if rule.grouping is None:
+        for event in run.forwarded[:LIST_LIMIT]:
+            out.write(f"  would send {event.type} {event.id} to {notifiers}: {message_for(event).text}\n")
+        if len(run.forwarded) > LIST_LIMIT:
+            out.write(f"  ... and {len(run.forwarded) - LIST_LIMIT} more\n")
+        out.write(f"would send {len(run.forwarded)} events to {notifiers}; nothing was sent\n")
+        return
+    for notice in run.notifications:
+        when = notice.envelope()["timestamp"]
+        out.write(f"  {when}  {notice.type} ({notice.data.get('reason')}) -> {notifiers}\n")
+        out.write(f"      {message_for(notice).text}\n")
+    out.write(
+        f"would send {len(run.notifications)} notifications to {notifiers} for {run.matched} matches; "
+        "nothing was sent\n"
+    )
+
+
+def dump(run: DryRun, out: TextIO) -> None:
+    """The notifications as envelopes, one per line."""
+    for event in run.notifications or run.forwarded:
+        out.write(json.dumps(event.envelope(), ensure_ascii=False, default=str) + "\n")

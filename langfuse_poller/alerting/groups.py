@@ -1,0 +1,279 @@
+"""Alert groups: the state of one group, and how matches and time move it. Pure logic, no I/O.
+
+Times come in two kinds. Timers (`group_wait`, `group_interval`, `repeat_interval`, `resolve_after`, and the
+frequency window) run on the processing clock, as in Alertmanager: a backlog read after an outage is
+counted when it arrives. Absence runs on the poller's progress (its head watermark, in event time): when
+Langfuse cannot be read, nothing claims that the application stopped logging.
+
+A group's life:
+- event rules: open at the first match (`firing`), notify after `group_wait`, then at most every
+  `group_interval` while new matches arrive, repeat an unchanged group every `repeat_interval`, and resolve
+  once no match came for `resolve_after`.
+- frequency rules: `pending` until `threshold` matches arrived within `window`, then as above; resolved once
+  the window holds fewer than `threshold` matches.
+- absence rules: `watching` while matches keep coming; `firing` once none came for `window`; resolved by
+  the next match.
+Matches that a silence covers are counted in `silenced` and keep a group open, but never notify. Matches that
+arrived after the last notification are always reported, in a last `firing` before the `resolved`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ..durations import format_duration, format_time
+from ..events import Event
+from ..rules import Rule
+
+# frequency: the arrivals kept per group are the last `threshold`; this bounds a group's row
+MAX_THRESHOLD = 10_000
+STATUS_MESSAGE_CHARS = 300
+SHORTENED_FIELDS = frozenset({"name", "statusMessage"})
+SAMPLE_FIELDS = ("traceId", "observationId", "scoreId", "name", "level", "statusMessage", "value", "model", "url")
+
+
+@dataclass
+class Group:
+    """One alert group of one rule, as stored in `alert_groups`."""
+
+    rule: str
+    key: str
+    labels: dict[str, str]
+    state: str  # "pending" (frequency, below threshold), "firing", "watching" (absence, all well), "resolved"
+    opened_at: float
+    last_match_at: float | None = None
+    first_ts: float | None = None
+    last_ts: float | None = None
+    count: int = 0
+    silenced: int = 0
+    notified_count: int = 0
+    last_notified_at: float | None = None
+    seq: int = 0
+    muted: bool = False  # the latest match was silenced: no repeats while that lasts
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)
+    next_at: float | None = None
+
+    @property
+    def notified(self) -> bool:
+        return self.last_notified_at is not None
+
+
+def lookup(envelope: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of the envelope ("data.environment"), or None."""
+    value: Any = envelope
+    for part in path.split("."):
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
+
+
+def labels_of(rule: Rule, envelope: Mapping[str, Any]) -> dict[str, str]:
+    """The group labels of a match: the value of each `group_by` path, as text ("" when absent)."""
+    assert rule.grouping is not None
+    labels = {}
+    for path in rule.grouping.by:
+        value = lookup(envelope, path)
+        labels[path] = "" if value is None else value if isinstance(value, str) else json.dumps(value)
+    return labels
+
+
+def group_key(labels: Mapping[str, str]) -> str:
+    """A short stable key for a set of labels."""
+    text = json.dumps(labels, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def open_group(rule: Rule, key: str, labels: dict[str, str], now: float, seq: int = 0) -> Group:
+    state = {"event": "firing", "frequency": "pending", "absence": "watching"}[rule.kind]
+    return Group(rule=rule.name, key=key, labels=labels, state=state, opened_at=now, seq=seq)
+
+
+def record_match(rule: Rule, group: Group, event: Event, now: float, *, silenced: bool) -> None:
+    """Count one match into its group (opened with `open_group` when new or resolved)."""
+    assert rule.grouping is not None
+    ts = event.timestamp.timestamp()
+    group.last_match_at = now
+    group.muted = silenced
+    if rule.kind == "absence":
+        # any match, silenced or not, shows the source is alive
+        group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
+        return
+    if silenced:
+        group.silenced += 1
+        return
+    group.count += 1
+    group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
+    group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
+    if rule.grouping.samples:
+        group.samples = [*group.samples, sample_of(event)][-rule.grouping.samples :]
+    if rule.kind == "frequency":
+        group.arrivals = [*group.arrivals, now][-rule.threshold :]
+        if group.state == "pending" and _in_window(rule, group, now) >= rule.threshold:
+            # group_wait starts when the condition starts to hold
+            group.state = "firing"
+            group.opened_at = now
+
+
+def sample_of(event: Event) -> dict[str, Any]:
+    """What a notification shows of one match: its id, type, time, and the facts that identify it."""
+    sample: dict[str, Any] = {"id": event.id, "event": event.type, "timestamp": format_time(event.timestamp)}
+    for name in SAMPLE_FIELDS:
+        value = event.data.get(name)
+        if value is not None and value != "":
+            # long free text is cut; links and ids never are
+            sample[name] = (
+                value[:STATUS_MESSAGE_CHARS] if name in SHORTENED_FIELDS and isinstance(value, str) else value
+            )
+    return sample
+
+
+def _in_window(rule: Rule, group: Group, now: float) -> int:
+    return sum(1 for at in group.arrivals if at > now - rule.window.total_seconds())
+
+
+def evaluate(rule: Rule, group: Group, now: float, progress: float) -> list[Event]:
+    """The notifications due for a group at `now`; moves its state and sets `next_at`.
+
+    `progress` is how far the poller has read (event time); only absence rules use it.
+    """
+    assert rule.grouping is not None
+    if rule.kind == "absence":
+        return _evaluate_absence(rule, group, now, progress)
+    grouping = rule.grouping
+    window = rule.window.total_seconds()
+    if group.state == "pending":
+        group.arrivals = [at for at in group.arrivals if at > now - window]
+        if group.arrivals:
+            group.next_at = group.arrivals[-1] + window
+        else:
+            group.state = "resolved"
+            group.next_at = None
+        return []
+    notices: list[Event] = []
+    fresh = group.count > group.notified_count
+    if fresh and not group.notified and now >= group.opened_at + grouping.wait.total_seconds():
+        notices.append(_notify(rule, group, now, "new"))
+    elif fresh and group.notified and now >= _last(group) + grouping.interval.total_seconds():
+        notices.append(_notify(rule, group, now, "update"))
+    elif group.notified and not group.muted and now >= _last(group) + grouping.repeat.total_seconds():
+        notices.append(_notify(rule, group, now, "repeat"))
+    if rule.kind == "frequency":
+        clear = _in_window(rule, group, now) < rule.threshold
+        clears_at = group.arrivals[-rule.threshold] + window if len(group.arrivals) >= rule.threshold else now
+    else:
+        clears_at = (group.last_match_at or group.opened_at) + grouping.resolve_after.total_seconds()
+        clear = now >= clears_at
+    if clear:
+        if group.count > group.notified_count:
+            # never resolve over matches nobody was told about
+            notices.append(_notify(rule, group, now, "update" if group.notified else "new"))
+        if group.notified:
+            notices.append(_notify(rule, group, now, "resolved"))
+        group.state = "resolved"
+        group.next_at = None
+        return notices
+    wakes = [clears_at]
+    if group.count > group.notified_count:
+        wakes.append(
+            _last(group) + grouping.interval.total_seconds()
+            if group.notified
+            else group.opened_at + grouping.wait.total_seconds()
+        )
+    if group.notified:
+        wakes.append(_last(group) + grouping.repeat.total_seconds())
+    group.next_at = min(wakes)
+    return notices
+
+
+def _evaluate_absence(rule: Rule, group: Group, now: float, progress: float) -> list[Event]:
+    assert rule.grouping is not None
+    window = rule.window.total_seconds()
+    quiet = progress - (group.last_ts if group.last_ts is not None else group.opened_at) >= window
+    notices: list[Event] = []
+    if group.state == "watching" and quiet:
+        group.state = "firing"
+        group.opened_at = now
+        group.notified_count = 0
+        group.last_notified_at = None
+        group.muted = False
+    elif group.state == "firing" and not quiet:
+        if group.notified:
+            notices.append(_notify(rule, group, now, "resolved"))
+        group.state = "watching"
+        group.last_notified_at = None
+    if group.state == "firing":
+        if not group.notified and now >= group.opened_at + rule.grouping.wait.total_seconds():
+            notices.append(_notify(rule, group, now, "new"))
+        elif group.notified and now >= _last(group) + rule.grouping.repeat.total_seconds():
+            notices.append(_notify(rule, group, now, "repeat"))
+    # absence depends on the poller's progress, not on a time known in advance: looked at every tick
+    group.next_at = now
+    return notices
+
+
+def _last(group: Group) -> float:
+    assert group.last_notified_at is not None
+    return group.last_notified_at
+
+
+def _notify(rule: Rule, group: Group, now: float, reason: str) -> Event:
+    """Build one notification and record it as sent (the caller stores both in one transaction)."""
+    new = group.count - group.notified_count
+    group.seq += 1
+    status = "resolved" if reason == "resolved" else "firing"
+    event = alert_event(rule, group, now, status=status, reason=reason, new=new)
+    group.notified_count = group.count
+    group.last_notified_at = now
+    return event
+
+
+def dedup_key(rule: Rule, group: Group) -> str:
+    """Stable per rule and group: PagerDuty folds a group's notifications into one incident with it."""
+    return f"langfuse-poller/{rule.name}/{group.key}"
+
+
+def alert_event(rule: Rule, group: Group, now: float, *, status: str, reason: str, new: int) -> Event:
+    """The notification of a group, in the event envelope: `rule.firing` or `rule.resolved`."""
+    opened = int(group.opened_at * 1000)
+    data: dict[str, Any] = {
+        "rule": rule.name,
+        "kind": rule.kind,
+        "status": status,
+        "reason": reason,
+        "group": dict(group.labels),
+        "groupKey": group.key,
+        "dedupKey": dedup_key(rule, group),
+        "count": group.count,
+        "new": new,
+        "silenced": group.silenced,
+        "firstAt": _iso(group.first_ts),
+        "lastAt": _iso(group.last_ts),
+        "openedAt": _iso(group.opened_at),
+        "events": list(rule.events),
+        "condition": rule.when,
+        "samples": list(group.samples),
+        "url": group.samples[-1].get("url") if group.samples else None,
+    }
+    if rule.kind == "frequency":
+        data.update(threshold=rule.threshold, window=format_duration(rule.window.total_seconds()))
+    elif rule.kind == "absence":
+        data.update(window=format_duration(rule.window.total_seconds()), lastSeenAt=_iso(group.last_ts))
+    event_type = f"rule.{status}"
+    return Event(
+        id=f"{event_type}:{rule.name}:{group.key}:{opened}:{group.seq}",
+        type=event_type,
+        timestamp=datetime.fromtimestamp(now, UTC),
+        source="rule",
+        data=data,
+    )
+
+
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else format_time(datetime.fromtimestamp(seconds, UTC))

@@ -1,0 +1,154 @@
+"""Silences: a rule's matches, or those meeting a condition, are counted but not sent until a time.
+
+Silences live in the state file, so `silence add` works while the daemon runs: the daemon re-reads them at
+most every `REFRESH` seconds. A silenced match of an alerting rule is counted in its group (durably); a
+silenced match of a forwarding rule is counted on the silence.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..store import Store
+
+log = logging.getLogger(__name__)
+
+REFRESH = 1.0
+
+
+@dataclass(frozen=True)
+class Silence:
+    """One silence: which rule, an optional CEL condition over the event, and when it ends."""
+
+    id: int
+    rule: str
+    condition: str | None
+    starts_at: float
+    ends_at: float
+    comment: str
+    created_by: str
+    created_at: float
+    matched: int
+
+    def active(self, now: float) -> bool:
+        return self.starts_at <= now < self.ends_at
+
+
+def compile_condition(condition: str, where: str = "--when") -> Any:
+    """A compiled CEL program; ConfigError naming `where` when the expression does not compile."""
+    import cel
+
+    try:
+        return cel.compile(condition)
+    except ValueError as exc:
+        raise ConfigError("command line", where, condition, f"a CEL expression ({exc})") from None
+
+
+def add_silence(
+    store: Store, rule: str, *, duration: float, condition: str | None = None, comment: str = "", now: float
+) -> Silence:
+    if condition:
+        compile_condition(condition)
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = ""
+    with store.write(now) as tx:
+        cursor = tx.conn.execute(
+            "INSERT INTO silences (rule, condition, starts_at, ends_at, comment, created_by, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (rule, condition or None, now, now + duration, comment, user, now),
+        )
+        silence_id = int(cursor.lastrowid or 0)
+    found = list_silences(store, ids=[silence_id])
+    return found[0]
+
+
+def list_silences(store: Store, *, now: float | None = None, ids: list[int] | None = None) -> list[Silence]:
+    """Silences by id; with `now`, only those not yet ended."""
+    query = "SELECT id, rule, condition, starts_at, ends_at, comment, created_by, created_at, matched FROM silences"
+    params: list[Any] = []
+    clauses = []
+    if now is not None:
+        clauses.append("ends_at > ?")
+        params.append(now)
+    if ids is not None:
+        clauses.append(f"id IN ({','.join('?' * len(ids))})")
+        params.extend(ids)
+    if clauses:
+        query += " WHERE " + " AND ".join(clauses)
+    return [Silence(*row) for row in store.connection().execute(query + " ORDER BY id", params)]
+
+
+def expire_silence(store: Store, silence_id: int, *, now: float) -> bool:
+    """End a silence now; False when no silence has that id or it already ended."""
+    with store.write(now) as tx:
+        cursor = tx.conn.execute("UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now))
+        return cursor.rowcount > 0
+
+
+class Silences:
+    """The active silences, re-read at most every REFRESH seconds, with their conditions compiled."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self._loaded_at = float("-inf")
+        self._active: dict[str, list[tuple[Silence, Any]]] = {}
+        self._counts: Counter[int] = Counter()
+        self._lock = threading.Lock()
+
+    def _refresh(self, now: float) -> None:
+        if now - self._loaded_at < REFRESH and now >= self._loaded_at:
+            return
+        active: dict[str, list[tuple[Silence, Any]]] = {}
+        for silence in list_silences(self.store, now=now):
+            program = None
+            if silence.condition:
+                try:
+                    program = compile_condition(silence.condition)
+                except ConfigError as exc:
+                    log.warning("silence %d ignored: %s", silence.id, exc)
+                    continue
+            active.setdefault(silence.rule, []).append((silence, program))
+        self._active = active
+        self._loaded_at = now
+
+    def match(self, rule: str, envelope: Mapping[str, Any], now: float | None = None) -> Silence | None:
+        """The active silence covering this match of `rule`, if any."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            self._refresh(now)
+            candidates = self._active.get(rule)
+        for silence, program in candidates or ():
+            if not silence.active(now):
+                continue
+            if program is not None:
+                try:
+                    if program.execute(dict(envelope)) is not True:
+                        continue
+                except Exception:
+                    continue
+            with self._lock:
+                self._counts[silence.id] += 1
+            return silence
+        return None
+
+    def flush_counts(self) -> None:
+        """Add what was silenced since the last flush to each silence's `matched`."""
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        if counts:
+            with self.store.write() as tx:
+                tx.conn.executemany(
+                    "UPDATE silences SET matched = matched + ? WHERE id = ?",
+                    [(count, silence_id) for silence_id, count in counts.items()],
+                )

@@ -1,0 +1,172 @@
+"""What a person is told about an event: a title, the facts that matter for its type, and links.
+
+Slack, PagerDuty and the log notifier render the same `Message`, so an alert says the same thing wherever
+it lands. Alert notifications (`rule.firing`, `rule.resolved`) summarise their group: how many matches, first
+and last time, a few sample links, and the facts of the latest match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..events import Event
+
+MAX_FACT_CHARS = 500
+
+
+@dataclass(frozen=True)
+class Message:
+    """A rendering-neutral notification."""
+
+    title: str
+    facts: tuple[tuple[str, str], ...]
+    links: tuple[tuple[str, str], ...]  # (text, url) of sample matches
+    url: str | None  # the one link to open: the trace
+    status: str  # "firing", "resolved", or "event" for a forwarded event
+
+    @property
+    def text(self) -> str:
+        """A one-paragraph plain-text form: Slack's notification text, PagerDuty's summary."""
+        facts = "; ".join(f"{label}: {value}" for label, value in self.facts[:6])
+        return f"{self.title} ({facts})" if facts else self.title
+
+
+def message_for(event: Event) -> Message:
+    if event.type in ("rule.firing", "rule.resolved"):
+        return _alert_message(event)
+    data = event.data
+    return Message(
+        title=_event_title(event.type, data),
+        facts=tuple(_facts(event.type, data)),
+        links=(),
+        url=_str(data.get("url")),
+        status="event",
+    )
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    return text if len(text) <= MAX_FACT_CHARS else text[: MAX_FACT_CHARS - 1] + "…"
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _event_title(event_type: str, data: Mapping[str, Any]) -> str:
+    name = data.get("name") or data.get("title") or ""
+    level = data.get("level")
+    if event_type.startswith("trace."):
+        if level == "ERROR":
+            return f"🔴 Error in trace {name}".strip()
+        if level == "WARNING":
+            return f"🟠 Warning in trace {name}".strip()
+        return f"Trace {name}".strip()
+    if event_type.startswith("score."):
+        value = data.get("value") if data.get("value") is not None else data.get("stringValue")
+        return f"📉 Score {name} = {_number(value)}" if value is not None else f"Score {name}"
+    if event_type == "generation.created":
+        return f"Generation {name} ({data.get('model') or 'unknown model'})"
+    return f"{event_type} {name}".strip()
+
+
+def _facts(event_type: str, data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    facts: list[tuple[str, str]] = []
+
+    def add(label: str, value: Any) -> None:
+        if value is not None and value != "" and value != {}:
+            facts.append((label, _short(value)))
+
+    if event_type.startswith("score."):
+        add("Score", data.get("name"))
+        add("Value", _number(data["value"]) if data.get("value") is not None else data.get("stringValue"))
+        add("Data type", data.get("dataType"))
+        add("Source", data.get("source"))
+        add("Comment", data.get("comment"))
+    elif event_type == "generation.created":
+        add("Generation", data.get("name"))
+        add("Model", data.get("model"))
+        usage = data.get("usage") or {}
+        if isinstance(usage, Mapping) and usage.get("totalTokens") is not None:
+            add(
+                "Tokens",
+                f"{_number(usage.get('promptTokens'))} in / {_number(usage.get('completionTokens'))} out / "
+                f"{_number(usage.get('totalTokens'))} total",
+            )
+        if data.get("totalCost") is not None:
+            add("Cost", f"${_number(data['totalCost'])}")
+        if data.get("latency") is not None:
+            add("Latency", f"{_number(data['latency'], 3)} s")
+        add("Level", data.get("level"))
+        add("Status message", data.get("statusMessage"))
+    else:
+        add("Trace" if event_type.startswith("trace.") else "Name", data.get("name"))
+        add("Level", data.get("level"))
+        add("Status message", data.get("statusMessage"))
+        add("Message", data.get("body") or data.get("message"))
+    add("Environment", data.get("environment"))
+    add("User", data.get("userId"))
+    return facts
+
+
+def _alert_message(event: Event) -> Message:
+    data = event.data
+    rule = data.get("rule", "?")
+    labels = data.get("group") or {}
+    group = ", ".join(f"{path.removeprefix('data.')}={value or '(none)'}" for path, value in labels.items())
+    where = f" [{group}]" if group else ""
+    count = data.get("count", 0)
+    kind = data.get("kind")
+    resolved = event.type == "rule.resolved"
+    if kind == "absence":
+        title = (
+            f"✅ Resolved: {rule}{where}: events are arriving again"
+            if resolved
+            else f"🔕 {rule}{where}: no matching event for {data.get('window')}"
+        )
+    elif resolved:
+        title = f"✅ Resolved: {rule}{where} ({count} matches)"
+    else:
+        title = f"🔥 {rule}{where}: {count} match{'es' if count != 1 else ''}"
+    facts: list[tuple[str, str]] = [("Rule", str(rule))]
+    if group:
+        facts.append(("Group", group))
+    if kind == "absence":
+        facts.append(("Last seen", data.get("lastSeenAt") or "never since the rule started"))
+    else:
+        new = data.get("new", 0)
+        facts.append(("Matches", f"{count}" + (f" (+{new} new)" if new and new != count and not resolved else "")))
+        if kind == "frequency":
+            facts.append(("Threshold", f"{data.get('threshold')} within {data.get('window')}"))
+        if data.get("firstAt"):
+            facts.append(("First", str(data["firstAt"])))
+        if data.get("lastAt"):
+            facts.append(("Last", str(data["lastAt"])))
+    if data.get("silenced"):
+        facts.append(("Silenced", str(data["silenced"])))
+    if data.get("condition"):
+        facts.append(("Condition", _short(data["condition"])))
+    samples = [s for s in data.get("samples") or [] if isinstance(s, Mapping)]
+    if samples and not resolved:
+        latest = samples[-1]
+        for label, value in _facts(str(latest.get("event", "")), latest):
+            if label not in ("Name",) and all(label != existing for existing, _ in facts):
+                facts.append((label, value))
+    links = tuple(
+        (f"{s.get('name') or s.get('event')} at {s.get('timestamp')}", str(s["url"])) for s in samples if s.get("url")
+    )
+    return Message(
+        title=title,
+        facts=tuple(facts),
+        links=links,
+        url=_str(data.get("url")),
+        status="resolved" if resolved else "firing",
+    )
