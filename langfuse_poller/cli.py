@@ -81,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--events", metavar="FILE", help="replay the envelopes of a jsonl file instead of Langfuse")
     dry.add_argument("--json", action="store_true", help="print the notifications as envelopes, one per line")
 
+    demo = sub.add_parser(
+        "demo", parents=[common], help="see it work: a Langfuse stand-in with made-up traffic, no keys needed"
+    )
+    demo.add_argument("--duration", type=float, default=30.0, metavar="SECONDS", help="how long (default 30)")
+    demo.add_argument("--seed", type=int, help="make the made-up traffic repeatable")
+
     test = sub.add_parser("send-test-event", parents=[common], help="push a test event through the registry")
     test.add_argument("--event", default="trace.created", metavar="TYPE", help="event type (default trace.created)")
     test.add_argument("--notifier", metavar="NAME", help="send to this notifier only, whatever the rules say")
@@ -326,6 +332,12 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
     else:
         render(run, sys.stdout, source=source)
     return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.duration, seed=args.seed)
 
 
 def cmd_send_test_event(args: argparse.Namespace) -> int:

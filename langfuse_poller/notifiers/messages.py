@@ -117,6 +117,10 @@ def _facts(event_type: str, data: Mapping[str, Any]) -> list[tuple[str, str]]:
     return facts
 
 
+def _matches(count: int) -> str:
+    return f"{count} match" if count == 1 else f"{count} matches"
+
+
 def _alert_message(event: Event) -> Message:
     data = event.data
     rule = data.get("rule", "?")
@@ -133,9 +137,9 @@ def _alert_message(event: Event) -> Message:
             else f"🔕 {rule}{where}: no matching event for {data.get('window')}"
         )
     elif resolved:
-        title = f"✅ Resolved: {rule}{where} ({count} matches)"
+        title = f"✅ Resolved: {rule}{where} ({_matches(count)})"
     else:
-        title = f"🔥 {rule}{where}: {count} match{'es' if count != 1 else ''}"
+        title = f"🔥 {rule}{where}: {_matches(count)}"
     facts: list[tuple[str, str]] = [("Rule", str(rule))]
     if group:
         facts.append(("Group", group))
