@@ -21,6 +21,7 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
         "config": config.source,
         "state": str(config.state_path),
         "langfuse": config.langfuse.base_url,
+        "api": config.langfuse.api,
         "streams": [],
         "queue": {"pending": 0, "by_target": {}},
         "dead_letters": 0,
@@ -31,7 +32,9 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     store = Store(config.state_path)
     try:
         interval = config.poll.interval.total_seconds()
+        read_paths = store.read_paths()
         for stream in store.streams():
+            read_path, read_path_since = read_paths.get(stream.name, (None, None))
             lag = max(0.0, now - stream.head)
             healthy = stream.last_error is None and lag <= interval * 3 + config.poll.settle.total_seconds() + 60
             report["streams"].append(
@@ -47,6 +50,9 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
                     "api_requests": stream.api_requests,
                     "records": stream.records,
                     "events": stream.events,
+                    # the endpoints the poller last read this stream from: "v2" or "legacy" (None: not yet)
+                    "read_path": read_path,
+                    "read_path_since": _iso(read_path_since),
                     "healthy": healthy,
                 }
             )
@@ -59,7 +65,9 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
 
 
 def render_status(report: dict[str, Any]) -> str:
-    lines = [f"state {report['state']}  (config {report['config']}, Langfuse {report['langfuse']})"]
+    lines = [
+        f"state {report['state']}  (config {report['config']}, Langfuse {report['langfuse']}, api {report['api']})"
+    ]
     if report.get("note"):
         lines.append(report["note"])
     for stream in report["streams"]:
@@ -67,7 +75,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(
             f"{mark} {stream['name']:<13} watermark {stream['watermark']}  lag {format_duration(stream['lag_seconds'])}"
             f"  last poll {stream['last_poll'] or 'never'}  ({stream['events']} events from {stream['records']} "
-            f"records, {stream['api_requests']} API requests)"
+            f"records, {stream['api_requests']} API requests"
+            + (f"; {stream['read_path']} read path since {stream['read_path_since']})" if stream["read_path"] else ")")
         )
         if stream["last_error"]:
             lines.append(f"     last error at {stream['last_error_at']}: {stream['last_error']}")
