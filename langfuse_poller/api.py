@@ -317,14 +317,15 @@ class LangfuseReader:
         raise ApiError(self._missing_endpoint(ENDPOINTS[stream, self.config.api]), status=404)
 
     def _missing_endpoint(self, path: str) -> str:
+        forced = self.config.api != "auto"
         if path in LEGACY_LISTS:
-            return (
-                f"{self.host} has no {path} (404): a server without the legacy endpoints (Langfuse Cloud, or a "
-                'self-hosted v4); set [langfuse] api = "auto" or "v2"'
+            return f"{self.host} has no {path} (404): a server without the legacy endpoints (Langfuse Cloud)" + (
+                '; set [langfuse] api = "auto" or "v2"' if forced else ""
             )
         return (
             f"{self.host} has no {path} (404): a self-hosted Langfuse v3 server, or v4 without "
-            'LANGFUSE_MIGRATION_V4_ALLOW_PREVIEW_OPT_IN=true; set [langfuse] api = "auto" to read its legacy endpoints'
+            "LANGFUSE_MIGRATION_V4_ALLOW_PREVIEW_OPT_IN=true"
+            + ('; set [langfuse] api = "auto" to read its legacy endpoints' if forced else "")
         )
 
     def _v2_observations(self, start: datetime, end: datetime) -> Iterator[Page]:
