@@ -79,7 +79,10 @@ class _Retry(Exception):
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a list endpoint: its records as plain dicts, and the cursor of the next page."""
+    """One page of a list endpoint: its records as plain dicts, and the cursor of the next page.
+
+    `cursor` is None on the last page of a pass; the legacy path, whose pages are numbered, puts a marker there.
+    """
 
     records: list[Any]
     cursor: str | None

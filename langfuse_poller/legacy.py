@@ -13,11 +13,12 @@ page: a record that enters the set before our position moves every later record 
 record of page N is served again as the first of page N+1), and one that leaves moves them up (the first
 record of page N+1 is never served). Three rules make both harmless:
 
-1. A fixed upper bound. Every request of one pass over a window [start, end) carries the same `end`, fixed
-   before the pass: `now - settle` for the head, `now - age` for a sweep. Records keep arriving while we page,
-   but new records start now, above `end`: they are outside the result set and move nothing. Without the
-   bound, each of them, being the newest, would land on page 1 of a newest-first list and push every record
-   we have not read yet one place further (the pass re-reads, and on a busy project need never end).
+1. A fixed upper bound. No request of one pass over a window [start, end) reaches past `end`, fixed before
+   the pass: `now - settle` for the head, `now - age` for a sweep. Records keep arriving while we page, but
+   new records start now, above `end`: they are outside the result set and move nothing. Without the bound,
+   each of them, being the newest, would land on page 1 of a newest-first list and push every record not yet
+   read one place further, onto a later page (the pass serves records twice, and on a busy project need
+   never end).
 2. The bound moves down, page numbers stay at 1. Each request asks for page 1 of [start, oldest + 1 ms),
    where `oldest` is the start time of the oldest record served so far: a keyset cursor made of time. Whatever
    enters or leaves the set above that point cannot move what the next request returns, so a record moved
@@ -48,6 +49,7 @@ from urllib.parse import quote
 
 from .durations import format_time, parse_time
 from .errors import ApiError
+from .events import ERROR_LEVELS
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,6 @@ LEGACY_PAGE = 100  # the maximum of every legacy list; above it the server answe
 # what a v1 observation lacks and its trace has: trace context, under the names of /v2/observations
 TRACE_CONTEXT = ("traceName", "userId", "sessionId", "tags", "release")
 TRACE_CACHE_SIZE = 20_000
-ERROR_LEVELS = ("ERROR", "WARNING")
 
 Getter = Callable[[str, Mapping[str, Any]], Any]
 # one page of records, and whether it is the last of the pass
