@@ -248,12 +248,7 @@ class LangfuseReader:
                 yield first
                 yield from pages
             return
-        tried = " nor ".join(ENDPOINTS[stream, path] for path in READ_PATHS)
-        raise ApiError(
-            f"{self.host} has neither {tried} (HTTP 404 for both): check that [langfuse] base_url "
-            f"({self.config.base_url}) is the Langfuse server",
-            status=404,
-        )
+        raise self._no_read_path(stream)
 
     def _note_path(self, stream: str, path: str) -> None:
         if self.read_paths.get(stream) == path:
@@ -311,13 +306,16 @@ class LangfuseReader:
             if self.serves(stream, path):
                 return path
         if self.config.api == "auto":
-            tried = " nor ".join(ENDPOINTS[stream, path] for path in READ_PATHS)
-            raise ApiError(
-                f"{self.host} has neither {tried} (HTTP 404 for both): check that [langfuse] base_url "
-                f"({self.config.base_url}) is the Langfuse server",
-                status=404,
-            )
+            raise self._no_read_path(stream)
         raise ApiError(self._missing_endpoint(ENDPOINTS[stream, self.config.api]), status=404)
+
+    def _no_read_path(self, stream: str) -> ApiError:
+        tried = " nor ".join(ENDPOINTS[stream, path] for path in READ_PATHS)
+        return ApiError(
+            f"{self.host} has neither {tried} (HTTP 404 for both): check that [langfuse] base_url "
+            f"({self.config.base_url}) is the Langfuse server",
+            status=404,
+        )
 
     def _missing_endpoint(self, path: str) -> str:
         forced = self.config.api != "auto"

@@ -27,6 +27,8 @@ record of page N+1 is never served). Three rules make both harmless:
    and the reader drops the ids it already returned at that millisecond (the store's dedup keys would catch
    them anyway). Only when one millisecond holds a whole page does the reader page by number, inside
    [t, t + 1 ms), where only records of that same millisecond can shift, and repeats are dropped again.
+   (The server orders by time alone, so that one case trusts ClickHouse to serve a millisecond's ties in the
+   same order from one request to the next, as it does for data that does not change under it.)
 3. Records that appear inside the window late. One whose start time lies below the current bound (older than
    everything served so far) is served by this pass. One above it, in the part already read, is not (as with
    the keyset cursor of `/v2/observations`); the next sweep reads the window again at each `reread` age and at

@@ -1270,7 +1270,6 @@ class FakeLangfuse:
             "timestamp": root["startTime"],
             "name": root.get("traceName") or root.get("name"),
             "userId": root.get("userId"),
-            "metadata": root.get("metadata"),
             "release": root.get("release"),
             "version": root.get("version"),
             "projectId": root["projectId"],
@@ -1283,9 +1282,10 @@ class FakeLangfuse:
             "updatedAt": root["updatedAt"],
             "htmlPath": f"/project/{root['projectId']}/traces/{trace_id}",
         }
-        if "io" in groups:
+        if "io" in groups:  # the server counts metadata with io
             out["input"] = _json_value(root.get("input"))
             out["output"] = _json_value(root.get("output"))
+            out["metadata"] = root.get("metadata")
         members: list[tuple[_Entry, Record]] = []
         if groups & {"observations", "metrics"}:
             members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
