@@ -65,9 +65,7 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
 
 
 def render_status(report: dict[str, Any]) -> str:
-    lines = [
-        f"state {report['state']}  (config {report['config']}, Langfuse {report['langfuse']}, api {report['api']})"
-    ]
+    lines = [f"state {report['state']}  (config {report['config']}, Langfuse {report['langfuse']})"]
     if report.get("note"):
         lines.append(report["note"])
     for stream in report["streams"]:
