@@ -1,8 +1,21 @@
-"""Reading the Langfuse public API: cursor paging, field groups, rate limits, retries.
+"""Reading the Langfuse public API: read paths, cursor paging, field groups, rate limits, retries.
 
 The list endpoints are read over httpx with plain JSON decoding: the SDK's typed parsing costs about 5 ms per
 record, which a catch-up of a million observations cannot pay. The SDK's `LangfuseAPI` (no background
 threads) is used where typed answers are cheap and worth it: the health and key checks.
+
+Two read paths yield the same records: "v2" (`/v2/observations` and `/v3/scores`, cursor paging) and
+"legacy" (the page-based lists of self-hosted Langfuse v3, see legacy.py). With `api = "auto"` each stream
+finds its path by reading: the v2 endpoint first, the legacy one when that answers 404. A 404 later (a server
+downgraded, or v4's opt-in turned off) looks again at once, and a stream on the legacy path checks every
+`LEGACY_RECHECK` seconds, with one small request, whether the server has grown the v2 endpoint (an upgrade
+to v4). Switching is seamless: both paths make the same events with the same ids from the same records, and
+the watermarks and dedup keys are the same.
+
+Requests are paced per rate-limit bucket, as Langfuse Cloud counts them: the legacy reads (traces, v1
+observations) have their own, smaller bucket. `max_requests_per_minute` budgets each bucket apart
+(`legacy_max_requests_per_minute` the legacy one, when set), and `X-RateLimit-Remaining: 0` pauses only the
+bucket whose endpoint answered it. A 429 waits out its Retry-After before the same request is tried again.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from .backoff import jittered_backoff
 from .config import LangfuseConfig
 from .durations import format_time
 from .errors import ApiError, AuthError, LangfusePollerError
+from .legacy import OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH, LegacyReader
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +50,19 @@ OBSERVATION_FIELDS = ("core", "basic", "time", "model", "usage", "metrics", "tra
 SCORE_FIELDS = ("details", "subject")
 MAX_RETRY_AFTER = 300.0
 RETRY_ATTEMPTS = 6
+READ_PATHS = ("v2", "legacy")  # newest first: the order in which `auto` tries them
+# the list endpoint of each stream on each read path
+ENDPOINTS = {
+    ("observations", "v2"): OBSERVATIONS_PATH,
+    ("scores", "v2"): SCORES_PATH,
+    ("observations", "legacy"): OBSERVATIONS_V1_PATH,
+    ("scores", "legacy"): SCORES_V2_PATH,
+}
+LEGACY_LISTS = frozenset({OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH})
+DATA_LISTS = LEGACY_LISTS | {OBSERVATIONS_PATH, SCORES_PATH}
+# the endpoints Langfuse Cloud counts in its smaller legacy bucket (langfuse-api.md: traces, v1 observations)
+LEGACY_BUCKET_PREFIXES = (TRACES_PATH, OBSERVATIONS_V1_PATH)
+LEGACY_RECHECK = 3600.0  # seconds between checks, on the legacy path, for the v2 endpoint
 
 
 class Cancelled(Exception):
@@ -52,7 +79,10 @@ class _Retry(Exception):
 
 @dataclass(frozen=True)
 class Page:
-    """One page of a list endpoint: its records as plain dicts, and the cursor of the next page."""
+    """One page of a list endpoint: its records as plain dicts, and the cursor of the next page.
+
+    `cursor` is None on the last page of a pass; the legacy path, whose pages are numbered, puts a marker there.
+    """
 
     records: list[Any]
     cursor: str | None
@@ -68,6 +98,20 @@ class CheckResult:
 
 def host_of(url: str) -> str:
     return urlsplit(url).netloc or url
+
+
+@dataclass
+class _Bucket:
+    """Pacing of one server-side rate-limit bucket: a client budget, and the pause the server asked for."""
+
+    name: str
+    min_gap: float  # seconds between two requests: 60 / the configured budget per minute (0: none)
+    not_before: float = 0.0  # no request before this time: the server said this bucket is spent
+    last_request: float = 0.0
+
+
+def _bucket_name(path: str) -> str:
+    return "legacy" if path.startswith(LEGACY_BUCKET_PREFIXES) else "current"
 
 
 def _retry_after(response: httpx.Response, now: float) -> float | None:
@@ -91,7 +135,7 @@ def _retry_after(response: httpx.Response, now: float) -> float | None:
 
 
 class LangfuseReader:
-    """Reads observations and scores page by page; counts its requests; waits out rate limits.
+    """Reads observations and scores page by page, on each stream's read path; counts its requests; paces them.
 
     `cancel`, when set, interrupts any wait (429, backoff) with `Cancelled`, so a stopping daemon never
     sleeps through a minute-long Retry-After.
@@ -119,9 +163,20 @@ class LangfuseReader:
         self.requests = 0
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
-        self._not_before = 0.0  # no request before this time: the server said its budget is spent
-        self._min_gap = 60.0 / config.max_requests_per_minute if config.max_requests_per_minute else 0.0
-        self._last_request = 0.0
+
+        def gap(per_minute: int) -> float:
+            return 60.0 / per_minute if per_minute else 0.0
+
+        self.buckets = {
+            "current": _Bucket("current", gap(config.max_requests_per_minute)),
+            "legacy": _Bucket("legacy", gap(config.legacy_max_requests_per_minute)),
+        }
+        # the read path of each stream: forced by the config, else found by reading (None: not yet known)
+        self.read_paths: dict[str, str] = {}
+        self._found_at: dict[str, float] = {}
+        # told of every read path found or changed (the runtime keeps it in the state, for `status`)
+        self.on_read_path: Callable[[str, str], None] = lambda stream, path: None
+        self.legacy = LegacyReader(self.get, host=self.host, environments=self.environments, clock=clock)
         self.client = httpx.Client(
             base_url=config.base_url,
             auth=(config.public_key, config.secret_key.reveal()),
@@ -132,10 +187,149 @@ class LangfuseReader:
     def close(self) -> None:
         self.client.close()
 
-    # the list endpoints
+    # the list endpoints, on the stream's read path
 
     def observations(self, start: datetime, end: datetime) -> Iterator[Page]:
-        """Pages of observations with start time in [start, end), newest first, as the API orders them."""
+        """Pages of observations with start time in [start, end), in the shape of /v2/observations."""
+        return self._read("observations", start, end)
+
+    def scores(self, start: datetime, end: datetime) -> Iterator[Page]:
+        """Pages of scores with timestamp in [start, end), in the shape of /v3/scores."""
+        return self._read("scores", start, end)
+
+    def _read(self, stream: str, start: datetime, end: datetime) -> Iterator[Page]:
+        path = self._known_path(stream)
+        if path is not None:
+            try:
+                yield from self._source(stream, path, start, end)
+                return
+            except ApiError as exc:
+                if self.config.api != "auto" or exc.status != 404:
+                    raise
+                # the server lost the endpoint: find the path again, and read the window on it from its start
+                # (pages already committed are read again: the dedup keys make that harmless)
+                log.warning("Langfuse %s: %s; looking for the read path again", stream, exc)
+        yield from self._find_and_read(stream, start, end)
+
+    def _known_path(self, stream: str) -> str | None:
+        if self.config.api != "auto":
+            self._note_path(stream, self.config.api)
+            return self.config.api
+        path = self.read_paths.get(stream)
+        if path == "legacy" and self.clock() - self._found_at.get(stream, 0.0) >= LEGACY_RECHECK:
+            self._found_at[stream] = self.clock()
+            try:
+                served = self.serves(stream, "v2")
+            except ApiError as exc:
+                served = False
+                log.info(
+                    "Langfuse %s: checking for %s failed (%s); staying on the legacy path",
+                    stream,
+                    ENDPOINTS[stream, "v2"],
+                    exc,
+                )
+            if served:
+                self._note_path(stream, "v2")
+                return "v2"
+        return path
+
+    def _find_and_read(self, stream: str, start: datetime, end: datetime) -> Iterator[Page]:
+        """Read the window on the newest path whose endpoint the server has, and remember that path."""
+        for path in READ_PATHS:
+            pages = self._source(stream, path, start, end)
+            try:
+                first = next(pages, None)
+            except ApiError as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            self._note_path(stream, path)
+            if first is not None:
+                yield first
+                yield from pages
+            return
+        raise self._no_read_path(stream)
+
+    def _note_path(self, stream: str, path: str) -> None:
+        if self.read_paths.get(stream) == path:
+            return
+        previous = self.read_paths.get(stream)
+        self.read_paths[stream] = path
+        self._found_at[stream] = self.clock()
+        how = "as configured" if self.config.api != "auto" else 'found by api = "auto"'
+        log.info(
+            "Langfuse %s: reading %s %s (%s path, %s)%s",
+            stream,
+            self.host,
+            ENDPOINTS[stream, path],
+            path,
+            how,
+            f"; was {previous}" if previous else "",
+        )
+        self.on_read_path(stream, path)
+
+    def _source(self, stream: str, path: str, start: datetime, end: datetime) -> Iterator[Page]:
+        if path == "legacy":
+            legacy = self.legacy
+            batches = legacy.observations(start, end) if stream == "observations" else legacy.scores(start, end)
+            return (Page(records, None if last else "legacy:next") for records, last in batches)
+        if stream == "observations":
+            return self._v2_observations(start, end)
+        return self._v2_scores(start, end)
+
+    def serves(self, stream: str, path: str) -> bool:
+        """Whether the server has `stream`'s endpoint on read path `path`: one request for one record."""
+        endpoint = ENDPOINTS[stream, path]
+        now = self.clock()
+        start, end = format_time(utc_from_timestamp(now - 60)), format_time(utc_from_timestamp(now))
+        params: dict[str, Any] = {"limit": 1}
+        if path == "legacy":
+            params["page"] = 1
+        if stream == "observations":
+            params.update(fromStartTime=start, toStartTime=end)
+            if path == "v2":
+                params["fields"] = "core"
+        else:
+            params.update(fromTimestamp=start, toTimestamp=end)
+        try:
+            self.get(endpoint, params)
+        except ApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def find_read_path(self, stream: str) -> str:
+        """The read path `stream` would use (the configured one, or the newest the server has); ApiError if none."""
+        paths = READ_PATHS if self.config.api == "auto" else (self.config.api,)
+        for path in paths:
+            if self.serves(stream, path):
+                return path
+        if self.config.api == "auto":
+            raise self._no_read_path(stream)
+        raise ApiError(self._missing_endpoint(ENDPOINTS[stream, self.config.api]), status=404)
+
+    def _no_read_path(self, stream: str) -> ApiError:
+        tried = " nor ".join(ENDPOINTS[stream, path] for path in READ_PATHS)
+        return ApiError(
+            f"{self.host} has neither {tried} (HTTP 404 for both): check that [langfuse] base_url "
+            f"({self.config.base_url}) is the Langfuse server",
+            status=404,
+        )
+
+    def _missing_endpoint(self, path: str) -> str:
+        forced = self.config.api != "auto"
+        if path in LEGACY_LISTS:
+            return f"{self.host} has no {path} (404): a server without the legacy endpoints (Langfuse Cloud)" + (
+                '; set [langfuse] api = "auto" or "v2"' if forced else ""
+            )
+        return (
+            f"{self.host} has no {path} (404): a self-hosted Langfuse v3 server, or v4 without "
+            "LANGFUSE_MIGRATION_V4_ALLOW_PREVIEW_OPT_IN=true"
+            + ('; set [langfuse] api = "auto" to read its legacy endpoints' if forced else "")
+        )
+
+    def _v2_observations(self, start: datetime, end: datetime) -> Iterator[Page]:
         params: dict[str, Any] = {
             "fields": self.observation_fields,
             "limit": OBSERVATIONS_PAGE,
@@ -146,8 +340,7 @@ class LangfuseReader:
             params["environment"] = list(self.environments)
         return self._pages(OBSERVATIONS_PATH, params)
 
-    def scores(self, start: datetime, end: datetime) -> Iterator[Page]:
-        """Pages of scores with timestamp in [start, end), newest first."""
+    def _v2_scores(self, start: datetime, end: datetime) -> Iterator[Page]:
         params: dict[str, Any] = {
             "fields": ",".join(SCORE_FIELDS),
             "limit": SCORES_PAGE,
@@ -207,19 +400,20 @@ class LangfuseReader:
         if self.cancel.wait(seconds):
             raise Cancelled()
 
-    def _pace(self) -> None:
-        """Wait, if need be, for the server's rate-limit window and the configured request budget."""
+    def _pace(self, bucket: _Bucket) -> None:
+        """Wait, if need be, for the bucket's server-side window and its configured request budget."""
         now = self.clock()
-        wait = max(self._not_before - now, self._last_request + self._min_gap - now)
+        wait = max(bucket.not_before - now, bucket.last_request + bucket.min_gap - now)
         if wait > 0:
-            log.info("Langfuse rate limit: waiting %.1fs before the next request", wait)
+            log.info("Langfuse rate limit (%s endpoints): waiting %.1fs before the next request", bucket.name, wait)
             self._sleep(wait)
-        self._last_request = self.clock()
+        bucket.last_request = self.clock()
 
     def _get_once(self, path: str, params: Mapping[str, Any]) -> Any:
         if self.cancel.is_set():
             raise Cancelled()
-        self._pace()
+        bucket = self.buckets[_bucket_name(path)]
+        self._pace(bucket)
         self.requests += 1
         try:
             response = self.client.get(path, params=params)
@@ -227,7 +421,7 @@ class LangfuseReader:
             raise _Retry(f"no answer within {self.config.timeout.total_seconds():g}s") from None
         except httpx.TransportError as exc:
             raise _Retry(f"cannot reach {self.host}: {exc}") from None
-        self._note_rate_limit(response)
+        self._note_rate_limit(response, bucket)
         status = response.status_code
         if status == 429:
             raise _Retry("rate limited (429)", _retry_after(response, self.clock()))
@@ -235,12 +429,8 @@ class LangfuseReader:
             raise _Retry(f"HTTP {status}")
         if status in (401, 403):
             raise self.auth_error(status, _message(response))
-        if status == 404 and path == OBSERVATIONS_PATH:
-            raise ApiError(
-                f"{self.host} has no {path} (404): a self-hosted Langfuse v3 server, or v4 without "
-                "LANGFUSE_MIGRATION_V4_ALLOW_PREVIEW_OPT_IN=true",
-                status=status,
-            )
+        if status == 404 and path in DATA_LISTS:
+            raise ApiError(self._missing_endpoint(path), status=status)
         if status >= 400:
             raise ApiError(f"{self.host} refused GET {path}: HTTP {status}: {_message(response)}", status=status)
         try:
@@ -248,12 +438,12 @@ class LangfuseReader:
         except ValueError:
             raise _Retry("the answer was not valid JSON") from None
 
-    def _note_rate_limit(self, response: httpx.Response) -> None:
+    def _note_rate_limit(self, response: httpx.Response, bucket: _Bucket) -> None:
         remaining = response.headers.get("x-ratelimit-remaining")
         if remaining is not None and remaining.strip() == "0":
             wait = _retry_after(response, self.clock())
             if wait:
-                self._not_before = max(self._not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
+                bucket.not_before = max(bucket.not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
 
     def auth_error(self, status: int, detail: str) -> AuthError:
         return AuthError(

@@ -46,7 +46,7 @@ def run_check(config: Config, *, out: TextIO) -> int:
     except Exception as exc:  # sqlite3.OperationalError: a read-only file or directory
         report(False, f"state {config.state_path} is not writable: {exc}")
 
-    from .api import LangfuseReader
+    from .api import ENDPOINTS, LangfuseReader
 
     reader = LangfuseReader(config.langfuse)
     try:
@@ -56,6 +56,11 @@ def run_check(config: Config, *, out: TextIO) -> int:
             True,
             f"Langfuse {config.langfuse.base_url} (version {result.version}) accepts the keys: {projects}",
         )
+        # the endpoints the poller would read: the configured read path, or the newest the server has
+        paths = [(stream, reader.find_read_path(stream)) for stream in config.poll.streams]
+        read = ", ".join(f"{stream} from {ENDPOINTS[stream, path]}" for stream, path in paths)
+        names = sorted({path for _, path in paths})
+        report(True, f'read path {" and ".join(names)} (api = "{config.langfuse.api}"): {read}')
     except LangfusePollerError as exc:
         report(False, str(exc))
     finally:

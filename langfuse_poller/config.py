@@ -24,6 +24,8 @@ APP_NAME = "langfuse-poller"
 SYSTEM_CONFIG = Path("/etc/langfuse-poller/config.toml")
 DEFAULT_BASE_URL = "https://cloud.langfuse.com"
 STREAMS = ("observations", "scores")
+# the read paths: "v2" is /v2/observations and /v3/scores; "legacy" the page-based lists of self-hosted v3 servers
+API_CHOICES = ("auto", "v2", "legacy")
 # field groups of /v2/observations beyond the ones the events always need (see api.py)
 OPTIONAL_FIELD_GROUPS = ("io", "metadata", "prompt")
 
@@ -189,6 +191,10 @@ class LangfuseConfig:
     secret_key: Secret
     timeout: timedelta = timedelta(seconds=30)
     max_requests_per_minute: int = 0
+    # which endpoints to read: "auto" probes the server (see api.py), "v2" or "legacy" force one
+    api: str = "auto"
+    # the budget of the legacy endpoints' own, smaller rate-limit bucket (traces, v1 observations)
+    legacy_max_requests_per_minute: int = 0
 
 
 @dataclass(frozen=True)
@@ -343,12 +349,19 @@ def _parse_langfuse(table: Table) -> LangfuseConfig:
             "a secret key (sk-lf-...) in [langfuse] secret_key, secret_key_file, "
             "or the LANGFUSE_SECRET_KEY environment variable",
         )
+    api = table.string("api", "auto") or "auto"
+    if api not in API_CHOICES:
+        raise table.error("api", api, "one of " + ", ".join(repr(c) for c in API_CHOICES))
+    max_requests_per_minute = table.integer("max_requests_per_minute", 0)
     config = LangfuseConfig(
         base_url=base_url.rstrip("/"),
         public_key=public_key,
         secret_key=secret_key,
         timeout=table.positive_duration("timeout", "30s"),
-        max_requests_per_minute=table.integer("max_requests_per_minute", 0),
+        max_requests_per_minute=max_requests_per_minute,
+        api=api,
+        # unset: the same budget per minute as every other endpoint, counted apart
+        legacy_max_requests_per_minute=table.integer("legacy_max_requests_per_minute", max_requests_per_minute),
     )
     table.finish()
     return config

@@ -16,6 +16,11 @@ A window is read in slices (oldest first, sized to about 20 pages), each page co
 dedup keys in one transaction, the slice's last page together with the new watermark. A crash therefore
 loses at most the slice in flight, whose re-read the dedup keys make harmless, and memory holds one page.
 A slice read long after its end (a catch-up) also moves the sweep watermarks it makes redundant.
+
+The reader serves each stream from its read path (api.py): the cursor lists of `/v2/observations` and
+`/v3/scores`, or the page-based lists of self-hosted Langfuse v3 (legacy.py, which explains how a fixed upper
+bound per window and a bound that moves down keep shifting pages from losing records). Both yield the same
+records, so the windows, watermarks and dedup keys here do not depend on the path.
 """
 
 from __future__ import annotations

@@ -67,6 +67,7 @@ class Runtime:
             cancel=cancel,
             clock=clock,
         )
+        reader.on_read_path = lambda stream, path: store.set_read_path(stream, path)
         factory = EventFactory(config.langfuse.base_url, lambda: router.subscribes("observation.created"))
         poller = Poller(
             config.poll,

@@ -23,6 +23,7 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
         "config": config.source,
         "state": str(config.state_path),
         "langfuse": config.langfuse.base_url,
+        "api": config.langfuse.api,
         "streams": [],
         "queue": {"pending": 0, "by_target": {}},
         "dead_letters": 0,
@@ -35,7 +36,9 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     store = Store(config.state_path)
     try:
         interval = config.poll.interval.total_seconds()
+        read_paths = store.read_paths()
         for stream in store.streams():
+            read_path, read_path_since = read_paths.get(stream.name, (None, None))
             lag = max(0.0, now - stream.head)
             healthy = stream.last_error is None and lag <= interval * 3 + config.poll.settle.total_seconds() + 60
             report["streams"].append(
@@ -51,6 +54,9 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
                     "api_requests": stream.api_requests,
                     "records": stream.records,
                     "events": stream.events,
+                    # the endpoints the poller last read this stream from: "v2" or "legacy" (None: not yet)
+                    "read_path": read_path,
+                    "read_path_since": _iso(read_path_since),
                     "healthy": healthy,
                 }
             )
@@ -88,7 +94,8 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(
             f"{mark} {stream['name']:<13} watermark {stream['watermark']}  lag {format_duration(stream['lag_seconds'])}"
             f"  last poll {stream['last_poll'] or 'never'}  ({stream['events']} events from {stream['records']} "
-            f"records, {stream['api_requests']} API requests)"
+            f"records, {stream['api_requests']} API requests"
+            + (f"; {stream['read_path']} read path since {stream['read_path_since']})" if stream["read_path"] else ")")
         )
         if stream["last_error"]:
             lines.append(f"     last error at {stream['last_error_at']}: {stream['last_error']}")

@@ -21,6 +21,11 @@ from typing import Any
 from .errors import StateError
 from .events import Event, Seen, Synthesis
 
+# Facts about the state that are not records (the read path each stream found) live in `seen` under this stream
+# name, which no stream has: `prune_seen` never reaches them, and no schema change was needed for them.
+META_STREAM = "@meta"
+READ_PATH_KEY = "read-path:"
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema
     """
@@ -414,6 +419,22 @@ class Store:
                     "UPDATE streams SET last_poll_at = ?, last_error = ?, last_error_at = ? WHERE name = ?",
                     (now, error, now, stream),
                 )
+
+    def set_read_path(self, stream: str, path: str, now: float | None = None) -> None:
+        """Remember the read path ("v2" or "legacy") the poller uses for `stream`, and since when."""
+        with self.write(now) as tx:
+            tx.conn.execute(
+                "INSERT INTO seen (key, stream, ts, version, level) VALUES (?, ?, ?, ?, '') "
+                "ON CONFLICT (key) DO UPDATE SET ts = excluded.ts, version = excluded.version",
+                (READ_PATH_KEY + stream, META_STREAM, tx.now, path),
+            )
+
+    def read_paths(self) -> dict[str, tuple[str, float]]:
+        """The read path of each stream that has one, and when it was found: {stream: (path, since)}."""
+        rows = self._conn().execute(
+            "SELECT key, version, ts FROM seen WHERE stream = ? AND key LIKE ?", (META_STREAM, READ_PATH_KEY + "%")
+        )
+        return {key.removeprefix(READ_PATH_KEY): (path, since) for key, path, since in rows}
 
     def prune_seen(self, stream: str, before: float) -> int:
         """Forget dedup keys of records older than any window will read again."""

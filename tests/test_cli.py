@@ -559,6 +559,8 @@ def test_check_ok_wrong_keys_and_unreachable_host(cli: Cli, tmp_path: Path, lang
         "ok   notifier hook (webhook)",
         f"ok   state {good.with_suffix('.db')} is writable",
         f"ok   Langfuse {langfuse.url} (version 3.130.0) accepts the keys: test-project ({PROJECT_ID})",
+        'ok   read path v2 (api = "auto"): observations from /api/public/v2/observations, '
+        "scores from /api/public/v3/scores",
         "all checks passed",
     ]
     for result, public_key in ((bad_secret, PUBLIC_KEY), (bad_public, "pk-lf-nobody")):
@@ -689,8 +691,9 @@ def test_status_shows_the_last_langfuse_error_in_words(cli: Cli, tmp_path: Path,
         ["status", "--json", "--config", wrong_keys],
     )
     assert "WARN observations" in text.stdout and "last error at " in text.stdout, str(text)
-    assert f"{host} has no /api/public/v2/observations (404)" in text.stdout, str(text)
-    assert f"{host} refused GET /api/public/v3/scores: HTTP 404" in text.stdout, str(text)
+    # api = "auto": neither the v2 endpoint nor the legacy one answers
+    assert f"{host} has neither /api/public/v2/observations nor /api/public/observations (HTTP 404" in text.stdout
+    assert f"{host} has neither /api/public/v3/scores nor /api/public/v2/scores (HTTP 404" in text.stdout, str(text)
     report = json.loads(as_json.stdout)
     assert all(s["last_error"] and s["last_error_at"] and not s["healthy"] for s in report["streams"]), report
     assert f"{host} rejected the API keys (public key {PUBLIC_KEY}" in wrong_text.stdout, str(wrong_text)

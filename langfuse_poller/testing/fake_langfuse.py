@@ -5,6 +5,14 @@
 time filters, 429 rate limiting), so that pollers can be tested end to end with the real SDK or plain httpx.
 It also lets a test make data visible late (ingestion delay), update records, and inject faults.
 
+It also serves the legacy read endpoints of self-hosted Langfuse v3 from the same data: ``/api/public/traces``
+(and ``/traces/{id}``), ``/api/public/observations`` (v1) and ``/api/public/v2/scores``, page-based (``page``,
+``limit`` up to 100, ``meta {page, limit, totalItems, totalPages}``), newest first (traces: ``orderBy``), in
+their own record shapes, with their own rate-limit bucket. ``serve`` picks what the server has: ``"v2"`` (the
+default, Langfuse Cloud today: 404 on the legacy endpoints), ``"legacy"`` (a self-hosted v3: 404 on
+``/v2/observations`` and ``/v3/scores``) or ``"both"``; ``on_data_request`` lets a test change the data between
+two requests.
+
 Usage::
 
     with FakeLangfuse() as fake:
@@ -37,7 +45,7 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 __all__ = [
     "OBSERVATION_FIELD_GROUPS",
@@ -50,8 +58,16 @@ HEALTH_PATH: Final = "/api/public/health"
 PROJECTS_PATH: Final = "/api/public/projects"
 OBSERVATIONS_PATH: Final = "/api/public/v2/observations"
 SCORES_PATH: Final = "/api/public/v3/scores"
-_DATA_PATHS: Final = frozenset({OBSERVATIONS_PATH, SCORES_PATH})
-_KNOWN_PATHS: Final = frozenset({HEALTH_PATH, PROJECTS_PATH, OBSERVATIONS_PATH, SCORES_PATH})
+TRACES_PATH: Final = "/api/public/traces"
+OBSERVATIONS_V1_PATH: Final = "/api/public/observations"
+SCORES_V2_PATH: Final = "/api/public/v2/scores"
+_V2_PATHS: Final = frozenset({OBSERVATIONS_PATH, SCORES_PATH})
+_LEGACY_PATHS: Final = frozenset({TRACES_PATH, OBSERVATIONS_V1_PATH, SCORES_V2_PATH})
+_DATA_PATHS: Final = _V2_PATHS | _LEGACY_PATHS
+_KNOWN_PATHS: Final = frozenset({HEALTH_PATH, PROJECTS_PATH}) | _DATA_PATHS
+# Langfuse Cloud counts these in its smaller legacy bucket; /v2/scores counts with the current endpoints
+_LEGACY_BUCKET: Final = frozenset({TRACES_PATH, OBSERVATIONS_V1_PATH})
+SERVES: Final = ("v2", "legacy", "both")
 
 SERVER_VERSION: Final = "3.130.0"
 
@@ -114,6 +130,10 @@ OBSERVATIONS_DEFAULT_LIMIT: Final = 50
 OBSERVATIONS_MAX_LIMIT: Final = 1000
 SCORES_DEFAULT_LIMIT: Final = 50
 SCORES_MAX_LIMIT: Final = 100
+LEGACY_DEFAULT_LIMIT: Final = 50
+LEGACY_MAX_LIMIT: Final = 100
+TRACE_FIELD_GROUPS: Final = ("core", "io", "scores", "observations", "metrics")
+"""Field groups of the legacy traces list (``fields=``); all of them by default."""
 _METADATA_CUT: Final = 200
 # The limit reported in a 429 from rate_limit_next() when no budget is configured (Langfuse Cloud Pro).
 _DEFAULT_REPORTED_LIMIT: Final = 1000
@@ -398,6 +418,9 @@ class FakeLangfuse:
         """Exceptions raised while handling requests (each answered with a 500); empty in a healthy test."""
         self.healthy = True
         """When False, the health endpoint answers 503."""
+        self._serving = "v2"
+        self.on_data_request: Callable[[str, dict[str, list[str]]], None] | None = None
+        """Called with (path, query) before each data request is answered, e.g. to add records between pages."""
         self._lock = threading.RLock()
         self._observations = _Index()
         self._scores = _Index()
@@ -405,11 +428,26 @@ class FakeLangfuse:
         self._rate_limit: int | None = None
         self._rate_window = -1
         self._rate_used = 0
+        self._legacy_rate_limit: int | None = None
+        self._legacy_rate_window = -1
+        self._legacy_rate_used = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
+
+    @property
+    def serve(self) -> str:
+        """The read endpoints served: "v2" (Langfuse Cloud since 2026-11-16: 404 on the legacy ones), "legacy" (a
+        self-hosted v3: 404 on /v2/observations and /v3/scores) or "both" (a self-hosted v4 with the opt-in)."""
+        return self._serving
+
+    @serve.setter
+    def serve(self, value: str) -> None:
+        if value not in SERVES:
+            raise ValueError(f"serve must be one of {SERVES}, got {value!r}")
+        self._serving = value
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -862,6 +900,13 @@ class FakeLangfuse:
             self._rate_window = -1
             self._rate_used = 0
 
+    def set_legacy_rate_limit(self, per_minute: int | None) -> None:
+        """Like ``set_rate_limit``, for the legacy bucket (traces and v1 observations), counted apart."""
+        with self._lock:
+            self._legacy_rate_limit = per_minute
+            self._legacy_rate_window = -1
+            self._legacy_rate_used = 0
+
     # -- request log ---------------------------------------------------------------------------------------
 
     def count(self, path_suffix: str) -> int:
@@ -889,7 +934,12 @@ class FakeLangfuse:
         return response
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> _Response:
+        trace_id: str | None = None
+        if path.startswith(TRACES_PATH + "/") and path.count("/") == 4:
+            path, trace_id = TRACES_PATH, unquote(path.rsplit("/", 1)[1])
         if path not in _KNOWN_PATHS:
+            return _error(404, "Not Found")
+        if (self.serve == "v2" and path in _LEGACY_PATHS) or (self.serve == "legacy" and path in _V2_PATHS):
             return _error(404, "Not Found")
         if method != "GET":
             return _error(405, "Method Not Allowed")
@@ -902,6 +952,9 @@ class FakeLangfuse:
         if path == PROJECTS_PATH:
             return _json_response(200, self._projects_payload())
 
+        hook = self.on_data_request
+        if hook is not None:
+            hook(path if trace_id is None else f"{TRACES_PATH}/{trace_id}", query)
         with self._lock:
             fault = self._faults.popleft() if self._faults else None
         if fault is not None:
@@ -916,7 +969,21 @@ class FakeLangfuse:
 
         rate_headers: list[tuple[str, str]] = []
         with self._lock:
-            if self._rate_limit is not None:
+            if path in _LEGACY_BUCKET and self._legacy_rate_limit is not None:
+                now = self.clock()
+                window = math.floor(now / 60)
+                reset = (window + 1) * 60
+                if window != self._legacy_rate_window:
+                    self._legacy_rate_window, self._legacy_rate_used = window, 0
+                if self._legacy_rate_used >= self._legacy_rate_limit:
+                    return self._too_many(max(1, math.ceil(reset - now)), self._legacy_rate_limit, reset)
+                self._legacy_rate_used += 1
+                rate_headers = [
+                    ("X-RateLimit-Limit", str(self._legacy_rate_limit)),
+                    ("X-RateLimit-Remaining", str(self._legacy_rate_limit - self._legacy_rate_used)),
+                    ("X-RateLimit-Reset", str(reset)),
+                ]
+            elif path not in _LEGACY_BUCKET and self._rate_limit is not None:
                 now = self.clock()
                 window = math.floor(now / 60)
                 reset = (window + 1) * 60
@@ -930,9 +997,15 @@ class FakeLangfuse:
                     ("X-RateLimit-Remaining", str(self._rate_limit - self._rate_used)),
                     ("X-RateLimit-Reset", str(reset)),
                 ]
-        listing = self._list_observations if path == OBSERVATIONS_PATH else self._list_scores
+        listings: dict[str, Callable[[dict[str, list[str]]], _Response]] = {
+            OBSERVATIONS_PATH: self._list_observations,
+            SCORES_PATH: self._list_scores,
+            TRACES_PATH: self._list_traces,
+            OBSERVATIONS_V1_PATH: self._list_observations_v1,
+            SCORES_V2_PATH: self._list_scores_v2,
+        }
         try:
-            response = listing(query)
+            response = self._get_trace(trace_id) if trace_id is not None else listings[path](query)
         except BadRequest as exc:
             response = _error(400, "Invalid request data", error=str(exc))
         response.headers.extend(rate_headers)
@@ -1101,6 +1174,169 @@ class FakeLangfuse:
             meta["cursor"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
         return _json_response(200, {"data": data, "meta": meta})
 
+    # -- legacy listing (page-based, self-hosted Langfuse v3) ----------------------------------------------
+
+    def _visible_range(
+        self, index: _Index, lo_ms: int | None, hi_ms: int | None, matches: Callable[[_Entry, Record], bool]
+    ) -> list[tuple[_Entry, Record]]:
+        """Every visible matching record with time in [lo, hi), oldest first (ties in key order)."""
+        now = self.clock()
+        with self._lock:
+            index.ensure_sorted()
+            keys, entries = index.keys, index.entries
+            lo = 0 if lo_ms is None else bisect.bisect_left(keys, (lo_ms,))
+            hi = len(keys) if hi_ms is None else bisect.bisect_left(keys, (hi_ms,))
+            found: list[tuple[_Entry, Record]] = []
+            for entry in entries[lo:hi]:
+                rec = entry.visible(now)
+                if rec is not None and matches(entry, rec):
+                    found.append((entry, rec))
+            return found
+
+    def _roots(self) -> dict[str, Record]:
+        """The visible root observation of each trace, by trace id: what the legacy endpoints serve as traces."""
+        found = self._visible_range(self._observations, None, None, _is_root)
+        return {rec["traceId"]: rec for _, rec in found}
+
+    def _list_observations_v1(self, query: dict[str, list[str]]) -> _Response:
+        page = _parse_page(_one(query, "page"))
+        limit = _parse_limit(_one(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
+        if _one(query, "filter"):
+            raise BadRequest("the `filter` parameter is not supported by FakeLangfuse")
+        lo, hi = _time_bounds(query, "fromStartTime", "toStartTime")
+        checks = _equality_checks(query, ("type", "name", "userId", "level", "traceId", "version"))
+        level = _one(query, "level")
+        if level is not None and level not in _LEVELS:
+            raise BadRequest(f"invalid level {level!r}")
+        parent = _one(query, "parentObservationId")
+        if parent is not None:
+            checks.append(("parentObservationId", parent or None))
+        environments = frozenset(query.get("environment", ()))
+
+        def matches(_: _Entry, rec: Record) -> bool:
+            return _check(rec, checks) and (not environments or rec.get("environment") in environments)
+
+        # start_time DESC: the only order this endpoint has
+        found = self._visible_range(self._observations, lo, hi, matches)[::-1]
+        chunk, meta = _page_of(found, page, limit)
+        data = [rec if entry.raw else _v1_observation(rec) for entry, rec in chunk]
+        return _json_response(200, {"data": data, "meta": meta})
+
+    def _list_traces(self, query: dict[str, list[str]]) -> _Response:
+        page = _parse_page(_one(query, "page"))
+        limit = _parse_limit(_one(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
+        groups = _trace_groups(_one(query, "fields"))
+        column, _, direction = (_one(query, "orderBy") or "timestamp.desc").partition(".")
+        if column != "timestamp" or direction.lower() not in ("asc", "desc"):
+            raise BadRequest(f"orderBy {column}.{direction} is not supported by FakeLangfuse (only timestamp.asc/desc)")
+        lo, hi = _time_bounds(query, "fromTimestamp", "toTimestamp")
+        checks = _equality_checks(query, ("userId", "sessionId", "version", "release"))
+        name = _one(query, "name")
+        environments = frozenset(query.get("environment", ()))
+        tags = frozenset(query.get("tags", ()))
+
+        def matches(entry: _Entry, rec: Record) -> bool:
+            return (
+                _is_root(entry, rec)
+                and _check(rec, checks)
+                and (name is None or (rec.get("traceName") or rec.get("name")) == name)
+                and (not environments or rec.get("environment") in environments)
+                and tags <= set(rec.get("tags") or ())
+            )
+
+        found = self._visible_range(self._observations, lo, hi, matches)
+        if direction.lower() == "desc":
+            found.reverse()
+        chunk, meta = _page_of(found, page, limit)
+        return _json_response(200, {"data": [self._trace(rec, groups) for _, rec in chunk], "meta": meta})
+
+    def _get_trace(self, trace_id: str) -> _Response:
+        root = self._roots().get(trace_id)
+        if root is None:
+            return _error(404, f"Trace {trace_id} not found within authorized project")
+        trace = self._trace(root, frozenset(("core", "io", "metrics")))
+        members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
+        trace["observations"] = [rec if entry.raw else _v1_observation(rec) for entry, rec in members]
+        scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
+        trace["scores"] = [_v2_score(rec, None) for _, rec in scores]
+        return _json_response(200, trace)
+
+    def _trace(self, root: Record, groups: frozenset[str]) -> Record:
+        """A trace as the legacy endpoints serve it, made from its root observation."""
+        trace_id = root["traceId"]
+        out: Record = {
+            "id": trace_id,
+            "externalId": None,
+            "timestamp": root["startTime"],
+            "name": root.get("traceName") or root.get("name"),
+            "userId": root.get("userId"),
+            "release": root.get("release"),
+            "version": root.get("version"),
+            "projectId": root["projectId"],
+            "environment": root.get("environment") or "default",
+            "public": bool(root.get("public")),
+            "bookmarked": bool(root.get("bookmarked")),
+            "tags": list(root.get("tags") or ()),
+            "sessionId": root.get("sessionId"),
+            "createdAt": root["createdAt"],
+            "updatedAt": root["updatedAt"],
+            "htmlPath": f"/project/{root['projectId']}/traces/{trace_id}",
+        }
+        if "io" in groups:  # the server counts metadata with io
+            out["input"] = _json_value(root.get("input"))
+            out["output"] = _json_value(root.get("output"))
+            out["metadata"] = root.get("metadata")
+        members: list[tuple[_Entry, Record]] = []
+        if groups & {"observations", "metrics"}:
+            members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
+        if "observations" in groups:
+            out["observations"] = [rec.get("id") for _, rec in members]
+        if "scores" in groups:
+            scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
+            out["scores"] = [rec["id"] for _, rec in scores]
+        if "metrics" in groups:
+            out["latency"] = root.get("latency")
+            out["totalCost"] = sum(rec.get("totalCost") or 0.0 for _, rec in members)
+        return out
+
+    def _list_scores_v2(self, query: dict[str, list[str]]) -> _Response:
+        page = _parse_page(_one(query, "page"))
+        limit = _parse_limit(_one(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
+        fields = _one(query, "fields")
+        groups = {"score", "trace"} if not fields else {g.strip() for g in fields.split(",")} & {"score", "trace"}
+        if (_one(query, "userId") or query.get("traceTags")) and "trace" not in groups:
+            raise BadRequest("filtering by userId or traceTags needs the `trace` field group")
+        lo, hi = _time_bounds(query, "fromTimestamp", "toTimestamp")
+        checks = _equality_checks(
+            query, ("name", "source", "dataType", "traceId", "sessionId", "configId", "queueId", "observationId")
+        )
+        ids = frozenset(i.strip() for i in (_one(query, "scoreIds") or "").split(",") if i.strip())
+        environments = frozenset(query.get("environment", ()))
+
+        def matches(_: _Entry, rec: Record) -> bool:
+            return (
+                _check(rec, checks)
+                and (not ids or rec["id"] in ids)
+                and (not environments or rec.get("environment") in environments)
+            )
+
+        # timestamp DESC, id DESC
+        found = self._visible_range(self._scores, lo, hi, matches)[::-1]
+        roots = self._roots() if "trace" in groups else {}
+        user_id = _one(query, "userId")
+        tags = frozenset(query.get("traceTags", ()))
+        if user_id is not None or tags:
+            found = [
+                (entry, rec)
+                for entry, rec in found
+                if (root := roots.get(rec.get("traceId") or "")) is not None
+                and (user_id is None or root.get("userId") == user_id)
+                and tags <= set(root.get("tags") or ())
+            ]
+        chunk, meta = _page_of(found, page, limit)
+        data = [_v2_score(rec, roots.get(rec.get("traceId") or "") if "trace" in groups else False) for _, rec in chunk]
+        return _json_response(200, {"data": data, "meta": meta})
+
     def _page(
         self,
         index: _Index,
@@ -1202,3 +1438,153 @@ def _cut_metadata(metadata: Any, expand: frozenset[str]) -> Any:
         k: v[:_METADATA_CUT] if isinstance(v, str) and len(v) > _METADATA_CUT and k not in expand else v
         for k, v in metadata.items()
     }
+
+
+def _parse_page(text: str | None) -> int:
+    if text is None or text == "":
+        return 1
+    try:
+        page = int(text)
+    except ValueError as exc:
+        raise BadRequest(f"page must be an integer, got {text!r}") from exc
+    if page < 1:
+        raise BadRequest(f"page must be 1 or more, got {page}")
+    return page
+
+
+def _page_of(items: list[Any], page: int, limit: int) -> tuple[list[Any], dict[str, int]]:
+    """One page of a page-based legacy list, and its meta."""
+    total = len(items)
+    meta = {"page": page, "limit": limit, "totalItems": total, "totalPages": _ceil_div(total, limit)}
+    return items[(page - 1) * limit : page * limit], meta
+
+
+def _trace_groups(text: str | None) -> frozenset[str]:
+    # the server drops groups it does not know; `core` is always served
+    if text is None or not text.strip():
+        return frozenset(TRACE_FIELD_GROUPS)
+    return frozenset({g.strip() for g in text.split(",")} & set(TRACE_FIELD_GROUPS)) | {"core"}
+
+
+def _equality_checks(query: dict[str, list[str]], names: Iterable[str]) -> list[tuple[str, Any]]:
+    return [(name, value) for name in names if (value := _one(query, name)) is not None]
+
+
+def _check(rec: Record, checks: list[tuple[str, Any]]) -> bool:
+    return all(rec.get(name) == expected for name, expected in checks)
+
+
+def _is_root(entry: _Entry, rec: Record) -> bool:
+    return not entry.raw and bool(rec.get("isRootObservation")) and isinstance(rec.get("traceId"), str)
+
+
+def _json_value(text: Any) -> Any:
+    """Input/output as the legacy endpoints serve them: parsed JSON where the stored string is JSON."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _v1_observation(rec: Record) -> Record:
+    """An observation as ``GET /api/public/observations`` (v1) serves it: no trace context, no root flag."""
+    usage = rec.get("usageDetails") or {}
+    cost = rec.get("costDetails") or {}
+    tokens = {key: usage.get(key) or 0 for key in ("input", "output", "total")}
+    return {
+        "id": rec["id"],
+        "projectId": rec["projectId"],
+        "traceId": rec["traceId"],
+        "parentObservationId": rec["parentObservationId"],
+        "name": rec["name"],
+        "type": rec["type"],
+        "environment": rec["environment"],
+        "startTime": rec["startTime"],
+        "endTime": rec["endTime"],
+        "version": rec["version"],
+        "createdAt": rec["createdAt"],
+        "updatedAt": rec["updatedAt"],
+        "input": _json_value(rec["input"]),
+        "output": _json_value(rec["output"]),
+        "metadata": rec["metadata"],
+        "level": rec["level"],
+        "statusMessage": rec["statusMessage"],
+        "model": rec["model"],
+        "modelParameters": rec["modelParameters"],
+        "completionStartTime": rec["completionStartTime"],
+        "promptId": rec["promptId"],
+        "promptName": rec["promptName"],
+        "promptVersion": rec["promptVersion"],
+        "usageDetails": usage,
+        "costDetails": cost,
+        "usage": {"unit": "TOKENS", **tokens},
+        "unit": "TOKENS",
+        "promptTokens": tokens["input"],
+        "completionTokens": tokens["output"],
+        "totalTokens": tokens["total"],
+        "usagePricingTierName": rec["usagePricingTierName"],
+        "usagePricingTierId": None,
+        "modelId": rec["internalModelId"],
+        "inputPrice": None,
+        "outputPrice": None,
+        "totalPrice": None,
+        "calculatedInputCost": cost.get("input"),
+        "calculatedOutputCost": cost.get("output"),
+        "calculatedTotalCost": rec["totalCost"],
+        "latency": rec["latency"],
+        "timeToFirstToken": rec["timeToFirstToken"],
+    }
+
+
+def _v2_score(rec: Record, root: Record | bool | None) -> Record:
+    """A score as ``GET /api/public/v2/scores`` serves it: a number beside ``stringValue``; ids, no subject.
+
+    ``root`` is the root observation of the score's trace for the ``trace`` field group (None: no such
+    trace), or False when the group was not asked for.
+    """
+    data_type = rec["dataType"]
+    value = rec["value"]
+    out: Record = {
+        "id": rec["id"],
+        "projectId": rec["projectId"],
+        "traceId": rec["traceId"],
+        "observationId": rec["observationId"],
+        "sessionId": rec["sessionId"],
+        "datasetRunId": None,
+        "name": rec["name"],
+        "dataType": data_type,
+        "source": rec["source"],
+        "timestamp": rec["timestamp"],
+        "createdAt": rec["createdAt"],
+        "updatedAt": rec["updatedAt"],
+        "authorUserId": rec["authorUserId"],
+        "comment": rec["comment"],
+        "metadata": rec["metadata"],
+        "configId": rec["configId"],
+        "queueId": rec["queueId"],
+        "environment": rec["environment"],
+    }
+    if data_type == "NUMERIC":
+        out["value"] = value
+    elif data_type == "BOOLEAN":
+        out["value"] = 1.0 if value else 0.0
+        out["stringValue"] = "True" if value else "False"
+    elif data_type == "TEXT":
+        out["stringValue"] = value  # a number means nothing for TEXT: the server omits `value`
+    else:
+        out["value"] = None  # CATEGORICAL without a config, CORRECTION: the text is the value
+        out["stringValue"] = value
+    if root is not False:
+        out["trace"] = (
+            None
+            if not isinstance(root, dict)
+            else {
+                "userId": root.get("userId"),
+                "tags": list(root.get("tags") or ()),
+                "environment": root.get("environment"),
+                "sessionId": root.get("sessionId"),
+            }
+        )
+    return out
