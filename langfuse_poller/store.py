@@ -21,9 +21,7 @@ from typing import Any
 from .errors import StateError
 from .events import Event, Seen, Synthesis
 
-# Facts about the state that are not records (the read path each stream found) live in `seen` under this stream
-# name, which no stream has: `prune_seen` never reaches them, and no schema change was needed for them.
-META_STREAM = "@meta"
+# the `facts` table holds what the state knows besides records, such as the read path each stream found
 READ_PATH_KEY = "read-path:"
 
 MIGRATIONS: tuple[str, ...] = (
@@ -88,7 +86,7 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
-    # 2: alerting: alert groups of grouping rules, and silences
+    # 2: alerting (alert groups of grouping rules, silences); facts (the read path of each stream)
     """
     CREATE TABLE alert_groups (
         rule TEXT NOT NULL,
@@ -111,6 +109,11 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (rule, key)
     );
     CREATE INDEX alert_groups_due ON alert_groups (next_at) WHERE next_at IS NOT NULL;
+    CREATE TABLE facts (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    );
     CREATE TABLE silences (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         rule TEXT NOT NULL,
@@ -424,16 +427,13 @@ class Store:
         """Remember the read path ("v2" or "legacy") the poller uses for `stream`, and since when."""
         with self.write(now) as tx:
             tx.conn.execute(
-                "INSERT INTO seen (key, stream, ts, version, level) VALUES (?, ?, ?, ?, '') "
-                "ON CONFLICT (key) DO UPDATE SET ts = excluded.ts, version = excluded.version",
-                (READ_PATH_KEY + stream, META_STREAM, tx.now, path),
+                "INSERT OR REPLACE INTO facts (key, value, updated_at) VALUES (?, ?, ?)",
+                (READ_PATH_KEY + stream, path, tx.now),
             )
 
     def read_paths(self) -> dict[str, tuple[str, float]]:
         """The read path of each stream that has one, and when it was found: {stream: (path, since)}."""
-        rows = self._conn().execute(
-            "SELECT key, version, ts FROM seen WHERE stream = ? AND key LIKE ?", (META_STREAM, READ_PATH_KEY + "%")
-        )
+        rows = self._conn().execute("SELECT key, value, updated_at FROM facts WHERE key LIKE ?", (READ_PATH_KEY + "%",))
         return {key.removeprefix(READ_PATH_KEY): (path, since) for key, path, since in rows}
 
     def prune_seen(self, stream: str, before: float) -> int:
