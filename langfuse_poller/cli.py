@@ -275,7 +275,9 @@ def cmd_silence(args: argparse.Namespace) -> int:
             try:
                 duration = parse_duration(args.duration).total_seconds()
             except ValueError:
-                raise ConfigError("command line", "--for", args.duration, DURATION_FORM) from None
+                duration = 0.0
+            if duration <= 0:
+                raise ConfigError("command line", "--for", args.duration, f"{DURATION_FORM}, above zero")
             silence = add_silence(
                 store, args.rule, duration=duration, condition=args.when, comment=args.comment, now=now
             )
@@ -314,11 +316,11 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
     config = _config(args)
     rule = find_rule(config, args.rule)
     run = DryRun(rule)
+    bounds: list[datetime] = []
     if args.events:
         events = events_from_file(Path(args.events), run)
         source = args.events
     else:
-        bounds = []
         for flag, text in (("--since", args.since), ("--until", args.until)):
             try:
                 bounds.append(parse_start(text, datetime.now(UTC)))
@@ -326,7 +328,10 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
                 raise ConfigError("command line", flag, text, START_FORM) from None
         events = events_from_langfuse(config, rule, bounds[0], bounds[1])
         source = f"{config.langfuse.base_url} from {bounds[0].isoformat()} to {bounds[1].isoformat()}"
-    dry_run(config, rule, events, run)
+    if args.events:
+        dry_run(config, rule, events, run)
+    else:
+        dry_run(config, rule, events, run, since=bounds[0], until=bounds[1])
     if args.json:
         dump(run, sys.stdout)
     else:
@@ -352,7 +357,7 @@ def cmd_send_test_event(args: argparse.Namespace) -> int:
         event = test_event(args.event, base_url=config.langfuse.base_url)
         targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.targets(event)
         # a test event goes straight to an alerting rule's notifiers: it must not join a real alert group
-        grouping = {compiled.rule.target: compiled.rule.notify for compiled in runtime.router.rules}
+        grouping = {c.rule.target: c.rule.notify for c in runtime.router.rules if c.rule.grouping is not None}
         targets = list(
             dict.fromkeys(
                 expanded

@@ -18,6 +18,15 @@ SOURCES = ("poll", "webhook", "test", "rule")
 ERROR_LEVELS = ("ERROR", "WARNING")
 # the dedup key of a record is its stream's prefix and its id
 KEY_PREFIXES = {"observations": "o:", "scores": "s:"}
+# which stream each polled event type is made from
+STREAM_OF_EVENT = {
+    "trace.created": "observations",
+    "trace.updated": "observations",
+    "generation.created": "observations",
+    "observation.created": "observations",
+    "score.created": "scores",
+    "score.updated": "scores",
+}
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ class Runtime:
             store.lock()
         silences = Silences(store, clock=clock)
         router.silenced = silences.match
-        alerter = Alerter(store, router.rules, silences, clock=clock)
+        alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
         cancel = threading.Event()
         targets: dict[str, Notifier] = {
             f"handler:{name}": HandlerTarget(handler.func) for name, handler in handlers.handlers.items()

@@ -102,7 +102,7 @@ MIGRATIONS: tuple[str, ...] = (
         notified_count INTEGER NOT NULL DEFAULT 0,
         last_notified_at REAL,
         seq INTEGER NOT NULL DEFAULT 0,
-        muted INTEGER NOT NULL DEFAULT 0,
+        told TEXT NOT NULL DEFAULT '[]',
         samples TEXT NOT NULL DEFAULT '[]',
         arrivals TEXT NOT NULL DEFAULT '[]',
         next_at REAL,

@@ -123,8 +123,18 @@ class Silences:
         self._loaded_at = now
 
     def match(self, rule: str, envelope: Mapping[str, Any], now: float | None = None) -> Silence | None:
-        """The active silence covering this match of `rule`, if any."""
-        now = self.clock() if now is None else now
+        """The active silence covering this match of `rule`, if any; counted on the silence."""
+        silence = self._find(rule, envelope, self.clock() if now is None else now)
+        if silence is not None:
+            with self._lock:
+                self._counts[silence.id] += 1
+        return silence
+
+    def covers(self, rule: str, envelope: Mapping[str, Any], now: float | None = None) -> bool:
+        """Whether an active silence of `rule` covers this envelope (a group's latest match), not counting it."""
+        return self._find(rule, envelope, self.clock() if now is None else now) is not None
+
+    def _find(self, rule: str, envelope: Mapping[str, Any], now: float) -> Silence | None:
         with self._lock:
             self._refresh(now)
             candidates = self._active.get(rule)
@@ -137,8 +147,6 @@ class Silences:
                         continue
                 except Exception:
                     continue
-            with self._lock:
-                self._counts[silence.id] += 1
             return silence
         return None
 
