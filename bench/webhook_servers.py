@@ -1,11 +1,12 @@
 """Which HTTP server should receive webhooks: slow clients, huge bodies, many connections, throughput, TLS.
 
     pip install waitress uvicorn hypercorn cheroot trustme
-    python bench/webhook_servers.py [--servers waitress,cheroot,uvicorn,hypercorn] [--slow 200]
+    python bench/webhook_servers.py [--servers waitress,cheroot,uvicorn,hypercorn,langfuse-poller] [--slow 200]
 
 Each server runs in its own subprocess on 127.0.0.1 with the same small app (read the body, answer 200 JSON;
 413 above 1 MiB), a 2 s connection timeout where the server has one, and 4 worker threads where it has a
-pool. The driver then measures, per server:
+pool. `langfuse-poller` is the receiver itself (hypercorn, with the body deadline and the signature check,
+storing each event in a fresh SQLite state); every request is signed for it. The driver measures, per server:
 
 * idle: `--slow` connections that send nothing; the latency of a valid POST meanwhile; how many of the idle
   connections the server closed, and after how long;
@@ -22,6 +23,8 @@ Only loopback addresses are used; every loop is bounded in count and time.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import os
 import select
@@ -32,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,14 @@ from typing import Any
 LIMIT = 1 << 20
 TIMEOUT = 2
 THREADS = 4
-SERVERS = ("waitress", "cheroot", "uvicorn", "hypercorn")
+SERVERS = ("waitress", "cheroot", "uvicorn", "hypercorn", "langfuse-poller")
+SECRET = "lf-whsec_bench"
+
+
+def signed(body: bytes) -> dict[str, str]:
+    t = int(time.time())
+    digest = hmac.new(SECRET.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"content-type": "application/json", "x-langfuse-signature": f"t={t},v1={digest}"}
 
 
 # --- the app, in both flavours -----------------------------------------------------------------------------
@@ -154,6 +165,19 @@ def serve(name: str, port: int, cert: str | None, key: str | None) -> None:
         if cert and key:
             config.certfile, config.keyfile = cert, key
         asyncio.run(hypercorn_serve(asgi_app, config))  # type: ignore[arg-type]
+    elif name == "langfuse-poller":
+        from langfuse_poller.config import parse_config
+        from langfuse_poller.receiver import WebhookReceiver
+        from langfuse_poller.registry import Registry, Router
+        from langfuse_poller.store import Store
+
+        state = Path(tempfile.mkdtemp()) / "state.db"
+        webhook = {"listen": f"127.0.0.1:{port}", "path": "/", "secret": SECRET, "timeout": TIMEOUT, "max_body": LIMIT}
+        if cert and key:
+            webhook.update(tls_cert=cert, tls_key=key)
+        config = parse_config({"langfuse": {"public_key": "pk", "secret_key": "sk"}, "webhook": webhook}, "bench")
+        WebhookReceiver(config.webhook, Store(state), Router([], Registry())).start()
+        threading.Event().wait()
     else:
         raise SystemExit(f"unknown server {name}")
 
@@ -195,15 +219,14 @@ class Server:
         self.proc.wait(10)
 
 
-def post(port: int, body: bytes = b'{"x":1}', timeout: float = 15.0, scheme: str = "http") -> tuple[int, float]:
+def post(port: int, timeout: float = 15.0, scheme: str = "http") -> tuple[int, float]:
     import httpx
 
+    body = json.dumps({"id": uuid.uuid4().hex}).encode()
     start = time.monotonic()
     try:
         with httpx.Client(verify=False, timeout=timeout) as client:
-            response = client.post(
-                f"{scheme}://127.0.0.1:{port}/", content=body, headers={"content-type": "application/json"}
-            )
+            response = client.post(f"{scheme}://127.0.0.1:{port}/", content=body, headers=signed(body))
         return response.status_code, time.monotonic() - start
     except httpx.HTTPError:
         return 0, time.monotonic() - start
@@ -300,20 +323,15 @@ def throughput(port: int, threads: int = 50, each: int = 20) -> dict[str, Any]:
     latencies: list[float] = []
     failures = 0
     lock = threading.Lock()
-    body = json.dumps({"pad": "x" * 1000}).encode()
 
     def worker() -> None:
         nonlocal failures
         with httpx.Client(timeout=30) as client:
             for _ in range(each):
+                body = json.dumps({"id": uuid.uuid4().hex, "pad": "x" * 1000}).encode()
                 start = time.monotonic()
                 try:
-                    ok = (
-                        client.post(
-                            f"http://127.0.0.1:{port}/", content=body, headers={"content-type": "application/json"}
-                        ).status_code
-                        == 200
-                    )
+                    ok = client.post(f"http://127.0.0.1:{port}/", content=body, headers=signed(body)).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 with lock:
@@ -366,7 +384,11 @@ def measure(name: str, slow: int) -> dict[str, Any]:
         (
             "trickle_body",
             lambda port: slow_clients(
-                port, 50, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n", b"x", 6.0
+                port,
+                50,
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
+                b"x",
+                6.0,
             ),
         ),
         ("huge_length", lambda port: huge_body(port, chunked=False)),
