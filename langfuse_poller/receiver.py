@@ -255,7 +255,6 @@ class WebhookReceiver:
         self._stopping = False
         self._stop_soon: Callable[[], None] | None = None
         self._failure: BaseException | None = None
-        self._started_at = 0.0
 
     @property
     def url(self) -> str:
@@ -302,11 +301,11 @@ class WebhookReceiver:
         sock.detach()
         self._executor = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="webhook-store")
         self._thread = threading.Thread(target=self._serve, args=(server,), name="webhook-receiver", daemon=True)
-        self._started_at = time.monotonic()
         self._thread.start()
         # the socket already listens: requests queue in the backlog until the loop accepts them
+        deadline = time.monotonic() + START_TIMEOUT
         while not self._ready.wait(0.05):
-            if not self._thread.is_alive() or time.monotonic() > self._started_at + START_TIMEOUT:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise LangfusePollerError(
                     f"the webhook receiver on {self.url} did not start: {self._failure or 'timed out'}"
                 )
