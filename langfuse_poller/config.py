@@ -210,17 +210,6 @@ class PollConfig:
 
 
 @dataclass(frozen=True)
-class DeliveryConfig:
-    """Retries and retention of the durable delivery queue."""
-
-    max_attempts: int = 10
-    backoff: timedelta = timedelta(seconds=1)
-    max_backoff: timedelta = timedelta(minutes=10)
-    timeout: timedelta = timedelta(seconds=10)
-    retention: timedelta = timedelta(days=7)
-
-
-@dataclass(frozen=True)
 class WebhookConfig:
     """`[webhook]`: the receiver of Langfuse's own webhooks (see receiver.py). Never without a secret."""
 
@@ -236,6 +225,17 @@ class WebhookConfig:
     timeout: timedelta = timedelta(seconds=10)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retries and retention of the durable delivery queue."""
+
+    max_attempts: int = 10
+    backoff: timedelta = timedelta(seconds=1)
+    max_backoff: timedelta = timedelta(minutes=10)
+    timeout: timedelta = timedelta(seconds=10)
+    retention: timedelta = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -330,6 +330,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     handlers.finish()
 
     delivery = _parse_delivery(top.table("delivery"))
+    webhook = _parse_webhook(top.table("webhook"))
 
     notifiers_table = top.table("notifiers")
     notifiers: dict[str, NotifierConfig] = {}
@@ -339,7 +340,6 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     notifiers_table.finish()
 
     rules = _parse_rules(top, source, notifiers)
-    webhook = _parse_webhook(top.table("webhook"))
     top.finish()
     return Config(
         source=source,
@@ -415,50 +415,6 @@ def _parse_poll(table: Table) -> PollConfig:
     )
     table.finish()
     return config
-
-
-def _parse_delivery(table: Table) -> DeliveryConfig:
-    config = DeliveryConfig(
-        max_attempts=table.integer("max_attempts", 10, minimum=1),
-        backoff=table.positive_duration("backoff", "1s"),
-        max_backoff=table.positive_duration("max_backoff", "10m"),
-        timeout=table.positive_duration("timeout", "10s"),
-        retention=table.positive_duration("retention", "7d"),
-    )
-    table.finish()
-    return config
-
-
-def _parse_rules(top: Table, source: str, notifiers: Mapping[str, NotifierConfig]) -> tuple[Rule, ...]:
-    raw = top.raw("rules")
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise top.error("rules", raw, "an array of tables: [[rules]]")
-    rules: list[Rule] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(raw):
-        key = f"rules[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(source, key, entry, "a table with name, events and notify")
-        table = Table(source, key, entry)
-        name = table.required_str("name", expected="a name for the rule, unique in the file")
-        if name in seen:
-            raise table.error("name", name, "a name not used by another rule")
-        seen.add(name)
-        events = table.str_list("events")
-        if not events:
-            raise table.error(
-                "events", table.raw("events"), 'a non-empty list of event types or globs, e.g. ["trace.*"]'
-            )
-        notify = table.str_list("notify")
-        for target in notify:
-            if target not in notifiers:
-                known = ", ".join(sorted(notifiers)) or "none configured"
-                raise table.error("notify", target, f"the name of a [notifiers.NAME] table (configured: {known})")
-        rules.append(Rule(name=name, events=events, when=table.string("when"), notify=notify, key=key))
-        table.finish()
-    return tuple(rules)
 
 
 WEBHOOK_SECRET_EXPECTED = (
@@ -563,3 +519,47 @@ def _size(table: Table, name: str, default: int) -> int:
     if size is None or not 1024 <= size <= 1 << 30:
         raise table.error(name, value, 'a size between 1 KiB and 1 GiB: bytes, or "64KiB", "1MiB", "2MB"')
     return int(size)
+
+
+def _parse_delivery(table: Table) -> DeliveryConfig:
+    config = DeliveryConfig(
+        max_attempts=table.integer("max_attempts", 10, minimum=1),
+        backoff=table.positive_duration("backoff", "1s"),
+        max_backoff=table.positive_duration("max_backoff", "10m"),
+        timeout=table.positive_duration("timeout", "10s"),
+        retention=table.positive_duration("retention", "7d"),
+    )
+    table.finish()
+    return config
+
+
+def _parse_rules(top: Table, source: str, notifiers: Mapping[str, NotifierConfig]) -> tuple[Rule, ...]:
+    raw = top.raw("rules")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise top.error("rules", raw, "an array of tables: [[rules]]")
+    rules: list[Rule] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(raw):
+        key = f"rules[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(source, key, entry, "a table with name, events and notify")
+        table = Table(source, key, entry)
+        name = table.required_str("name", expected="a name for the rule, unique in the file")
+        if name in seen:
+            raise table.error("name", name, "a name not used by another rule")
+        seen.add(name)
+        events = table.str_list("events")
+        if not events:
+            raise table.error(
+                "events", table.raw("events"), 'a non-empty list of event types or globs, e.g. ["trace.*"]'
+            )
+        notify = table.str_list("notify")
+        for target in notify:
+            if target not in notifiers:
+                known = ", ".join(sorted(notifiers)) or "none configured"
+                raise table.error("notify", target, f"the name of a [notifiers.NAME] table (configured: {known})")
+        rules.append(Rule(name=name, events=events, when=table.string("when"), notify=notify, key=key))
+        table.finish()
+    return tuple(rules)

@@ -28,14 +28,10 @@ STOP_GRACE = 3.0
 
 
 class Daemon:
-    """Runs a Runtime until `stop()` (or SIGTERM/SIGINT when `run(install_signals=True)`).
+    """Runs a Runtime until `stop()` (or SIGTERM/SIGINT when `run(install_signals=True)`)."""
 
-    It polls, and receives webhooks too when `[webhook] enabled`; `webhooks_only` receives without polling.
-    """
-
-    def __init__(self, runtime: Runtime, *, webhooks_only: bool = False) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.webhooks_only = webhooks_only
         self.stopping = threading.Event()
         self._poll_done = threading.Event()
         self._poll_done.set()
@@ -81,17 +77,16 @@ class Daemon:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
         runtime = self.runtime
-        if not self.webhooks_only:
-            runtime.poller.start_streams()
-        if self.webhooks_only or runtime.config.webhook.enabled:
-            runtime.start_receiver()
+        if runtime.config.webhook.enabled:
+            runtime.start_receiver()  # first: a port in use stops the start before anything runs
+        runtime.poller.start_streams()
         scheduler = BackgroundScheduler(
             timezone=UTC,
             # one poll at a time; a poll that overran its interval is followed by one, not a burst
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         now = datetime.now(UTC)
-        if not self.webhooks_only:
+        if runtime.config.poll.streams:  # none: `serve-webhooks`, which only receives
             scheduler.add_job(
                 self.poll_job,
                 IntervalTrigger(seconds=runtime.config.poll.interval.total_seconds()),
@@ -101,15 +96,15 @@ class Daemon:
         scheduler.add_job(self.deliver_job, IntervalTrigger(seconds=DELIVERY_TICK), id="deliver", next_run_time=now)
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
         scheduler.start()
-        if self.webhooks_only:
-            log.info("langfuse-poller receiving webhooks, no polling: state %s", runtime.config.state_path)
-        else:
+        if runtime.config.poll.streams:
             log.info(
                 "langfuse-poller running: %s, every %s, state %s",
                 runtime.config.langfuse.base_url,
                 runtime.config.poll.interval,
                 runtime.config.state_path,
             )
+        else:
+            log.info("langfuse-poller running without polling (webhooks only), state %s", runtime.config.state_path)
         while not self.stopping.wait(0.5):
             pass
         log.info("stopping: finishing the poll and deliveries in flight")
