@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="watermarks, lag, last errors, queue and dead letters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("check", parents=[common], help="validate the config and reach Langfuse with the keys")
+    sub.add_parser(
+        "serve-webhooks", parents=[common], help="receive Langfuse's webhooks and deliver them, without polling"
+    )
 
     dead = sub.add_parser("dead-letters", parents=[common], help="inspect, replay or purge what failed for good")
     dead_sub = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -165,6 +168,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     return Daemon(_runtime(args)).run()
+
+
+def cmd_serve_webhooks(args: argparse.Namespace) -> int:
+    from .serve_webhooks import serve_webhooks
+
+    return serve_webhooks(_config(args))
 
 
 def cmd_once(args: argparse.Namespace) -> int:

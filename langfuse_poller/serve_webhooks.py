@@ -1,0 +1,23 @@
+"""`langfuse-poller serve-webhooks`: receive Langfuse's webhooks and deliver them, without polling.
+
+It is the daemon with the receiver on and no stream to poll: the same store, router, handlers, notifiers
+and alert groups as `run`. The state's lock makes it one or the other on a state file (`run` with
+`[webhook] enabled = true` does both in one process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .config import WEBHOOK_SECRET_EXPECTED, Config
+from .daemon import Daemon
+from .errors import ConfigError
+from .runtime import Runtime
+
+
+def serve_webhooks(config: Config) -> int:
+    """Serve `[webhook]` until SIGTERM or SIGINT; 0 on a clean stop. Whatever `enabled` says, a secret is needed."""
+    if not config.webhook.secrets:
+        raise ConfigError(config.source, "webhook.secret", None, WEBHOOK_SECRET_EXPECTED)
+    receive_only = replace(config, poll=replace(config.poll, streams=()), webhook=replace(config.webhook, enabled=True))
+    return Daemon(Runtime.build(receive_only)).run()
