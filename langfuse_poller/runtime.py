@@ -53,7 +53,7 @@ class Runtime:
         if lock:
             store.lock()
         silences = Silences(store, clock=clock)
-        router.silenced = silences.match
+        router.silences = silences
         alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
         cancel = threading.Event()
         targets: dict[str, Notifier] = {
