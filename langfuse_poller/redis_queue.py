@@ -90,6 +90,9 @@ class LoopThread:
 class RedisQueueTarget:
     """The delivery target `queue:redis`: adds the events it gets as BullMQ jobs, a batch in one MULTI."""
 
+    # the outbox keeps retrying (with its capped backoff) while Redis is down, rather than making dead letters
+    retries_forever = True
+
     def __init__(self, config: QueueConfig, delivery: DeliveryConfig) -> None:
         self.config = config
         self.options = job_options(delivery)
