@@ -62,9 +62,9 @@ class RedisServer:
 
     def start(self) -> None:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence]
-            + ["--dir", str(self.directory)],
+            ["redis-server", *where, "--save", "", *persistence],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -401,6 +401,19 @@ def test_a_failing_notifier_is_retried_then_the_job_waits_in_the_failed_set(
     # `flaky` got each event once: the retries of the score's job skipped the target it had reached
     assert sorted(r.headers["webhook-id"] for r in flaky.received) == sorted([trace_id, score_id])
     assert len(broken.statuses) == 3
+
+    # the README's way to retry the failed set
+    async def retry() -> None:
+        from bullmq import Queue
+
+        queue = Queue(QUEUE, {"connection": redis.url})
+        failed = await queue.getJobs(["failed"])
+        assert [job.id for job in failed] == [score_id] and "500" in failed[0].failedReason
+        await queue.retryJobs({"state": "failed"})
+        await queue.close()
+
+    asyncio.run(retry())
+    assert jobs_in(redis)[score_id]["state"] == "waiting"
 
 
 # --- a Node.js BullMQ worker -------------------------------------------------------------------------------
