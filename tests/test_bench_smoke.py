@@ -1,0 +1,111 @@
+"""Every benchmark in bench/ at tiny sizes, with its figures checked: the scripts keep working and keep
+measuring what BENCHMARKS.md says they measure. The full-size runs are by hand (see BENCHMARKS.md).
+
+Bounds here are the benchmarks' targets where a tiny run measures them steadily, and looser where a tiny run
+on a shared machine cannot (said at each one).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load(name: str) -> ModuleType:
+    """bench/<name>.py as a module (bench/ is no package; each script puts bench/ on the path itself)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_catchup(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "catchup.py"), "--observations", "500"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    figures = {
+        m.group(1).strip(): int(m.group(2)) for m in re.finditer(r"^([a-zA-Z ]+?)\s{2,}(\d+)", done.stdout, re.M)
+    }
+    traces = figures["scores"]  # one score per trace
+    # each trace yields at least trace.created, generation.created and score.created
+    assert figures["events delivered"] >= 3 * traces > 0, done.stdout
+    assert figures["API requests"] >= figures["minimum requests"] > 0, done.stdout
+
+
+def test_steady() -> None:
+    steady = load("steady")
+    figures = {(f.project, f.settings): f for f in steady.main(["--hours", "0.1", "--rate", "2"])}
+    for (project, _), f in figures.items():
+        # the head costs exactly one request per stream and poll, idle or at 2 traces/s
+        assert f.head == pytest.approx(2 * f.polls), (project, f)
+        assert f.delivered == f.expected and f.duplicates == 0, (project, f)
+    assert figures["busy", "default"].expected > 0
+    # the defaults re-read at 1m and 10m every 2m: two requests per stream per sweep, 1/6 more than the head
+    assert figures["idle", "default"].ratio == pytest.approx(1 + 1 / 6, abs=0.02)
+    assert figures["idle", "quota-saving"].ratio <= 1.1
+    assert figures["busy", "default"].records_read > 2 * figures["busy", "default"].records_made
+
+
+def test_latency() -> None:
+    latency = load("latency")
+    (f,) = latency.main(["--intervals", "1s", "--seconds", "3", "--rate", "10"])
+    assert f.events > 10 and f.delivered == f.events
+    # the targets are p50 <= 0.7 s and p99 <= 2 s; 3 s of traffic on a shared machine gets some slack
+    assert f.p50 <= 1.0 and f.p99 <= 3.0, (f.p50, f.p99)
+    assert 0 < len(f.waits) <= f.delivered
+
+
+def test_completeness() -> None:
+    completeness = load("completeness")
+    figures = completeness.main(["--minutes", "3", "--late-max", "120", "--settle", "default"])
+    ours = figures["langfuse-poller (defaults)"]
+    assert ours["expected"] > 100
+    assert ours["delivered"] == ours["expected"] and ours["duplicates"] == 0 and ours["unexpected"] == 0
+    naive = figures["naive: one page since the last check"]
+    assert naive["delivered"] < 0.5 * naive["expected"]  # most records are not visible yet when it reads them
+    overlap = next(f for name, f in figures.items() if name.startswith("naive with"))
+    assert overlap["duplicates"] > 0
+
+
+def test_chaos() -> None:
+    chaos = load("chaos")
+    f = chaos.main(
+        [
+            "--kills", "3",
+            "--backlog", "20",
+            "--max-life", "1.5",
+            "--live-rate", "3",
+            "--lookback", "4",
+            "--late-max", "2",
+            "--final-timeout", "60",
+        ]
+    )  # fmt: skip
+    assert f.kills == 3 and f.expected > 20
+    for got in (f.hook, f.archive):
+        assert len(set(got)) == f.expected, f
+        assert sum(n - 1 for n in got.values()) <= f.kills
+    assert f.met, f.problems
+    assert f.webhook_refused > 0  # the faults were on
+
+
+def test_cli() -> None:
+    cli = load("cli")
+    timings = {t.name: t for t in cli.main(["--runs", "3"])}
+    for name in ("langfuse-poller --help", "langfuse-poller status"):
+        # the target is a median under 0.3 s; the fastest of 3 runs stays under it even on a busy machine
+        assert min(timings[name].runs) < 0.3, timings[name]
