@@ -205,7 +205,9 @@ class PollConfig:
     lookback: timedelta = timedelta(minutes=10)
     start: str = "now"
     streams: tuple[str, ...] = STREAMS
-    settle: timedelta = timedelta(seconds=2)
+    # Langfuse makes most records readable 15-30 s after they start; a head that waits that long reads them
+    # the first time, instead of leaving them to the re-reads minutes later (see BENCHMARKS.md, completeness)
+    settle: timedelta = timedelta(seconds=30)
     reread: tuple[timedelta, ...] = (timedelta(minutes=1),)
     sweep_interval: timedelta = timedelta(minutes=2)
     catchup_slice: timedelta = timedelta(hours=1)
@@ -442,7 +444,7 @@ def _parse_poll(table: Table) -> PollConfig:
         lookback=lookback,
         start=start,
         streams=table.str_list("streams", STREAMS, choices=STREAMS),
-        settle=table.duration("settle", "2s"),
+        settle=table.duration("settle", "30s"),
         reread=reread,
         sweep_interval=table.positive_duration("sweep_interval", "2m"),
         catchup_slice=table.positive_duration("catchup_slice", "1h"),

@@ -236,7 +236,10 @@ def write_config(
     """A config: [langfuse] for `url` (or the given section), polls from an hour ago, state next to the file."""
     state = state or path.with_suffix(".db")
     head = langfuse_section(url) if langfuse is None else langfuse
-    path.write_text(f'{head}\n[poll]\nstart = "-1h"\n\n[state]\npath = {q(state)}\n\n{body}', encoding="utf-8")
+    # settle 0s: the stand-in makes records readable at once, unlike Langfuse (the default waits 30 s)
+    path.write_text(
+        f'{head}\n[poll]\nstart = "-1h"\nsettle = "0s"\n\n[state]\npath = {q(state)}\n\n{body}', encoding="utf-8"
+    )
     return path
 
 
