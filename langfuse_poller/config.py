@@ -36,6 +36,12 @@ class Secret:
 
     value: str = field(repr=False)
 
+    def __post_init__(self) -> None:
+        from .logs import hide
+
+        # whatever logs it by mistake (a library logging a URL with its token), the log shows *** instead
+        hide(self.value)
+
     def __repr__(self) -> str:
         return "Secret('***')"
 
