@@ -7,6 +7,7 @@ and what was expected, so that a person can fix it without reading the code.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -104,7 +105,9 @@ class Table:
             if not isinstance(path, str):
                 raise self.error(file_key, path, "the path of a file holding the secret")
             try:
-                text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+                text = expand_path(path).read_text(encoding="utf-8").strip()
+            except KeyError as exc:
+                raise self.error(file_key, path, _unset_variable(exc.args[0])) from None
             except OSError as exc:
                 raise self.error(file_key, path, f"a readable file ({exc.strerror})") from None
             if not text:
@@ -186,6 +189,28 @@ class Table:
             known = ", ".join(sorted(self._read)) or "no keys"
             # name the key, never its value: a misspelt `secert = "..."` holds a secret
             raise self.error(unknown[0], unknown[0], f"a known key of [{self.prefix or 'top level'}]: {known}")
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_path(text: str) -> Path:
+    """A path with `$NAME` or `${NAME}` replaced from the environment, and `~` expanded; KeyError(NAME) when a
+    variable is not set. `secret_key_file = "${CREDENTIALS_DIRECTORY}/langfuse-secret-key"` reads a systemd
+    credential wherever systemd mounted it."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise KeyError(name)
+        return os.environ[name]
+
+    return Path(_VARIABLE.sub(value, text)).expanduser()
+
+
+def _unset_variable(name: str) -> str:
+    hint = " (systemd sets it for a service with LoadCredential=)" if name == "CREDENTIALS_DIRECTORY" else ""
+    return f"the path of a file holding the secret, with every variable set: ${name} is not set{hint}"
 
 
 @dataclass(frozen=True)
