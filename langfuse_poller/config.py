@@ -271,6 +271,18 @@ class NotifierConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: where the Prometheus endpoint listens; off unless `listen` is set."""
+
+    host: str = ""
+    port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, after every check."""
 
@@ -282,6 +294,7 @@ class Config:
     rules: tuple[Rule, ...]
     notifiers: Mapping[str, NotifierConfig]
     delivery: DeliveryConfig
+    metrics: MetricsConfig = MetricsConfig()
 
 
 def default_state_path() -> Path:
@@ -350,6 +363,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     notifiers_table.finish()
 
     rules = parse_rules(top, notifiers)
+    metrics = _parse_metrics(top.table("metrics"))
     top.finish()
     return Config(
         source=source,
@@ -360,6 +374,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         rules=rules,
         notifiers=notifiers,
         delivery=delivery,
+        metrics=metrics,
     )
 
 
@@ -443,3 +458,17 @@ def _parse_delivery(table: Table) -> DeliveryConfig:
     )
     table.finish()
     return config
+
+
+def _parse_metrics(table: Table) -> MetricsConfig:
+    from .listening import LISTEN_FORM, parse_listen
+
+    text = table.string("listen")
+    table.finish()
+    if text is None:
+        return MetricsConfig()
+    try:
+        host, port = parse_listen(text)
+    except ValueError:
+        raise table.error("listen", text, LISTEN_FORM) from None
+    return MetricsConfig(host, port)

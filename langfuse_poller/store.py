@@ -8,11 +8,12 @@ ordered migrations, each applied in its own transaction and recorded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,7 @@ class Transaction:
         self.conn = conn
         self.now = now
         self.enqueued = 0
+        self.events: list[Event] = []  # stored by this transaction, for `Store.on_stored` once it commits
 
     def seen_states(self, keys: Sequence[str]) -> dict[str, Seen]:
         """What is remembered of these records; records never seen are absent."""
@@ -224,6 +226,7 @@ class Transaction:
             [(seq, target, self.now, ts, self.now) for target in dict.fromkeys(targets)],
         )
         self.enqueued += 1
+        self.events.append(event)
         return True
 
     def mark_done(self, ids: Sequence[int]) -> None:
@@ -272,6 +275,8 @@ class Store:
         self.clock = clock
         self._local = threading.local()
         self._lock_fd: int | None = None
+        # told of the events each transaction stored, once it committed (the metrics count them by type)
+        self.on_stored: Callable[[Sequence[Event]], None] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -305,12 +310,19 @@ class Store:
         """One write transaction: everything inside commits together, or nothing does."""
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
+        tx = Transaction(conn, self.clock() if now is None else now)
         try:
-            yield Transaction(conn, self.clock() if now is None else now)
+            yield tx
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if tx.events and self.on_stored is not None:
+            try:
+                self.on_stored(tx.events)
+            except Exception:
+                # the transaction committed: an observer's failure must not look like the write's
+                logging.getLogger(__name__).exception("an observer of stored events failed")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
