@@ -163,7 +163,7 @@ def _runtime(args: argparse.Namespace, *, lock: bool = True) -> Runtime:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
-    return Daemon(_runtime(args)).run()
+    return Daemon(_runtime(args), load_config=lambda: _config(args)).run()
 
 
 def cmd_once(args: argparse.Namespace) -> int:
