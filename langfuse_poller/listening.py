@@ -108,3 +108,12 @@ def describe_probe(address: ListenAddress, error: OSError | None, running_pid: s
     if error.errno == errno.EACCES:
         return False, f"{where}: permission denied (ports below 1024 need privileges); fix {address.key}"
     return False, f"{where} cannot be listened on: {error.strerror}"
+
+
+def check_listeners(config: Config) -> list[tuple[bool, str]]:
+    """`check`'s lines for every address `run` will listen on: free, or held by the running daemon itself."""
+    addresses = listen_addresses(config)
+    if not addresses:
+        return []
+    running = lock_holder(config.state_path)
+    return [describe_probe(address, probe(address), running) for address in addresses]
