@@ -153,7 +153,7 @@ class Metrics:
 
     def __init__(self, runtime: Runtime, *, stalled: Callable[[], float] | None = None) -> None:
         # the `_created` series of every counter would double what a scrape carries, for nothing a rule uses
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry()
         self.events = Counter(
             f"{PREFIX}_events",

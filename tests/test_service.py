@@ -205,15 +205,29 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Running]]:
         running.proc.wait(timeout=10)
 
 
-def config_file(
-    path: Path, url: str, body: str = "", *, interval: str = "250ms", extra_poll: str = "", extra: str = ""
-) -> Path:
-    """A config polling fast from an hour ago, with its state next to it."""
+def config_file(path: Path, url: str, body: str = "", *, interval: str = "250ms", extra: str = "") -> Path:
+    """A config polling fast from an hour ago (late records within 5 s are re-read every second), retrying
+    deliveries fast and long, with its state next to it; `extra` and `body` are appended."""
     path.write_text(
-        f'{langfuse_section(url)}timeout = "10s"\n\n'
-        f'[poll]\ninterval = "{interval}"\nstart = "-1h"\nsettle = "0s"\nreread = []\nlookback = "5s"\nsweep_interval = "1s"\n{extra_poll}\n'
-        f"[state]\npath = {q(path.with_suffix('.db'))}\n\n"
-        f'[delivery]\nbackoff = "100ms"\nmax_backoff = "300ms"\nmax_attempts = 1000\n\n{extra}{body}',
+        f"""{langfuse_section(url)}timeout = "10s"
+
+[poll]
+interval = "{interval}"
+start = "-1h"
+settle = "0s"
+reread = []
+lookback = "5s"
+sweep_interval = "1s"
+
+[state]
+path = {q(path.with_suffix(".db"))}
+
+[delivery]
+backoff = "100ms"
+max_backoff = "300ms"
+max_attempts = 1000
+
+{extra}{body}""",
         encoding="utf-8",
     )
     return path
@@ -226,6 +240,42 @@ def data_requests(fake: FakeLangfuse, before: float | None = None) -> int:
         for r in list(fake.requests)
         if r.path.endswith(("/v2/observations", "/v3/scores")) and (before is None or r.at <= before)
     )
+
+
+# --- the protocol, in this process --------------------------------------------------------------------------
+
+
+def test_the_notification_protocol_on_a_path_and_in_the_abstract_namespace(tmp_path: Path) -> None:
+    from langfuse_poller.sdnotify import STATUS_MAX, ServiceManager
+
+    for address in (str(tmp_path / "manager.sock"), f"@langfuse-poller-unit-{os.getpid()}-{time.monotonic_ns()}"):
+        sock = NotifySocket(address)
+        try:
+            manager = ServiceManager({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "3000000"})
+            assert manager.enabled and manager.watchdog_timeout == 3.0
+            assert manager.ready("first line\nsecond line")
+            assert manager.status("x" * 1000)
+            before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            assert manager.reloading("reloading")
+            after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            ready = sock.wait_for("READY", timeout=5)
+            assert ready.fields == {"READY": "1", "STATUS": "first line second line"}
+            status = sock.wait_for("STATUS", timeout=5, where=lambda n: n.fields["STATUS"].startswith("x"))
+            assert len(status["STATUS"]) == STATUS_MAX and status["STATUS"].endswith("...")
+            reloading = sock.wait_for("RELOADING", timeout=5)
+            assert before <= int(reloading["MONOTONIC_USEC"]) <= after
+            manager.close()
+        finally:
+            sock.close()
+
+    outside = ServiceManager({})
+    assert not outside.enabled and outside.watchdog_timeout is None and not outside.ready("ready")
+    # the watchdog is the main process's: a child that inherited the variables is not watched
+    assert ServiceManager({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}).watchdog_timeout is None
+    assert ServiceManager({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": str(os.getpid())}).watchdog_timeout == 1.0
+    # a manager that went away: nothing is sent, nothing is raised
+    gone = ServiceManager({"NOTIFY_SOCKET": str(tmp_path / "nobody.sock")})
+    assert gone.enabled and not gone.watchdog() and not gone.stopping("stopping")
 
 
 # --- READY, STATUS, STOPPING ---------------------------------------------------------------------------------
