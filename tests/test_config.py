@@ -52,7 +52,7 @@ def test_the_example_config_loads_with_every_section() -> None:
     Router(config.rules)  # every CEL condition of the example compiles
     # every key of the example was read: nothing in it is silently ignored
     data = tomllib.loads(EXAMPLE.read_text())
-    assert set(data) == {"langfuse", "poll", "state", "handlers", "delivery", "rules", "notifiers"}
+    assert set(data) == {"langfuse", "poll", "state", "handlers", "metrics", "delivery", "rules", "notifiers"}
 
 
 @pytest.mark.parametrize(
