@@ -33,9 +33,6 @@ def run_check(config: Config, *, out: TextIO) -> int:
         except Exception as exc:
             report(False, f"notifier {name} ({notifier_config.type}): {exc}")
 
-    if not router.rules and not registry.handlers:
-        out.write("note no [[rules]] and no handlers: events are polled but go nowhere\n")
-
     from .listening import check_listeners
 
     for ok, what in check_listeners(config):

@@ -19,6 +19,7 @@ new handler modules and builds the notifiers, and swaps them in only when all of
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -96,6 +97,9 @@ def build(runtime: Runtime, prepared: Prepared) -> Routing:
     before = set(registry.handlers)
     built: dict[str, Notifier] = {}
     try:
+        if prepared.new_modules:
+            # the import system caches directory listings: a module file written since the start would be missed
+            importlib.invalidate_caches()
         import_handler_modules(prepared.new_modules, prepared.config.source)
         router = prepared.router
         clock = runtime.worker.clock

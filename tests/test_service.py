@@ -436,6 +436,20 @@ def reload_and_wait(running: Running, notify: NotifySocket) -> tuple[Notice, Not
     return reloading, ready
 
 
+RELOADED_HANDLERS = """
+import json
+import os
+
+from langfuse_poller import on
+
+
+@on("score.*", name="reloaded")
+def reloaded(event):
+    with open(os.environ["HANDLED"], "a", encoding="utf-8") as out:
+        out.write(json.dumps({"id": event.id}) + "\\n")
+"""
+
+
 def test_sighup_applies_new_rules_and_notifiers_and_keeps_state_and_pending_deliveries(
     tmp_path: Path,
     langfuse: FakeLangfuse,
@@ -448,26 +462,31 @@ def test_sighup_applies_new_rules_and_notifiers_and_keeps_state_and_pending_deli
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     routes = jsonl("a", a) + webhook("hook", receiver.url) + rule("a", ["trace.created"], ["a", "hook"])
     config = config_file(tmp_path / "config.toml", langfuse.url, routes)
-    running = daemon(config, notify.env)
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    env = {**notify.env, "PYTHONPATH": str(modules), "HANDLED": str(tmp_path / "handled.jsonl")}
+    running = daemon(config, env)
     notify.wait_for("READY")
     assert wait_for(lambda: len(read_jsonl(a)) == 1 and len(receiver.requests()) >= 1)
 
-    # a new notifier and a new rule, the rest as it was
-    config_file(
-        tmp_path / "config.toml", langfuse.url, routes + jsonl("b", b) + rule("b", ["trace.*", "score.*"], ["b"])
-    )
+    # a new notifier, a new rule and a new handler module, the rest as it was
+    (modules / "reloaded_handlers.py").write_text(RELOADED_HANDLERS, encoding="utf-8")
+    more = jsonl("b", b) + rule("b", ["trace.*", "score.*"], ["b"])
+    handlers = '[handlers]\nmodules = ["reloaded_handlers"]\n'
+    config_file(tmp_path / "config.toml", langfuse.url, routes + more, extra=handlers)
     reloading, ready = reload_and_wait(running, notify)
     usec = int(reloading["MONOTONIC_USEC"])
     assert abs(usec / 1e6 - reloading.at) < 5.0, "MONOTONIC_USEC is not CLOCK_MONOTONIC"
     assert (ready.get("STATUS") or "").startswith("reloaded; "), ready.fields
 
-    second = langfuse.add_trace(start_time=ago(1))[0]["traceId"]
-    score = langfuse.add_score(trace_id=second, value=0.3, timestamp=ago(1))["id"]
+    second = langfuse.add_trace()[0]["traceId"]
+    score = langfuse.add_score(trace_id=second, value=0.3)["id"]
     want_b = {f"trace.created:{second}", f"score.created:{score}"}
     assert wait_for(lambda: want_b <= {e["id"] for e in read_jsonl(b)}), read_jsonl(b)
     # the state was kept: nothing read again, nothing sent twice; the new rule sees new events only
     assert [e["id"] for e in read_jsonl(a)] == [f"trace.created:{first}", f"trace.created:{second}"]
     assert {e["id"] for e in read_jsonl(b)} == want_b
+    assert wait_for(lambda: read_jsonl(tmp_path / "handled.jsonl") == [{"id": f"score.created:{score}"}])
 
     # the deliveries pending for the webhook before the reload were kept, and go out once it answers
     refused = len(receiver.requests())
@@ -475,7 +494,7 @@ def test_sighup_applies_new_rules_and_notifiers_and_keeps_state_and_pending_deli
     want_hook = {f"trace.created:{first}", f"trace.created:{second}"}
     assert wait_for(lambda: {r.json()["id"] for r in receiver.requests()[refused:]} >= want_hook, 15)
     output = running.stop()
-    assert "config reloaded: 2 rules, 3 notifiers, 0 handlers" in output, output
+    assert "config reloaded: 2 rules, 3 notifiers, 1 handlers" in output, output
     status = json.loads(
         subprocess.run(
             [*MODULE, "status", "--json", "--config", str(config)], capture_output=True, text=True, timeout=30
@@ -511,7 +530,7 @@ def test_sighup_with_a_broken_config_keeps_the_running_one_and_names_the_key(
         assert status.startswith(f"reload failed, running the previous config: {path}: {key}: expected {words}"), status
         running.wait_log(f"reload failed, the running config stays: {path}: {key}: expected {words}")
         # the old config still runs, polls and delivers
-        trace = langfuse.add_trace(start_time=ago(1))[0]["traceId"]
+        trace = langfuse.add_trace()[0]["traceId"]
         expected.append(f"trace.created:{trace}")
         assert wait_for(lambda: [e["id"] for e in read_jsonl(events)] == expected), (key, read_jsonl(events))
 
