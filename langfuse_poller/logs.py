@@ -153,6 +153,8 @@ def setup_logging(level: str = "info", log_format: str = "auto", *, stream: Text
     if not root.handlers:
         root.addHandler(handler)
         root.setLevel(getattr(logging, level.upper()))
+        # Python's warnings too, in the same format (and under systemd, with a priority)
+        logging.captureWarnings(True)
     # request logs of the HTTP clients carry full URLs, and notifier URLs can hold tokens
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
