@@ -37,9 +37,9 @@ from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
 from .errors import LangfusePollerError
-from .events import Event
 from .legacy import TRACES_PATH
 from .listening import format_listen
+from .store import StoredEvent
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -197,11 +197,11 @@ class Metrics:
     def on_request(self, path: str, outcome: str) -> None:
         self.api_requests.labels(endpoint_label(path), outcome).inc()
 
-    def on_stored(self, events: Sequence[Event]) -> None:
+    def on_stored(self, events: Sequence[StoredEvent]) -> None:
         for event in events:
             self.events.labels(event.type, event.source).inc()
-            if event.source == "rule":
-                self.alert_notifications.labels(str(event.data.get("rule")), event.type.removeprefix("rule.")).inc()
+            if event.rule is not None:
+                self.alert_notifications.labels(event.rule, event.type.removeprefix("rule.")).inc()
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("ok" if ok else "failed").inc()

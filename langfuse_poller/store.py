@@ -176,6 +176,28 @@ def _sweep_watermarks(conn: sqlite3.Connection, stream: str) -> dict[float, floa
     return dict(conn.execute("SELECT age, watermark FROM sweeps WHERE stream = ?", (stream,)).fetchall())
 
 
+@dataclass(frozen=True)
+class StoredEvent:
+    """What `Store.on_stored` is told of an event a transaction stored: its type, source, and rule (alerts)."""
+
+    type: str
+    source: str
+    rule: str | None
+
+
+def _stored_by(tx: Transaction) -> list[StoredEvent]:
+    """The events `tx` stored: the last `tx.enqueued` rows, since the transaction holds the write lock and
+    `seq` only grows. Read inside the transaction, before another writer can add any."""
+    rows = tx.conn.execute(
+        "SELECT type, source, CASE WHEN source = 'rule' THEN body END FROM events ORDER BY seq DESC LIMIT ?",
+        (tx.enqueued,),
+    )
+    return [
+        StoredEvent(kind, source, str(json.loads(body).get("data", {}).get("rule")) if body else None)
+        for kind, source, body in rows
+    ]
+
+
 class Transaction:
     """The writes of one transaction; obtained from `Store.write()`."""
 
@@ -183,7 +205,6 @@ class Transaction:
         self.conn = conn
         self.now = now
         self.enqueued = 0
-        self.events: list[Event] = []  # stored by this transaction, for `Store.on_stored` once it commits
 
     def seen_states(self, keys: Sequence[str]) -> dict[str, Seen]:
         """What is remembered of these records; records never seen are absent."""
@@ -226,7 +247,6 @@ class Transaction:
             [(seq, target, self.now, ts, self.now) for target in dict.fromkeys(targets)],
         )
         self.enqueued += 1
-        self.events.append(event)
         return True
 
     def mark_done(self, ids: Sequence[int]) -> None:
@@ -276,7 +296,7 @@ class Store:
         self._local = threading.local()
         self._lock_fd: int | None = None
         # told of the events each transaction stored, once it committed (the metrics count them by type)
-        self.on_stored: Callable[[Sequence[Event]], None] | None = None
+        self.on_stored: Callable[[Sequence[StoredEvent]], None] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -313,13 +333,14 @@ class Store:
         tx = Transaction(conn, self.clock() if now is None else now)
         try:
             yield tx
+            stored = _stored_by(tx) if tx.enqueued and self.on_stored is not None else []
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-        if tx.events and self.on_stored is not None:
+        if stored and self.on_stored is not None:
             try:
-                self.on_stored(tx.events)
+                self.on_stored(stored)
             except Exception:
                 # the transaction committed: an observer's failure must not look like the write's
                 logging.getLogger(__name__).exception("an observer of stored events failed")
