@@ -23,6 +23,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--observations", type=int, default=10_000, help="5 per trace, 1 trace in 10 an error")
     parser.add_argument("--hours", type=float, default=24.0, help="how far back the backlog spreads")
+    parser.add_argument("--profile", metavar="PATH", help="write a cProfile of the `once` process here")
     args = parser.parse_args()
     traces = max(1, args.observations // 5)
     with FakeLangfuse() as fake, tempfile.TemporaryDirectory() as tmp:
@@ -61,6 +62,12 @@ path = "{tmp}/events.jsonl"
             " file=sys.stderr)); "
             "sys.argv = ['langfuse-poller', *sys.argv[1:]]; runpy.run_module('langfuse_poller', run_name='__main__')"
         )
+        if args.profile:
+            probe = probe.replace(
+                "runpy.run_module('langfuse_poller', run_name='__main__')",
+                f"import cProfile; cProfile.run(\"runpy.run_module('langfuse_poller', run_name='__main__')\", "
+                f"{args.profile!r})",
+            )
         done = subprocess.run(
             [sys.executable, "-c", probe, "once", "--config", str(config)], capture_output=True, text=True
         )

@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 import tenacity
 
 from .backoff import jittered_backoff
@@ -442,7 +443,8 @@ class LangfuseReader:
         if status >= 400:
             raise ApiError(f"{self.host} refused GET {path}: HTTP {status}: {_message(response)}", status=status)
         try:
-            return response.json()
+            # a page of 1000 observations is a few megabytes of JSON: orjson reads it several times faster
+            return orjson.loads(response.content)
         except ValueError:
             raise _Retry("the answer was not valid JSON") from None
 

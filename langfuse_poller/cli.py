@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="watermarks, lag, last errors, queue and dead letters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("check", parents=[common], help="validate the config and reach Langfuse with the keys")
+    sub.add_parser(
+        "serve-webhooks", parents=[common], help="receive Langfuse's webhooks and deliver them, without polling"
+    )
 
     dead = sub.add_parser("dead-letters", parents=[common], help="inspect, replay or purge what failed for good")
     dead_sub = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -166,6 +169,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return Daemon(_runtime(args), load_config=lambda: _config(args)).run()
 
 
+def cmd_serve_webhooks(args: argparse.Namespace) -> int:
+    from .serve_webhooks import serve_webhooks
+
+    return serve_webhooks(_config(args))
+
+
 def cmd_once(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     try:
@@ -274,7 +283,9 @@ def cmd_silence(args: argparse.Namespace) -> int:
             try:
                 duration = parse_duration(args.duration).total_seconds()
             except ValueError:
-                raise ConfigError("command line", "--for", args.duration, DURATION_FORM) from None
+                duration = 0.0
+            if duration <= 0:
+                raise ConfigError("command line", "--for", args.duration, f"{DURATION_FORM}, above zero")
             silence = add_silence(
                 store, args.rule, duration=duration, condition=args.when, comment=args.comment, now=now
             )
@@ -313,11 +324,11 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
     config = _config(args)
     rule = find_rule(config, args.rule)
     run = DryRun(rule)
+    bounds: list[datetime] = []
     if args.events:
         events = events_from_file(Path(args.events), run)
         source = args.events
     else:
-        bounds = []
         for flag, text in (("--since", args.since), ("--until", args.until)):
             try:
                 bounds.append(parse_start(text, datetime.now(UTC)))
@@ -325,7 +336,10 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
                 raise ConfigError("command line", flag, text, START_FORM) from None
         events = events_from_langfuse(config, rule, bounds[0], bounds[1])
         source = f"{config.langfuse.base_url} from {bounds[0].isoformat()} to {bounds[1].isoformat()}"
-    dry_run(config, rule, events, run)
+    if args.events:
+        dry_run(config, rule, events, run)
+    else:
+        dry_run(config, rule, events, run, since=bounds[0], until=bounds[1])
     if args.json:
         dump(run, sys.stdout)
     else:
@@ -351,7 +365,7 @@ def cmd_send_test_event(args: argparse.Namespace) -> int:
         event = test_event(args.event, base_url=config.langfuse.base_url)
         targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.targets(event)
         # a test event goes straight to an alerting rule's notifiers: it must not join a real alert group
-        grouping = {compiled.rule.target: compiled.rule.notify for compiled in runtime.router.rules}
+        grouping = {c.rule.target: c.rule.notify for c in runtime.router.rules if c.rule.grouping is not None}
         targets = list(
             dict.fromkeys(
                 expanded

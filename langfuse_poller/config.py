@@ -250,6 +250,24 @@ class PollConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """`[webhook]`: the receiver of Langfuse's own webhooks (see receiver.py). Never without a secret."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8787
+    path: str = "/api/webhooks/langfuse"
+    # several during a rotation: a request signed with any of them is accepted
+    secrets: tuple[Secret, ...] = ()
+    tolerance: timedelta = timedelta(minutes=5)
+    max_body: int = 1 << 20
+    accept_unsigned_timestamp: bool = False
+    timeout: timedelta = timedelta(seconds=10)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+@dataclass(frozen=True)
 class DeliveryConfig:
     """Retries and retention of the durable delivery queue."""
 
@@ -295,6 +313,7 @@ class Config:
     notifiers: Mapping[str, NotifierConfig]
     delivery: DeliveryConfig
     metrics: MetricsConfig = MetricsConfig()
+    webhook: WebhookConfig = WebhookConfig()
 
 
 def default_state_path() -> Path:
@@ -354,6 +373,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     handlers.finish()
 
     delivery = _parse_delivery(top.table("delivery"))
+    webhook = _parse_webhook(top.table("webhook"))
 
     notifiers_table = top.table("notifiers")
     notifiers: dict[str, NotifierConfig] = {}
@@ -375,6 +395,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         notifiers=notifiers,
         delivery=delivery,
         metrics=metrics,
+        webhook=webhook,
     )
 
 
@@ -446,6 +467,110 @@ def _parse_poll(table: Table) -> PollConfig:
     )
     table.finish()
     return config
+
+
+WEBHOOK_SECRET_EXPECTED = (
+    "a webhook secret (lf-whsec_...) in [webhook] secret (a string, or a list during a rotation), "
+    "secret_file, or the LANGFUSE_WEBHOOK_SECRET environment variable"
+)
+LISTEN_FORM = 'an address and port such as "127.0.0.1:8787" or "[::1]:8787"'
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "kb": 1000, "mib": 1 << 20, "mb": 1000**2}
+
+
+def _parse_webhook(table: Table) -> WebhookConfig:
+    enabled = table.boolean("enabled", False)
+    host, port = _listen_address(table)
+    path = table.string("path", WebhookConfig.path) or WebhookConfig.path
+    if not path.startswith("/") or path == "/healthz" or any(c in path for c in "?# "):
+        raise table.error("path", path, 'a URL path starting with "/", other than /healthz')
+    secrets = _webhook_secrets(table)
+    tls_cert, tls_key = _pem_file(table, "tls_cert"), _pem_file(table, "tls_key")
+    if (tls_cert is None) != (tls_key is None):
+        missing = "tls_key" if tls_key is None else "tls_cert"
+        raise table.error(missing, None, "both tls_cert and tls_key, or neither (then plain HTTP is served)")
+    config = WebhookConfig(
+        enabled=enabled,
+        host=host,
+        port=port,
+        path=path,
+        secrets=secrets,
+        tolerance=table.positive_duration("tolerance", "5m"),
+        max_body=_size(table, "max_body", WebhookConfig.max_body),
+        accept_unsigned_timestamp=table.boolean("accept_unsigned_timestamp", False),
+        timeout=table.positive_duration("timeout", "10s"),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    table.finish()  # first: a misspelt `secert` is named as such
+    if enabled and not secrets:
+        # the receiver never accepts unsigned input
+        raise table.error("secret", None, WEBHOOK_SECRET_EXPECTED)
+    return config
+
+
+def _pem_file(table: Table, name: str) -> Path | None:
+    text = table.string(name)
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise table.error(name, text, "the path of a readable PEM file")
+    return path
+
+
+def _listen_address(table: Table) -> tuple[str, int]:
+    """`listen = "host:port"`: an IP address (IPv6 in brackets) or localhost, and a port (0: any free one)."""
+    import ipaddress
+
+    text = table.string("listen", "127.0.0.1:8787") or "127.0.0.1:8787"
+    host, sep, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(text)
+        if host != "localhost":
+            ipaddress.ip_address(host)
+    except ValueError:
+        raise table.error("listen", text, LISTEN_FORM) from None
+    return host, int(port_text)
+
+
+def _webhook_secrets(table: Table) -> tuple[Secret, ...]:
+    """`secret` (a string or a list), else `secret_file` (one secret a line), else $LANGFUSE_WEBHOOK_SECRET
+    (several separated by commas)."""
+    value = table.raw("secret")
+    if isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v.strip() for v in value):
+            # the values are secrets: never echo them
+            raise table.error("secret", "<hidden>", "a non-empty string or a list of non-empty strings")
+        if table.raw("secret_file") is not None:
+            raise table.error("secret_file", "both set", "either webhook.secret or webhook.secret_file, not both")
+        return tuple(Secret(v.strip()) for v in value)
+    secret = table.secret("secret", env=("LANGFUSE_WEBHOOK_SECRET",))
+    if secret is None:
+        return ()
+    # during a rotation a file or the environment holds several: one a line, or separated by commas
+    parts = [p.strip() for p in secret.reveal().replace(",", "\n").splitlines()] if value is None else [secret.value]
+    return tuple(Secret(p) for p in parts if p)
+
+
+def _size(table: Table, name: str, default: int) -> int:
+    """A size in bytes: a number, or a string such as "64KiB", "1MiB", "2MB"; at least 1 KiB."""
+    import re
+
+    value = table.raw(name)
+    if value is None:
+        return default
+    size: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)):
+        unit = _SIZE_UNITS.get(match.group(2).lower())
+        size = None if unit is None else float(match.group(1)) * unit
+    if size is None or not 1024 <= size <= 1 << 30:
+        raise table.error(name, value, 'a size between 1 KiB and 1 GiB: bytes, or "64KiB", "1MiB", "2MB"')
+    return int(size)
 
 
 def _parse_delivery(table: Table) -> DeliveryConfig:

@@ -102,6 +102,8 @@ class Daemon:
             signal.signal(signal.SIGINT, self._on_signal)
             signal.signal(signal.SIGHUP, self._on_reload_signal)
         runtime = self.runtime
+        if runtime.config.webhook.enabled:
+            runtime.start_receiver()  # first: a port in use stops the start before anything runs
         runtime.poller.start_streams()
         runtime.alerter.start()
         scheduler = BackgroundScheduler(
@@ -110,29 +112,36 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         now = datetime.now(UTC)
-        scheduler.add_job(
-            self.poll_job,
-            IntervalTrigger(seconds=runtime.config.poll.interval.total_seconds()),
-            id="poll",
-            next_run_time=now,
-        )
+        if runtime.config.poll.streams:  # none: `serve-webhooks`, which only receives
+            scheduler.add_job(
+                self.poll_job,
+                IntervalTrigger(seconds=runtime.config.poll.interval.total_seconds()),
+                id="poll",
+                next_run_time=now,
+            )
         scheduler.add_job(self.deliver_job, IntervalTrigger(seconds=DELIVERY_TICK), id="deliver", next_run_time=now)
         scheduler.add_job(self.alert_job, IntervalTrigger(seconds=ALERT_TICK), id="alerts", next_run_time=now)
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
         self.service.start(scheduler)
         scheduler.start()
-        log.info(
-            "langfuse-poller running: %s, every %s, state %s",
-            runtime.config.langfuse.base_url,
-            runtime.config.poll.interval,
-            runtime.config.state_path,
-        )
+        if runtime.config.poll.streams:
+            log.info(
+                "langfuse-poller running: %s, every %s, state %s",
+                runtime.config.langfuse.base_url,
+                runtime.config.poll.interval,
+                runtime.config.state_path,
+            )
+        else:
+            log.info("langfuse-poller running without polling (webhooks only), state %s", runtime.config.state_path)
         while not self.stopping.wait(0.5):
             if self._reload.is_set():
                 self._reload.clear()
                 self.service.reload()
         log.info("stopping: finishing the poll and deliveries in flight")
         self.service.stopping_now()
+        if runtime.receiver is not None:
+            # nothing new comes in; the requests in flight are stored and answered
+            runtime.receiver.stop()
         runtime.cancel.set()
         scheduler.shutdown(wait=False)
         poll_ended = self._poll_done.wait(STOP_GRACE)

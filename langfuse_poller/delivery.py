@@ -21,12 +21,12 @@ from .backoff import backoff_seconds, jittered_backoff
 from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
-from .notifiers.base import Notifier
+from .notifiers.base import BatchNotifier, Notifier, RawBatchNotifier
 from .store import Due, Store, Transaction
 
 log = logging.getLogger(__name__)
 
-BATCH = 200
+BATCH = 500
 FORGOTTEN_TARGET_CHECK = 60.0
 # `once` waits for retries due within this long; later ones stay pending for the next run
 ONCE_RETRY_HORIZON = 5.0
@@ -164,8 +164,8 @@ class DeliveryWorker:
                 break
             if isinstance(target, InProcessTarget):
                 ok = self._apply_batch(name, target, batch)
-            elif (send_many := getattr(target, "send_many", None)) is not None:
-                ok = self._send_batch(name, send_many, batch)
+            elif isinstance(target, BatchNotifier | RawBatchNotifier):
+                ok = self._send_batch(name, target, batch)
             else:
                 ok = self._send_each(name, target, batch)
             sent += ok
@@ -214,9 +214,12 @@ class DeliveryWorker:
         """Whether a target that looked down is waiting for its retry."""
         return self._resting_until.get(name, 0.0) > (self.clock() if now is None else now)
 
-    def _send_batch(self, name: str, send_many: Callable[[Sequence[Event]], None], batch: Sequence[Due]) -> int:
+    def _send_batch(self, name: str, target: BatchNotifier | RawBatchNotifier, batch: Sequence[Due]) -> int:
         try:
-            send_many([due.event for due in batch])
+            if isinstance(target, RawBatchNotifier):
+                target.send_raw([(due.event_id, due.body) for due in batch])
+            else:
+                target.send_many([due.event for due in batch])
         except Exception as exc:
             for due in batch:
                 self._failed(name, due, exc)
@@ -237,7 +240,7 @@ class DeliveryWorker:
             reason = message if not retryable else f"{message} (gave up after {attempts} attempts)"
             self.store.mark_dead(due.id, error=reason)
             self.stats.add(self.stats.dead, name)
-            log.error("delivery of %s to %s failed for good: %s", due.event.id, name, reason)
+            log.error("delivery of %s to %s failed for good: %s", due.event_id, name, reason)
             return
         delay = max(self.backoff(attempts), retry_after or 0.0)
         next_at = self.clock() + delay
@@ -246,7 +249,7 @@ class DeliveryWorker:
             self._resting_until[name] = next_at
         log.warning(
             "delivery of %s to %s failed (%s); retry %d in %.1fs",
-            due.event.id,
+            due.event_id,
             name,
             message,
             attempts,

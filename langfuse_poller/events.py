@@ -6,11 +6,12 @@ so that the same record never yields two different ids, whichever poll or replic
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+import orjson
 
 from .durations import format_time, parse_time
 
@@ -18,6 +19,15 @@ SOURCES = ("poll", "webhook", "test", "rule")
 ERROR_LEVELS = ("ERROR", "WARNING")
 # the dedup key of a record is its stream's prefix and its id
 KEY_PREFIXES = {"observations": "o:", "scores": "s:"}
+# which stream each polled event type is made from
+STREAM_OF_EVENT = {
+    "trace.created": "observations",
+    "trace.updated": "observations",
+    "generation.created": "observations",
+    "observation.created": "observations",
+    "score.created": "scores",
+    "score.updated": "scores",
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +39,8 @@ class Event:
     timestamp: datetime
     source: str
     data: Mapping[str, Any]
+    # the envelope as JSON, kept once made or read: a delivery stores, loads and sends the same text
+    json_text: str | None = field(default=None, compare=False, repr=False)
 
     def envelope(self) -> dict[str, Any]:
         """The JSON-ready envelope: {id, event, timestamp, source, data}."""
@@ -41,7 +53,11 @@ class Event:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.envelope(), separators=(",", ":"), ensure_ascii=False, default=str)
+        if self.json_text is None:
+            text = orjson.dumps(self.envelope(), default=str).decode()
+            object.__setattr__(self, "json_text", text)
+            return text
+        return self.json_text
 
     @classmethod
     def from_envelope(cls, envelope: Mapping[str, Any]) -> Event:
@@ -56,7 +72,9 @@ class Event:
 
     @classmethod
     def from_json(cls, text: str) -> Event:
-        return cls.from_envelope(json.loads(text))
+        event = cls.from_envelope(orjson.loads(text))
+        object.__setattr__(event, "json_text", text)
+        return event
 
 
 class MalformedRecord(ValueError):

@@ -49,14 +49,13 @@ class ListenAddress:
 
 
 def listen_addresses(config: Config) -> list[ListenAddress]:
-    """Every address `run` will listen on with this config. A new listener adds itself here (the webhook
-    receiver: `[webhook] listen` when enabled), and `check` probes it."""
+    """Every address `run` will listen on with this config: a new listener adds itself here, and `check`
+    probes it. (`serve-webhooks` listens on `[webhook] listen` whether or not `enabled` says so.)"""
     found = []
     if config.metrics.enabled:
         found.append(ListenAddress("metrics.listen", config.metrics.host, config.metrics.port))
-    webhook = getattr(config, "webhook", None)
-    if webhook is not None and getattr(webhook, "enabled", False):
-        found.append(ListenAddress("webhook.listen", webhook.host, webhook.port))
+    if config.webhook.enabled:
+        found.append(ListenAddress("webhook.listen", config.webhook.host, config.webhook.port))
     return found
 
 

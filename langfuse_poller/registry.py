@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .errors import ConfigError
 from .events import Event
@@ -123,6 +123,14 @@ class CompiledRule:
             return False
 
 
+class SilenceCheck(Protocol):
+    """What the router asks of the silences (alerting.silences.Silences) for a forwarded match."""
+
+    def mutes(self, rule: str) -> bool: ...
+
+    def match(self, rule: str, envelope: Mapping[str, Any]) -> object: ...
+
+
 class Router:
     """Routes events to targets: matching handlers of a registry, and the notifiers or alert groups of matching
     rules."""
@@ -132,12 +140,11 @@ class Router:
         rules: Sequence[Rule],
         handlers: Registry | None = None,
         source: str = "config",
-        silenced: Callable[[str, Mapping[str, Any]], object] | None = None,
+        silences: SilenceCheck | None = None,
     ) -> None:
         self.rules = [CompiledRule(rule, source) for rule in rules]
         self.registry = handlers or registry
-        # (rule name, envelope) -> the silence covering a forwarded match, or None
-        self.silenced = silenced
+        self.silences = silences
         self._by_type: dict[str, tuple[list[str], list[CompiledRule]]] = {}
 
     def _candidates(self, event_type: str) -> tuple[list[str], list[CompiledRule]]:
@@ -157,15 +164,21 @@ class Router:
         """The delivery targets of one event, each once."""
         handlers, rules = self._candidates(event.type)
         targets = list(handlers)
-        if rules:
-            envelope = event.envelope()
-            for compiled in rules:
+        envelope: dict[str, Any] | None = None
+        for compiled in rules:
+            rule = compiled.rule
+            # the envelope is built only when a condition or a silence reads it: most events meet neither
+            if compiled.program is not None:
+                envelope = envelope or event.envelope()
                 if not compiled.matches(event, envelope):
                     continue
-                rule = compiled.rule
-                if rule.grouping is not None:
-                    # the alerter counts the match into its group, and applies silences there
-                    targets.append(rule.target)
-                elif self.silenced is None or not self.silenced(rule.name, envelope):
-                    targets.extend(f"notifier:{name}" for name in rule.notify)
+            if rule.grouping is not None:
+                # the alerter counts the match into its group, and applies silences there
+                targets.append(rule.target)
+                continue
+            if self.silences is not None and self.silences.mutes(rule.name):
+                envelope = envelope or event.envelope()
+                if self.silences.match(rule.name, envelope):
+                    continue
+            targets.extend(f"notifier:{name}" for name in rule.notify)
         return list(dict.fromkeys(targets))

@@ -101,11 +101,12 @@ def build(runtime: Runtime, prepared: Prepared) -> Routing:
             # the import system caches directory listings: a module file written since the start would be missed
             importlib.invalidate_caches()
         import_handler_modules(prepared.new_modules, prepared.config.source)
+        # as Runtime.build wires them (tests/test_service.py compares the two)
         router = prepared.router
         clock = runtime.worker.clock
         silences = Silences(runtime.store, clock=clock)
-        router.silenced = silences.match
-        alerter = Alerter(runtime.store, router.rules, silences, clock=clock)
+        router.silences = silences
+        alerter = Alerter(runtime.store, router.rules, silences, streams=prepared.config.poll.streams, clock=clock)
         built.update({f"handler:{name}": HandlerTarget(h.func) for name, h in registry.handlers.items()})
         for name, notifier_config in prepared.config.notifiers.items():
             built[f"notifier:{name}"] = build_notifier(notifier_config)
@@ -135,12 +136,11 @@ def swap(runtime: Runtime, prepared: Prepared, routing: Routing) -> None:
 
 
 def rewire_listeners(runtime: Runtime) -> None:
-    """Point what else routes events at the new router: the webhook receiver, in a build that has one.
+    """Point what else routes events at the new router: the webhook receiver, when it runs.
 
     The receiver's `kick` is the delivery worker's, which a reload keeps."""
-    receiver = getattr(runtime, "receiver", None)
-    if receiver is not None and hasattr(receiver, "router"):
-        receiver.router = runtime.router
+    if runtime.receiver is not None:
+        runtime.receiver.router = runtime.router
 
 
 def _close_all(targets: dict[str, Notifier]) -> None:

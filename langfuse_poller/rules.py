@@ -23,6 +23,10 @@ KINDS = ("event", "frequency", "absence")
 GROUPING_KEYS = ("group_by", "group_wait", "group_interval", "repeat_interval", "resolve_after", "samples")
 # notifier types that people read: a rule sending to them groups unless it says `group = false`
 ALERT_NOTIFIER_TYPES = frozenset({"slack", "pagerduty"})
+# the top-level keys of the event envelope, where group_by paths start
+ENVELOPE_KEYS = frozenset({"id", "event", "timestamp", "source", "data"})
+MAX_NAME = 100  # rule names go into PagerDuty's dedup_key, which holds 255 characters
+MAX_THRESHOLD = 10_000  # a frequency group keeps its last `threshold` match times
 FIELD_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_-]+)*$")
 
 
@@ -79,6 +83,8 @@ def parse_rules(top: Table, notifiers: Mapping[str, NotifierConfig]) -> tuple[Ru
             raise ConfigError(top.source, key, entry, "a table with name, events and notify")
         table = Table(top.source, key, entry)
         name = table.required_str("name", expected="a name for the rule, unique in the file")
+        if len(name) > MAX_NAME:
+            raise table.error("name", name, f"a name of at most {MAX_NAME} characters")
         if name in seen:
             raise table.error("name", name, "a name not used by another rule")
         seen.add(name)
@@ -102,7 +108,7 @@ def _parse_rule(table: Table, name: str, notifiers: Mapping[str, NotifierConfig]
     threshold = 1
     window = timedelta(0)
     if kind == "frequency":
-        threshold = table.integer("threshold", 0, minimum=1)
+        threshold = table.integer("threshold", 0, minimum=1, maximum=MAX_THRESHOLD)
         if not table.has("threshold"):
             raise table.error("threshold", None, "the number of matches that fires the alert, e.g. 20")
     if kind in ("frequency", "absence"):
@@ -135,10 +141,20 @@ def _parse_rule(table: Table, name: str, notifiers: Mapping[str, NotifierConfig]
 def _parse_grouping(table: Table, kind: str) -> Grouping:
     by = table.str_list("group_by")
     for path in by:
-        if not FIELD_PATH.match(path):
-            raise table.error("group_by", path, 'dotted paths into the event, e.g. ["data.name", "data.environment"]')
+        if not FIELD_PATH.match(path) or path.split(".")[0] not in ENVELOPE_KEYS:
+            raise table.error(
+                "group_by", path, 'dotted paths into the event envelope, e.g. ["data.name", "data.environment"]'
+            )
+    # keys a kind of rule has no use for are refused rather than ignored: frequency and absence rules resolve
+    # when their condition clears, and an absence alert has no new matches to tell at intervals
+    unused = {"frequency": ("resolve_after",), "absence": ("resolve_after", "group_interval", "samples")}
+    for key in unused.get(kind, ()):
+        if table.has(key):
+            raise table.error(
+                key, table.raw(key), f"no {key} on a {kind} rule, which resolves when its condition clears"
+            )
     defaults = Grouping()
-    return Grouping(
+    grouping = Grouping(
         by=by,
         # an absence alert has waited its whole window already
         wait=table.duration("group_wait", 0 if kind == "absence" else defaults.wait.total_seconds()),
@@ -147,3 +163,8 @@ def _parse_grouping(table: Table, kind: str) -> Grouping:
         resolve_after=table.positive_duration("resolve_after", defaults.resolve_after.total_seconds()),
         samples=table.integer("samples", defaults.samples, minimum=0, maximum=50),
     )
+    if kind == "event" and grouping.resolve_after <= grouping.wait:
+        raise table.error(
+            "resolve_after", table.raw("resolve_after"), f"a duration longer than group_wait ({grouping.wait})"
+        )
+    return grouping

@@ -15,6 +15,7 @@ from .delivery import DeliveryWorker, HandlerTarget
 from .events import EventFactory
 from .notifiers import Notifier, build_notifier
 from .poller import Poller
+from .receiver import WebhookReceiver
 from .registry import Registry, Router, import_handler_modules, registry
 from .store import Store
 
@@ -31,6 +32,7 @@ class Runtime:
     worker: DeliveryWorker
     alerter: Alerter
     cancel: threading.Event
+    receiver: WebhookReceiver | None = None
 
     @classmethod
     def build(
@@ -51,8 +53,8 @@ class Runtime:
         if lock:
             store.lock()
         silences = Silences(store, clock=clock)
-        router.silenced = silences.match
-        alerter = Alerter(store, router.rules, silences, clock=clock)
+        router.silences = silences
+        alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
         cancel = threading.Event()
         targets: dict[str, Notifier] = {
             f"handler:{name}": HandlerTarget(handler.func) for name, handler in handlers.handlers.items()
@@ -80,7 +82,26 @@ class Runtime:
         )
         return cls(config, store, router, reader, poller, worker, alerter, cancel)
 
+    def start_receiver(self) -> WebhookReceiver:
+        """Receive Langfuse's webhooks (`[webhook]`) into this store and router, in the background; `close`
+        stops it. Raises when it cannot listen."""
+        receiver = WebhookReceiver(
+            self.config.webhook,
+            self.store,
+            self.router,
+            kick=self.worker.kick,
+            base_url=self.config.langfuse.base_url,
+            source=self.config.source,
+            clock=self.worker.clock,
+        )
+        receiver.start()
+        self.receiver = receiver
+        return receiver
+
     def close(self) -> None:
+        if self.receiver is not None:
+            # first: the requests in flight finish storing before the store closes
+            self.receiver.stop()
         self.cancel.set()
         self.worker.close()
         self.reader.close()

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from langfuse_poller.alerting.groups import PROGRESS_RECHECK
 from langfuse_poller.alerting.silences import add_silence, expire_silence
 from langfuse_poller.config import Config, parse_config
 from langfuse_poller.errors import ConfigError
@@ -279,9 +280,10 @@ def test_frequency_fires_at_the_threshold_and_resolves_when_it_clears(tmp_path: 
         assert summary(fired) == [("rule.firing", "new", 5)]
         assert at(rt, clock, 321) == []
         assert fired[0]["data"]["threshold"] == 5 and fired[0]["data"]["window"] == "60s"
-        # the window holds fewer than five once the first of them is a minute old
+        # the window (by the matches' timestamps) holds fewer than five once the first of them is a minute old;
+        # groups that follow the poller's progress are looked at every few seconds
         assert at(rt, clock, 359) == []
-        assert summary(at(rt, clock, 360)) == [("rule.resolved", "resolved", 5)]
+        assert summary(at(rt, clock, 360 + PROGRESS_RECHECK)) == [("rule.resolved", "resolved", 5)]
 
 
 def test_absence_fires_when_nothing_arrives_and_resolves_on_the_next(tmp_path: Path, fake: FakeLangfuse) -> None:
@@ -374,3 +376,129 @@ def test_which_rules_group(tmp_path: Path) -> None:
     assert grouped({"type": "absence", "window": "5m"}, jsonl)
     assert grouped({}, slack)
     assert not grouped({"group": False}, slack)
+
+
+def poll_config(fake: FakeLangfuse, tmp_path: Path, rule: dict[str, Any], start: str = "now") -> Config:
+    return make_config(
+        fake,
+        tmp_path,
+        poll={"start": start, "settle": "0s"},
+        notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
+        rules=[{"name": "r", "notify": ["alerts"], **rule}],
+    )
+
+
+def test_a_catch_up_is_not_a_silence_nor_a_burst(tmp_path: Path, fake: FakeLangfuse) -> None:
+    clock = fake.clock
+    assert isinstance(clock, Clock)
+    # an hour of traffic, one error every two minutes, read in one catch-up
+    for minute in range(0, 60, 2):
+        fake.add_trace(level="ERROR", start_time=datetime.fromtimestamp(clock.now - 3600 + minute * 60, UTC))
+    absence = {"type": "absence", "events": ["trace.created"], "window": "15m"}
+    storm = {"type": "frequency", "events": ["trace.updated"], "threshold": 10, "window": "5m", "group_wait": "0s"}
+    for rule in (absence, storm):
+        with runtime(poll_config(fake, tmp_path / rule["type"], rule, start="-70m"), clock) as rt:
+            rt.poller.start_streams()
+            rt.alerter.start()
+            rt.poller.poll_once()
+            # the pages and their watermark are committed; their matches still wait in the outbox
+            rt.alerter.tick()
+            rt.worker.run_until_idle()
+            rt.alerter.tick()
+            clock.advance(30)
+            rt.alerter.tick()
+            rt.worker.run_until_idle()
+            assert notifications(rt) == [], rule["type"]
+
+
+def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    rule = {"type": "frequency", "threshold": 3, "window": "1m", "group_wait": "0s", "group_interval": "1m"}
+    with runtime(alert_config(tmp_path, rule), clock) as rt:
+        feed(rt, [error(n, clock) for n in range(3)])
+        assert summary(notifications(rt)) == [("rule.firing", "new", 3)]
+        silence = add_silence(rt.store, "errors", duration=600, now=T0 + 10)
+        # the storm goes on under the silence: no update, no resolve
+        for second in range(10, 300, 10):
+            clock.now = T0 + second
+            feed(rt, [error(100 + second, clock)])
+            rt.alerter.tick()
+            rt.worker.run_until_idle()
+        assert len(notifications(rt)) == 1
+        expire_silence(rt.store, silence.id, now=T0 + 300)
+        clock.now = T0 + 300
+        # the next match after the silence is told at once (group_interval passed long ago), with the silenced
+        feed(rt, [error(999, clock)])
+        sent = notifications(rt)[1:]
+        assert [(n["data"]["reason"], n["data"]["count"], n["data"]["silenced"]) for n in sent] == [("update", 4, 29)]
+
+
+def test_absence_is_silenced_and_resolved_groups_of_removed_rules_are_told(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    config = alert_config(tmp_path, {"type": "absence", "events": ["trace.created"], "window": "5m"})
+    with runtime(config, clock) as rt:
+        silence = add_silence(rt.store, "errors", duration=600, now=T0)
+        assert at(rt, clock, 400) == []
+        expire_silence(rt.store, silence.id, now=T0 + 401)
+        fired = at(rt, clock, 410)
+        assert [n["event"] for n in fired] == ["rule.firing"]
+    # the rule is removed from the config: its open incident is resolved, not left open forever
+    without = parse_config(
+        {
+            "langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"},
+            "state": {"path": str(tmp_path / "state.db")},
+            "notifiers": {"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
+        },
+        "test",
+    )
+    with runtime(without, clock) as rt:
+        rt.worker.run_until_idle()
+        resolved = notifications(rt)[-1]
+        assert resolved["event"] == "rule.resolved"
+        assert resolved["data"]["dedupKey"] == fired[0]["data"]["dedupKey"]
+        assert rt.store.connection().execute("SELECT COUNT(*) FROM alert_groups").fetchone() == (0,)
+
+
+def test_more_rule_config_errors(tmp_path: Path) -> None:
+    cases = [
+        ({"type": "frequency", "threshold": 1_000_000, "window": "1m"}, "rules[0].threshold"),
+        ({"type": "absence", "window": "5m", "resolve_after": "1m"}, "rules[0].resolve_after"),
+        ({"type": "frequency", "threshold": 2, "window": "5m", "resolve_after": "1m"}, "rules[0].resolve_after"),
+        ({"group_wait": "10m", "resolve_after": "5m"}, "rules[0].resolve_after"),
+        ({"group_by": ["environment"]}, "rules[0].group_by"),
+        ({"name": "x" * 101, "group_wait": "1s"}, "rules[0].name"),
+    ]
+    for rule, key in cases:
+        with pytest.raises(ConfigError) as caught:
+            alert_config(tmp_path, rule)
+        assert caught.value.key == key, (rule, str(caught.value))
+
+
+def test_messages_name_the_trace_and_the_observation(tmp_path: Path) -> None:
+    from langfuse_poller.notifiers.messages import message_for
+
+    clock = Clock(T0)
+    event = error(1, clock)
+    event = Event(
+        event.id, event.type, event.timestamp, "poll", {**event.data, "name": "retrieve-docs", "traceName": "chat"}
+    )
+    message = message_for(event)
+    assert message.title == "🔴 Error in trace chat"
+    facts = dict(message.facts)
+    assert facts["Trace"] == "chat" and facts["Observation"] == "retrieve-docs"
+    assert facts["Status message"] == "upstream timeout"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(
+            {
+                "langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"},
+                "notifiers": {
+                    "slack": {
+                        "type": "slack",
+                        "webhook_url": "https://hooks.slack.test/services/T/B/X",
+                        "channel": "#a",
+                    }
+                },
+            },
+            "test",
+        )
+    assert caught.value.key == "notifiers.slack.channel"

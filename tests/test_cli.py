@@ -291,6 +291,8 @@ COMMANDS = (
     ("silence", "list"),
     ("silence", "expire"),
     ("test-rule",),
+    ("demo",),
+    ("serve-webhooks",),
 )
 
 

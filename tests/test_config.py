@@ -43,7 +43,7 @@ def test_the_example_config_loads_with_every_section() -> None:
     # the seed scenarios: grouped alerts to Slack, a frequency rule paging PagerDuty, an absence rule,
     # and forwarding rules that send every event
     assert rules["trace-errors"].grouping is not None
-    assert rules["trace-errors"].grouping.by == ("data.name", "data.environment")
+    assert rules["trace-errors"].grouping.by == ("data.traceName", "data.environment")
     assert rules["low-scores"].when is not None and "data.value < 0.5" in rules["low-scores"].when
     assert (rules["error-storm"].kind, rules["error-storm"].threshold) == ("frequency", 20)
     assert rules["error-storm"].notify == ("pagerduty", "slack")
@@ -52,7 +52,17 @@ def test_the_example_config_loads_with_every_section() -> None:
     Router(config.rules)  # every CEL condition of the example compiles
     # every key of the example was read: nothing in it is silently ignored
     data = tomllib.loads(EXAMPLE.read_text())
-    assert set(data) == {"langfuse", "poll", "state", "handlers", "metrics", "delivery", "rules", "notifiers"}
+    assert set(data) == {
+        "langfuse",
+        "poll",
+        "state",
+        "handlers",
+        "metrics",
+        "delivery",
+        "rules",
+        "notifiers",
+        "webhook",
+    }
 
 
 @pytest.mark.parametrize(

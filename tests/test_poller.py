@@ -203,7 +203,9 @@ def test_partial_window_progress_is_kept_and_deduplicated(fake: FakeLangfuse, cl
         assert len(first.records) == 1000 and first.cursor
         # the first page's events are committed (as a killed process would leave them), the watermark is not
         with runtime.store.write() as tx:
-            made = runtime.poller._commit_page(tx, "observations", first, clock.now)
+            made = runtime.poller._commit_page(
+                tx, "observations", runtime.poller._prepare_page("observations", first), clock.now
+            )
         assert made == 2000
         poll(runtime)
     seen = delivered(tmp_path)

@@ -503,6 +503,36 @@ def test_sighup_applies_new_rules_and_notifiers_and_keeps_state_and_pending_deli
     assert status["queue"]["pending"] == 0 and status["dead_letters"] == 0, status
 
 
+def test_a_reload_wires_the_routing_as_the_runtime_does(tmp_path: Path) -> None:
+    """reload.build repeats part of Runtime.build: the same targets, and parts of the same kinds, or a change to
+    one that the other missed (a silence check, the streams an alerter watches) fails here."""
+    from langfuse_poller import reload
+    from langfuse_poller.runtime import Runtime
+
+    from .conftest import make_config
+
+    with FakeLangfuse() as fake:
+        rules = [
+            {"name": "all", "events": ["trace.*"], "notify": ["file"]},
+            {"name": "grouped", "events": ["score.*"], "group_by": ["data.name"], "notify": ["file"]},
+        ]
+        config = make_config(fake, tmp_path, rules=rules)
+        runtime = Runtime.build(config)
+        try:
+            prepared = reload.prepare(runtime, config)
+            assert prepared.needs_restart == () and prepared.config == config
+            routing = reload.build(runtime, prepared)
+            assert set(routing.targets) == set(runtime.worker.targets)
+            for built, running in ((routing.router, runtime.router), (routing.alerter, runtime.alerter)):
+                kinds = {name: type(value) for name, value in vars(built).items()}
+                assert kinds == {name: type(value) for name, value in vars(running).items()}, type(built)
+            assert vars(routing.alerter)["streams"] == vars(runtime.alerter)["streams"]
+            for target in routing.targets.values():
+                target.close()
+        finally:
+            runtime.close()
+
+
 BAD_CEL = rule("more", ["score.*"], ["file"], 'data.level == == "ERROR"')
 BAD_MODULE = '[handlers]\nmodules = ["no_such_module_for_langfuse_poller"]\n'
 

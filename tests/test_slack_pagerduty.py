@@ -354,7 +354,8 @@ def test_slack_alert_shows_count_first_last_and_sample_links_then_resolves(tmp_p
 
     assert header(first) == "🔥 error-storm [environment=production]: 2 matches"
     facts = fields(first)
-    assert facts["Rule"] == "error-storm" and facts["Group"] == "environment=production"
+    assert "Rule" not in facts, "the rule is in the header; the ten fields go to the facts"
+    assert facts["Group"] == "environment=production"
     assert facts["Matches"] == "2"
     assert facts["First"] == firing.data["firstAt"] and facts["First"].startswith(at(1).strftime("%Y-%m-%dT%H:%M:%S"))
     assert facts["Last"] == firing.data["lastAt"] and facts["Last"].startswith(at(2).strftime("%Y-%m-%dT%H:%M:%S"))

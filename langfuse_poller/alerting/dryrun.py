@@ -42,6 +42,7 @@ class DryRun:
     forwarded: list[Event] = field(default_factory=list)
     notifications: list[Event] = field(default_factory=list)
     skipped_lines: int = 0
+    still_open: int = 0  # groups firing when the replay ended
 
 
 def find_rule(config: Config, name: str) -> Rule:
@@ -96,8 +97,20 @@ def events_from_file(path: Path, run: DryRun) -> Iterator[Event]:
                 run.skipped_lines += 1
 
 
-def dry_run(config: Config, rule: Rule, events: Iterator[Event], run: DryRun | None = None) -> DryRun:
-    """Replay `events` through `rule` on a clock that follows their timestamps."""
+def dry_run(
+    config: Config,
+    rule: Rule,
+    events: Iterator[Event],
+    run: DryRun | None = None,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> DryRun:
+    """Replay `events` through `rule` on a clock that follows their timestamps.
+
+    With `since` and `until` (the range read from Langfuse) the clock runs over the whole range, so that an
+    absence rule sees the quiet stretches; without them, from the first event until the groups would resolve.
+    """
     run = run or DryRun(rule)
     compiled = CompiledRule(rule, config.source)
     # the alerter logs each notification it enqueues; here nothing is sent, and `render` says what would be
@@ -105,20 +118,31 @@ def dry_run(config: Config, rule: Rule, events: Iterator[Event], run: DryRun | N
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        return _replay(config, rule, compiled, events, run)
+        return _replay(rule, compiled, events, run, since, until)
     finally:
         quiet.setLevel(level)
 
 
-def _replay(config: Config, rule: Rule, compiled: CompiledRule, events: Iterator[Event], run: DryRun) -> DryRun:
+def _replay(
+    rule: Rule,
+    compiled: CompiledRule,
+    events: Iterator[Event],
+    run: DryRun,
+    since: datetime | None,
+    until: datetime | None,
+) -> DryRun:
     ordered = sorted(events, key=lambda e: e.timestamp)
     run.read = len(ordered)
+    if since is None and not ordered:
+        return run
     with tempfile.TemporaryDirectory(prefix="langfuse-poller-test-rule-") as tmp:
-        now = [ordered[0].timestamp.timestamp() if ordered else 0.0]
+        now = [since.timestamp() if since is not None else ordered[0].timestamp.timestamp()]
         store = Store(Path(tmp) / "state.db", clock=lambda: now[0])
         try:
             clock = lambda: now[0]  # noqa: E731
-            alerter = Alerter(store, [compiled], Silences(store, clock=clock), clock=clock, progress=clock)
+            alerter = Alerter(
+                store, [compiled], Silences(store, clock=clock), clock=clock, progress=lambda _rule: now[0]
+            )
             alerter.start(now[0])
             for event in ordered:
                 _tick_until(alerter, rule, event.timestamp.timestamp(), now)
@@ -130,8 +154,10 @@ def _replay(config: Config, rule: Rule, compiled: CompiledRule, events: Iterator
                     continue
                 with store.write(now[0]) as tx:
                     alerter.record(tx, rule, [event])
-            if ordered:
-                _tick_until(alerter, rule, now[0] + _horizon(rule), now)
+            _tick_until(alerter, rule, until.timestamp() if until is not None else now[0] + _horizon(rule), now)
+            (run.still_open,) = (
+                store.connection().execute("SELECT COUNT(*) FROM alert_groups WHERE state = 'firing'").fetchone()
+            )
             run.notifications = [
                 Event.from_json(body)
                 for (body,) in store.connection().execute(
@@ -185,9 +211,10 @@ def render(run: DryRun, out: TextIO, *, source: str) -> None:
         when = notice.envelope()["timestamp"]
         out.write(f"  {when}  {notice.type} ({notice.data.get('reason')}) -> {notifiers}\n")
         out.write(f"      {message_for(notice).text}\n")
+    still_open = f"; {run.still_open} groups still open at the end" if run.still_open else ""
     out.write(
-        f"would send {len(run.notifications)} notifications to {notifiers} for {run.matched} matches; "
-        "nothing was sent\n"
+        f"would send {len(run.notifications)} notifications to {notifiers} for {run.matched} matches"
+        f"{still_open}; nothing was sent\n"
     )
 
 

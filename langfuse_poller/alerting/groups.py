@@ -1,24 +1,28 @@
 """Alert groups: the state of one group, and how matches and time move it. Pure logic, no I/O.
 
-Times come in two kinds. Timers (`group_wait`, `group_interval`, `repeat_interval`, `resolve_after`, and the
-frequency window) run on the processing clock, as in Alertmanager: a backlog read after an outage is
-counted when it arrives. Absence runs on the poller's progress (its head watermark, in event time): when
-Langfuse cannot be read, nothing claims that the application stopped logging.
+Two clocks. Notification timers (`group_wait`, `group_interval`, `repeat_interval`, `resolve_after`) run on
+the processing clock, as in Alertmanager. Frequency windows and absence run in event time, judged against
+`progress`: how far the poller has read and the alerter has counted (the alerter computes it). So a backlog
+of sparse errors read after an outage is not a burst, and an unreachable Langfuse is not a silent application.
 
 A group's life:
 - event rules: open at the first match (`firing`), notify after `group_wait`, then at most every
   `group_interval` while new matches arrive, repeat an unchanged group every `repeat_interval`, and resolve
   once no match came for `resolve_after`.
-- frequency rules: `pending` until `threshold` matches arrived within `window`, then as above; resolved once
-  the window holds fewer than `threshold` matches.
-- absence rules: `watching` while matches keep coming; `firing` once none came for `window`; resolved by
-  the next match.
-Matches that a silence covers are counted in `silenced` and keep a group open, but never notify. Matches that
-arrived after the last notification are always reported, in a last `firing` before the `resolved`.
+- frequency rules: `pending` until `threshold` matches lie within `window` (by their timestamps), then as
+  above; resolved once the window that ends at `progress` holds fewer than `threshold`.
+- absence rules: `watching` while matches keep coming; `firing` once none came for `window` before
+  `progress`; resolved by the next match.
+Silences act twice. A match that a silence covers is counted in `silenced` instead of `count` (it still keeps
+the group open and counts toward frequency and absence: the problem is real, only the telling is muted). And
+while a silence covers the group itself (`muted`), its firing notifications wait; a `resolved` still goes to
+whoever was told it fired. Matches that arrived after the last notification are always reported, in a last
+`firing` before the `resolved`, unless muted.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections.abc import Mapping
@@ -30,11 +34,25 @@ from ..durations import format_duration, format_time
 from ..events import Event
 from ..rules import Rule
 
-# frequency: the arrivals kept per group are the last `threshold`; this bounds a group's row
-MAX_THRESHOLD = 10_000
+# frequency and absence groups follow the poller's progress: they are looked at this often
+PROGRESS_RECHECK = 5.0
+# a notification held back by a silence is looked at again this often
+SILENCE_RECHECK = 30.0
 STATUS_MESSAGE_CHARS = 300
-SHORTENED_FIELDS = frozenset({"name", "statusMessage"})
-SAMPLE_FIELDS = ("traceId", "observationId", "scoreId", "name", "level", "statusMessage", "value", "model", "url")
+SHORTENED_FIELDS = frozenset({"name", "traceName", "statusMessage"})
+SAMPLE_FIELDS = (
+    "traceId",
+    "traceName",
+    "observationId",
+    "scoreId",
+    "name",
+    "level",
+    "statusMessage",
+    "value",
+    "model",
+    "environment",
+    "url",
+)
 
 
 @dataclass
@@ -54,9 +72,9 @@ class Group:
     notified_count: int = 0
     last_notified_at: float | None = None
     seq: int = 0
-    muted: bool = False  # the latest match was silenced: no repeats while that lasts
+    told: list[str] = field(default_factory=list)  # the notifiers told that the group fires: they get the resolve
     samples: list[dict[str, Any]] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)
+    arrivals: list[float] = field(default_factory=list)  # frequency: the latest match timestamps, sorted
     next_at: float | None = None
 
     @property
@@ -100,25 +118,26 @@ def record_match(rule: Rule, group: Group, event: Event, now: float, *, silenced
     assert rule.grouping is not None
     ts = event.timestamp.timestamp()
     group.last_match_at = now
-    group.muted = silenced
-    if rule.kind == "absence":
-        # any match, silenced or not, shows the source is alive
-        group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
-        return
+    group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
     if silenced:
         group.silenced += 1
-        return
-    group.count += 1
-    group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
-    group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
-    if rule.grouping.samples:
-        group.samples = [*group.samples, sample_of(event)][-rule.grouping.samples :]
+    elif rule.kind != "absence":
+        group.count += 1
+        group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
+        if rule.grouping.samples:
+            group.samples = [*group.samples, sample_of(event)][-rule.grouping.samples :]
     if rule.kind == "frequency":
-        group.arrivals = [*group.arrivals, now][-rule.threshold :]
-        if group.state == "pending" and _in_window(rule, group, now) >= rule.threshold:
-            # group_wait starts when the condition starts to hold
+        bisect.insort(group.arrivals, ts)
+        del group.arrivals[: -rule.threshold]
+        window = rule.window.total_seconds()
+        burst = len(group.arrivals) >= rule.threshold and group.arrivals[-1] - group.arrivals[0] <= window
+        if group.state == "pending" and burst:
+            # the group's story starts with the burst; group_wait starts when the condition starts to hold
             group.state = "firing"
             group.opened_at = now
+            group.first_ts = group.arrivals[0]
+            group.count = len(group.arrivals)
+            group.silenced = 0
 
 
 def sample_of(event: Event) -> dict[str, Any]:
@@ -134,44 +153,43 @@ def sample_of(event: Event) -> dict[str, Any]:
     return sample
 
 
-def _in_window(rule: Rule, group: Group, now: float) -> int:
-    return sum(1 for at in group.arrivals if at > now - rule.window.total_seconds())
-
-
-def evaluate(rule: Rule, group: Group, now: float, progress: float) -> list[Event]:
+def evaluate(rule: Rule, group: Group, now: float, progress: float, *, muted: bool = False) -> list[Event]:
     """The notifications due for a group at `now`; moves its state and sets `next_at`.
 
-    `progress` is how far the poller has read (event time); only absence rules use it.
+    `progress` is how far matches have been read and counted, in event time (frequency and absence use it);
+    `muted` says a silence covers the group now.
     """
     assert rule.grouping is not None
     if rule.kind == "absence":
-        return _evaluate_absence(rule, group, now, progress)
+        return _evaluate_absence(rule, group, now, progress, muted)
     grouping = rule.grouping
     window = rule.window.total_seconds()
     if group.state == "pending":
-        group.arrivals = [at for at in group.arrivals if at > now - window]
+        group.arrivals = [ts for ts in group.arrivals if ts > progress - window]
         if group.arrivals:
-            group.next_at = group.arrivals[-1] + window
+            group.next_at = now + PROGRESS_RECHECK
         else:
             group.state = "resolved"
             group.next_at = None
         return []
     notices: list[Event] = []
     fresh = group.count > group.notified_count
-    if fresh and not group.notified and now >= group.opened_at + grouping.wait.total_seconds():
-        notices.append(_notify(rule, group, now, "new"))
-    elif fresh and group.notified and now >= _last(group) + grouping.interval.total_seconds():
-        notices.append(_notify(rule, group, now, "update"))
-    elif group.notified and not group.muted and now >= _last(group) + grouping.repeat.total_seconds():
-        notices.append(_notify(rule, group, now, "repeat"))
+    if not muted:
+        if fresh and not group.notified and now >= group.opened_at + grouping.wait.total_seconds():
+            notices.append(_notify(rule, group, now, "new"))
+        elif fresh and group.notified and now >= _last(group) + grouping.interval.total_seconds():
+            notices.append(_notify(rule, group, now, "update"))
+        elif group.notified and now >= _last(group) + grouping.repeat.total_seconds():
+            notices.append(_notify(rule, group, now, "repeat"))
     if rule.kind == "frequency":
-        clear = _in_window(rule, group, now) < rule.threshold
-        clears_at = group.arrivals[-rule.threshold] + window if len(group.arrivals) >= rule.threshold else now
+        clear = sum(1 for ts in group.arrivals if ts > progress - window) < rule.threshold
+        # the window moves with progress, not with a time known in advance
+        clears_at = now + PROGRESS_RECHECK
     else:
         clears_at = (group.last_match_at or group.opened_at) + grouping.resolve_after.total_seconds()
         clear = now >= clears_at
     if clear:
-        if group.count > group.notified_count:
+        if group.count > group.notified_count and not muted:
             # never resolve over matches nobody was told about
             notices.append(_notify(rule, group, now, "update" if group.notified else "new"))
         if group.notified:
@@ -180,19 +198,23 @@ def evaluate(rule: Rule, group: Group, now: float, progress: float) -> list[Even
         group.next_at = None
         return notices
     wakes = [clears_at]
-    if group.count > group.notified_count:
-        wakes.append(
-            _last(group) + grouping.interval.total_seconds()
-            if group.notified
-            else group.opened_at + grouping.wait.total_seconds()
-        )
-    if group.notified:
-        wakes.append(_last(group) + grouping.repeat.total_seconds())
+    if muted:
+        # what waits for the silence to end is looked at again now and then, not at every tick
+        wakes.append(now + SILENCE_RECHECK)
+    else:
+        if group.count > group.notified_count:
+            wakes.append(
+                _last(group) + grouping.interval.total_seconds()
+                if group.notified
+                else group.opened_at + grouping.wait.total_seconds()
+            )
+        if group.notified:
+            wakes.append(_last(group) + grouping.repeat.total_seconds())
     group.next_at = min(wakes)
     return notices
 
 
-def _evaluate_absence(rule: Rule, group: Group, now: float, progress: float) -> list[Event]:
+def _evaluate_absence(rule: Rule, group: Group, now: float, progress: float, muted: bool) -> list[Event]:
     assert rule.grouping is not None
     window = rule.window.total_seconds()
     quiet = progress - (group.last_ts if group.last_ts is not None else group.opened_at) >= window
@@ -202,19 +224,19 @@ def _evaluate_absence(rule: Rule, group: Group, now: float, progress: float) -> 
         group.opened_at = now
         group.notified_count = 0
         group.last_notified_at = None
-        group.muted = False
     elif group.state == "firing" and not quiet:
         if group.notified:
             notices.append(_notify(rule, group, now, "resolved"))
         group.state = "watching"
         group.last_notified_at = None
-    if group.state == "firing":
+        group.told = []
+    if group.state == "firing" and not muted:
         if not group.notified and now >= group.opened_at + rule.grouping.wait.total_seconds():
             notices.append(_notify(rule, group, now, "new"))
         elif group.notified and now >= _last(group) + rule.grouping.repeat.total_seconds():
             notices.append(_notify(rule, group, now, "repeat"))
-    # absence depends on the poller's progress, not on a time known in advance: looked at every tick
-    group.next_at = now
+    # absence depends on progress, not on a time known in advance
+    group.next_at = now + PROGRESS_RECHECK
     return notices
 
 
@@ -231,12 +253,15 @@ def _notify(rule: Rule, group: Group, now: float, reason: str) -> Event:
     event = alert_event(rule, group, now, status=status, reason=reason, new=new)
     group.notified_count = group.count
     group.last_notified_at = now
+    if status == "firing":
+        group.told = sorted({*group.told, *rule.notify})
     return event
 
 
 def dedup_key(rule: Rule, group: Group) -> str:
-    """Stable per rule and group: PagerDuty folds a group's notifications into one incident with it."""
-    return f"langfuse-poller/{rule.name}/{group.key}"
+    """Stable for one life of a group: PagerDuty folds its notifications into one incident, and a group that
+    resolves and opens again is a new incident, which a late replay of the old one's notifications cannot touch."""
+    return f"langfuse-poller/{rule.name}/{group.key}/{int(group.opened_at * 1000)}"
 
 
 def alert_event(rule: Rule, group: Group, now: float, *, status: str, reason: str, new: int) -> Event:

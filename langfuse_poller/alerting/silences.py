@@ -123,8 +123,27 @@ class Silences:
         self._loaded_at = now
 
     def match(self, rule: str, envelope: Mapping[str, Any], now: float | None = None) -> Silence | None:
-        """The active silence covering this match of `rule`, if any."""
+        """The active silence covering this match of `rule`, if any; counted on the silence."""
+        silence = self._find(rule, envelope, self.clock() if now is None else now)
+        if silence is not None:
+            with self._lock:
+                self._counts[silence.id] += 1
+        return silence
+
+    def mutes(self, rule: str, now: float | None = None) -> bool:
+        """Whether any silence of `rule` is active: the cheap check, made for every match, before `match`."""
         now = self.clock() if now is None else now
+        if not 0 <= now - self._loaded_at < REFRESH:
+            with self._lock:
+                self._refresh(now)
+        # the dict is replaced whole on refresh, never changed in place: reading it needs no lock
+        return any(silence.active(now) for silence, _ in self._active.get(rule, ()))
+
+    def covers(self, rule: str, envelope: Mapping[str, Any], now: float | None = None) -> bool:
+        """Whether an active silence of `rule` covers this envelope (a group's latest match), not counting it."""
+        return self._find(rule, envelope, self.clock() if now is None else now) is not None
+
+    def _find(self, rule: str, envelope: Mapping[str, Any], now: float) -> Silence | None:
         with self._lock:
             self._refresh(now)
             candidates = self._active.get(rule)
@@ -137,8 +156,6 @@ class Silences:
                         continue
                 except Exception:
                     continue
-            with self._lock:
-                self._counts[silence.id] += 1
             return silence
         return None
 

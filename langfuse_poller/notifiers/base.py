@@ -24,6 +24,13 @@ class BatchNotifier(Notifier, Protocol):
     def send_many(self, events: Sequence[Event]) -> None: ...
 
 
+@runtime_checkable
+class RawBatchNotifier(Notifier, Protocol):
+    """A batch notifier that takes the events' stored JSON as it is: (event id, envelope JSON) pairs."""
+
+    def send_raw(self, items: Sequence[tuple[str, str]]) -> None: ...
+
+
 def retry_after(headers: Mapping[str, Any] | None) -> float | None:
     """A response's Retry-After in seconds, if it sent one; header values may be lists (slack-sdk's are)."""
     for key, value in (headers or {}).items():

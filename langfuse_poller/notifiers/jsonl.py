@@ -64,9 +64,12 @@ class JsonlNotifier:
         self.send_many([event])
 
     def send_many(self, events: Sequence[Event]) -> None:
+        self.send_raw([(event.id, event.to_json()) for event in events])
+
+    def send_raw(self, items: Sequence[tuple[str, str]]) -> None:
         if self._recent is None:
             self._recent = self._load_recent()
-        lines = [event.to_json() + "\n" for event in events if event.id not in self._recent]
+        lines = [text + "\n" for event_id, text in items if event_id not in self._recent]
         if lines and self._torn:
             lines.insert(0, "\n")
         if lines:

@@ -65,6 +65,8 @@ def _event_title(event_type: str, data: Mapping[str, Any]) -> str:
     name = data.get("name") or data.get("title") or ""
     level = data.get("level")
     if event_type.startswith("trace."):
+        # trace.updated names the observation; the trace's own name is traceName
+        name = data.get("traceName") or name
         if level == "ERROR":
             return f"🔴 Error in trace {name}".strip()
         if level == "WARNING":
@@ -107,8 +109,14 @@ def _facts(event_type: str, data: Mapping[str, Any]) -> list[tuple[str, str]]:
             add("Latency", f"{_number(data['latency'], 3)} s")
         add("Level", data.get("level"))
         add("Status message", data.get("statusMessage"))
+    elif event_type.startswith("trace."):
+        add("Trace", data.get("traceName") or data.get("name"))
+        if data.get("traceName") and data.get("name") != data.get("traceName"):
+            add("Observation", data.get("name"))
+        add("Level", data.get("level"))
+        add("Status message", data.get("statusMessage"))
     else:
-        add("Trace" if event_type.startswith("trace.") else "Name", data.get("name"))
+        add("Name", data.get("name"))
         add("Level", data.get("level"))
         add("Status message", data.get("statusMessage"))
         add("Message", data.get("body") or data.get("message"))
@@ -140,7 +148,8 @@ def _alert_message(event: Event) -> Message:
         title = f"✅ Resolved: {rule}{where} ({_matches(count)})"
     else:
         title = f"🔥 {rule}{where}: {_matches(count)}"
-    facts: list[tuple[str, str]] = [("Rule", str(rule))]
+    # Slack shows ten facts at most: what identifies the group and the latest match comes first
+    facts: list[tuple[str, str]] = []
     if group:
         facts.append(("Group", group))
     if kind == "absence":
@@ -148,22 +157,22 @@ def _alert_message(event: Event) -> Message:
     else:
         new = data.get("new", 0)
         facts.append(("Matches", f"{count}" + (f" (+{new} new)" if new and new != count and not resolved else "")))
-        if kind == "frequency":
-            facts.append(("Threshold", f"{data.get('threshold')} within {data.get('window')}"))
         if data.get("firstAt"):
             facts.append(("First", str(data["firstAt"])))
         if data.get("lastAt"):
             facts.append(("Last", str(data["lastAt"])))
-    if data.get("silenced"):
-        facts.append(("Silenced", str(data["silenced"])))
-    if data.get("condition"):
-        facts.append(("Condition", _short(data["condition"])))
     samples = [s for s in data.get("samples") or [] if isinstance(s, Mapping)]
     if samples and not resolved:
         latest = samples[-1]
         for label, value in _facts(str(latest.get("event", "")), latest):
-            if label not in ("Name",) and all(label != existing for existing, _ in facts):
+            if all(label != existing for existing, _ in facts):
                 facts.append((label, value))
+    if kind == "frequency":
+        facts.append(("Threshold", f"{data.get('threshold')} within {data.get('window')}"))
+    if data.get("silenced"):
+        facts.append(("Silenced", str(data["silenced"])))
+    if data.get("condition"):
+        facts.append(("Condition", _short(data["condition"])))
     links = tuple(
         (f"{s.get('name') or s.get('event')} at {s.get('timestamp')}", str(s["url"])) for s in samples if s.get("url")
     )

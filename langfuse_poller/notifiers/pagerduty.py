@@ -78,7 +78,7 @@ class PagerDutyNotifier:
         alert = event.type == "rule.firing"
         details: dict[str, Any] = {label: value for label, value in message.facts}
         if alert:
-            details["samples"] = data.get("samples") or []
+            details = {"Rule": data.get("rule"), **details, "samples": data.get("samples") or []}
         else:
             details["event"] = event.envelope()
         payload: dict[str, Any] = {

@@ -26,6 +26,7 @@ logging.getLogger("slack_sdk").setLevel(logging.WARNING)
 INLINE_RETRY_AFTER = 5.0
 MAX_FIELDS = 10  # Block Kit: a section holds at most 10 fields, of at most 2000 characters each
 MAX_FIELD_CHARS = 2000
+MAX_TEXT_CHARS = 3000  # a section's text
 MAX_LINKS = 5
 # Slack's answers that mean "this will never work": a wrong token, channel or payload
 PERMANENT_ERRORS = frozenset(
@@ -44,6 +45,9 @@ PERMANENT_ERRORS = frozenset(
         "action_prohibited",
         "no_service",
         "posting_to_general_channel_denied",
+        "msg_too_long",
+        "invalid_arguments",
+        "invalid_blocks_format",
     }
 )
 
@@ -78,6 +82,10 @@ class SlackSettings:
             )
         if webhook_url is not None and not webhook_url.reveal().startswith(("https://", "http://")):
             raise table.error("webhook_url", "<hidden>", "an https:// incoming-webhook URL")
+        if webhook_url is not None and (channel is not None or table.has("api_url")):
+            # an incoming webhook posts to the channel it was made for, at its own URL
+            key = "channel" if channel is not None else "api_url"
+            raise table.error(key, table.raw(key), f"no {key} with webhook_url (it is for token mode)")
         if token is not None and channel is None:
             raise table.error("channel", None, 'the channel to post to, e.g. "#alerts" or a channel id, with token')
         api_url = table.string("api_url", DEFAULT_API_URL) or DEFAULT_API_URL
@@ -155,8 +163,12 @@ def blocks_for(message: Message, event: Event) -> list[dict[str, Any]]:
             }
         )
     if message.links and message.status == "firing":
-        lines = [f"• <{_link(url)}|{_escape(text)}>" for text, url in message.links[-MAX_LINKS:]]
-        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": "*Latest matches*\n" + "\n".join(lines)}})
+        lines = [f"• <{_link(url)}|{_escape(text[:200])}>" for text, url in message.links[-MAX_LINKS:]]
+        # a link cut in half would break the markup: whole lines are dropped to fit Slack's 3000 characters
+        while len(lines) > 1 and sum(len(line) + 1 for line in lines) > MAX_TEXT_CHARS - 20:
+            lines.pop(0)
+        text = _fit("*Latest matches*\n" + "\n".join(lines), MAX_TEXT_CHARS)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text}})
     if message.url:
         blocks.append(
             {
