@@ -182,13 +182,13 @@ def daemon(tmp_path: Path) -> Iterator[Callable[..., Running]]:
     """Starts `run --config PATH` with extra environment; whatever still runs at the end is killed."""
     started: list[Running] = []
 
-    def start(config: Path, env: Mapping[str, str] | None = None, *args: str) -> Running:
+    def start(config: Path, env: Mapping[str, str] | None = None, *args: str, command: str = "run") -> Running:
         log = tmp_path / f"run-{len(started)}.log"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "NOTIFY_", "WATCHDOG_"))}
         child_env.update({"XDG_STATE_HOME": str(tmp_path / "xdg-state"), **(env or {})})
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [*MODULE, "run", "--config", str(config), *args],
+                [*MODULE, command, "--config", str(config), *args],
                 stdout=subprocess.DEVNULL,
                 stderr=out,
                 stdin=subprocess.DEVNULL,
@@ -531,6 +531,45 @@ def test_a_reload_wires_the_routing_as_the_runtime_does(tmp_path: Path) -> None:
                 target.close()
         finally:
             runtime.close()
+
+
+def test_serve_webhooks_is_ready_at_once_and_a_reload_routes_received_events_by_the_new_rules(
+    tmp_path: Path, notify: NotifySocket, daemon: Callable[..., Running]
+) -> None:
+    from .test_webhooks import SECRET, encode, healthy, langfuse_headers, prompt_payload
+
+    port = closed_port()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    webhook_section = f'[webhook]\nlisten = "127.0.0.1:{port}"\nsecret = {q(SECRET)}\n'
+    routes = jsonl("a", a) + rule("a", ["prompt.*"], ["a"])
+    config = config_file(tmp_path / "config.toml", "http://127.0.0.1:9", routes, extra=webhook_section)
+    running = daemon(config, notify.env, command="serve-webhooks")
+    ready = notify.wait_for("READY")
+    assert ready.get("STATUS") == "running without polling", ready.fields
+    base = f"http://127.0.0.1:{port}"
+    assert wait_for(lambda: healthy(base), 15)
+
+    def post(payload_id: str) -> None:
+        body = encode(prompt_payload(payload_id))
+        answer = httpx.post(f"{base}/api/webhooks/langfuse", content=body, headers=langfuse_headers(body), timeout=10)
+        assert answer.status_code == 200, answer.text
+
+    post("before")
+    assert wait_for(lambda: [e["id"] for e in read_jsonl(a)] == ["prompt.created:before"])
+    config_file(
+        tmp_path / "config.toml",
+        "http://127.0.0.1:9",
+        routes + jsonl("b", b) + rule("b", ["prompt.*"], ["b"]),
+        extra=webhook_section,
+    )
+    _, ready = reload_and_wait(running, notify)
+    # serve-webhooks reloads its config as it loaded it: nothing in [poll] or [webhook] looks changed
+    assert (ready.get("STATUS") or "").startswith("reloaded; "), ready.fields
+    post("after")
+    assert wait_for(lambda: [e["id"] for e in read_jsonl(b)] == ["prompt.created:after"]), read_jsonl(b)
+    assert [e["id"] for e in read_jsonl(a)] == ["prompt.created:before", "prompt.created:after"]
+    output = running.stop()
+    assert "restart" not in output, output
 
 
 BAD_CEL = rule("more", ["score.*"], ["file"], 'data.level == == "ERROR"')
