@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="watermarks, lag, last errors, queue and dead letters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser("check", parents=[common], help="validate the config and reach Langfuse with the keys")
+    worker = sub.add_parser(
+        "worker", parents=[common], help="process the Redis queue's events with the handlers and notifiers"
+    )
+    worker.add_argument(
+        "--concurrency", type=int, default=1, metavar="N", help="jobs processed at once by this process (default 1)"
+    )
     sub.add_parser(
         "serve-webhooks", parents=[common], help="receive Langfuse's webhooks and deliver them, without polling"
     )
@@ -167,6 +173,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
     return Daemon(_runtime(args), load_config=lambda: _config(args)).run()
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .queue_worker import run_worker
+
+    config = _config(args)
+    if config.queue.backend != "redis":
+        raise ConfigError(config.source, "queue.backend", config.queue.backend, '"redis" for `worker`')
+    if args.concurrency < 1:
+        raise ConfigError("command line", "--concurrency", args.concurrency, "an integer >= 1")
+    return run_worker(config, concurrency=args.concurrency)
 
 
 def cmd_serve_webhooks(args: argparse.Namespace) -> int:

@@ -278,6 +278,33 @@ class DeliveryConfig:
     retention: timedelta = timedelta(days=7)
 
 
+QUEUE_BACKENDS = ("sqlite", "redis")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """Where deliveries to handlers and notifiers run: in this process ("sqlite") or in BullMQ workers ("redis")."""
+
+    backend: str = "sqlite"
+    url: str = "redis://127.0.0.1:6379/0"
+    name: str = "langfuse-events"
+
+    @property
+    def display_url(self) -> str:
+        """The URL without its password, for logs and messages."""
+        return redacted_url(self.url)
+
+
+def redacted_url(url: str) -> str:
+    """A URL with the password of its user info replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}" if colon else f"{scheme}://***@{host}"
+
+
 @dataclass(frozen=True)
 class NotifierConfig:
     """A configured notifier: its name, its type and the settings that type parsed."""
@@ -314,6 +341,7 @@ class Config:
     delivery: DeliveryConfig
     metrics: MetricsConfig = MetricsConfig()
     webhook: WebhookConfig = WebhookConfig()
+    queue: QueueConfig = QueueConfig()
 
 
 def default_state_path() -> Path:
@@ -374,6 +402,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
 
     delivery = _parse_delivery(top.table("delivery"))
     webhook = _parse_webhook(top.table("webhook"))
+    queue = _parse_queue(top.table("queue"))
 
     notifiers_table = top.table("notifiers")
     notifiers: dict[str, NotifierConfig] = {}
@@ -396,6 +425,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         delivery=delivery,
         metrics=metrics,
         webhook=webhook,
+        queue=queue,
     )
 
 
@@ -597,3 +627,20 @@ def _parse_metrics(table: Table) -> MetricsConfig:
     except ValueError:
         raise table.error("listen", text, LISTEN_FORM) from None
     return MetricsConfig(host, port)
+
+
+def _parse_queue(table: Table) -> QueueConfig:
+    backend = table.string("backend", "sqlite") or "sqlite"
+    if backend not in QUEUE_BACKENDS:
+        raise table.error("backend", backend, "one of " + ", ".join(repr(b) for b in QUEUE_BACKENDS))
+    url = table.string("url", QueueConfig.url, env=("LANGFUSE_POLLER_REDIS_URL",)) or QueueConfig.url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        found = redacted_url(url) if "@" in url else url
+        raise table.error("url", found, "a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)")
+    name = table.string("name", QueueConfig.name) or QueueConfig.name
+    if ":" in name:
+        # BullMQ refuses queue names with ":", its key separator
+        raise table.error("name", name, 'a BullMQ queue name without ":", such as "langfuse-events"')
+    config = QueueConfig(backend=backend, url=url, name=name)
+    table.finish()
+    return config

@@ -236,7 +236,10 @@ class DeliveryWorker:
             # a handler's own exception: retried, but the handler's other events go on meanwhile
             message, retryable, retry_after, rest = f"{type(exc).__name__}: {exc}", True, None, False
         self.stats.add(self.stats.failed, name)
-        if not retryable or attempts >= self.config.max_attempts:
+        # a queue that hands events on (Redis) is waited for however long it is down: giving up would turn an
+        # outage into dead letters; its own jobs count the attempts of the handlers and notifiers
+        patient = retryable and getattr(self.targets.get(name), "retries_forever", False)
+        if not retryable or (attempts >= self.config.max_attempts and not patient):
             reason = message if not retryable else f"{message} (gave up after {attempts} attempts)"
             self.store.mark_dead(due.id, error=reason)
             self.stats.add(self.stats.dead, name)

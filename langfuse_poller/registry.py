@@ -145,6 +145,8 @@ class Router:
         self.rules = [CompiledRule(rule, source) for rule in rules]
         self.registry = handlers or registry
         self.silences = silences
+        # set by the Redis backend: handlers and notifiers become one delivery to this target
+        self.queue: str | None = None
         self._by_type: dict[str, tuple[list[str], list[CompiledRule]]] = {}
 
     def _candidates(self, event_type: str) -> tuple[list[str], list[CompiledRule]]:
@@ -161,9 +163,23 @@ class Router:
         return bool(handlers or rules)
 
     def targets(self, event: Event) -> list[str]:
-        """The delivery targets of one event, each once."""
+        """The delivery targets of one event, each once. With a `queue` target (the Redis backend), the handlers
+        and notifiers are one delivery to that queue, whose workers route the event again; alert groups stay."""
+        ordered, direct, alerts = self._route(event)
+        if self.queue is not None and direct:
+            return [*alerts, self.queue]
+        return ordered
+
+    def direct_targets(self, event: Event) -> list[str]:
+        """The handlers and notifiers of one event, without alert groups: what a queue worker delivers."""
+        return self._route(event)[1]
+
+    def _route(self, event: Event) -> tuple[list[str], list[str], list[str]]:
+        """(all targets in rule order, handler and notifier targets, alert group targets) of one event, each once."""
         handlers, rules = self._candidates(event.type)
-        targets = list(handlers)
+        ordered = list(handlers)
+        direct = list(handlers)
+        alerts: list[str] = []
         envelope: dict[str, Any] | None = None
         for compiled in rules:
             rule = compiled.rule
@@ -174,11 +190,14 @@ class Router:
                     continue
             if rule.grouping is not None:
                 # the alerter counts the match into its group, and applies silences there
-                targets.append(rule.target)
+                alerts.append(rule.target)
+                ordered.append(rule.target)
                 continue
             if self.silences is not None and self.silences.mutes(rule.name):
                 envelope = envelope or event.envelope()
                 if self.silences.match(rule.name, envelope):
                     continue
-            targets.extend(f"notifier:{name}" for name in rule.notify)
-        return list(dict.fromkeys(targets))
+            notifiers = [f"notifier:{name}" for name in rule.notify]
+            direct.extend(notifiers)
+            ordered.extend(notifiers)
+        return list(dict.fromkeys(ordered)), list(dict.fromkeys(direct)), list(dict.fromkeys(alerts))

@@ -61,6 +61,13 @@ class Runtime:
         }
         targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
         targets.update(alerter.targets())
+        if config.queue.backend == "redis":
+            from .redis_queue import QUEUE_TARGET, RedisQueueTarget
+
+            # events for handlers and notifiers go to BullMQ workers; alert groups stay here, and so do the
+            # notifiers, which send the alerts (and deliveries queued before the switch to Redis)
+            targets[QUEUE_TARGET] = RedisQueueTarget(config.queue, config.delivery)
+            router.queue = QUEUE_TARGET
         worker = DeliveryWorker(store, targets, config.delivery, clock=clock, cancel=cancel)
         reader = LangfuseReader(
             config.langfuse,

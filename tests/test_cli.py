@@ -293,6 +293,7 @@ COMMANDS = (
     ("test-rule",),
     ("demo",),
     ("serve-webhooks",),
+    ("worker",),
 )
 
 

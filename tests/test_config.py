@@ -59,10 +59,12 @@ def test_the_example_config_loads_with_every_section() -> None:
         "handlers",
         "metrics",
         "delivery",
+        "queue",
         "rules",
         "notifiers",
         "webhook",
     }
+    assert config.queue.backend == "sqlite" and config.queue.name == "langfuse-events"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,191 @@
+"""`langfuse-poller worker`: a BullMQ worker on the Redis queue that runs the handlers and notifiers.
+
+Each job is one event (name = event type, data = the envelope). The worker routes it with the same Router as
+the poller, handlers and forwarding rules only: alert grouping, silences and absence stay in the poller, which
+enqueued the job. A target that fails makes the job fail, and BullMQ retries it with the job's backoff; the
+targets that succeeded are written into the job's progress first, so a retry sends only to the others (at
+least once per (event, target), as with the SQLite backend). After its attempts the job stays in BullMQ's
+failed set. Any number of workers, on any machines, share one queue: BullMQ gives each job to one of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .config import Config
+from .delivery import HandlerTarget
+from .errors import DeliveryError
+from .events import Event
+from .notifiers import Notifier, build_notifier
+from .registry import Registry, Router, import_handler_modules, registry
+
+log = logging.getLogger(__name__)
+
+# how long a job stays locked by a worker that stopped renewing it (crashed) before another worker takes it
+LOCK_DURATION_MS = 30_000
+
+
+class TargetFailed(Exception):
+    """Raised inside a job when a handler or notifier failed; BullMQ records the message and retries."""
+
+
+class Dispatcher:
+    """Delivers one event to handler and notifier targets by name, each target isolated from the others.
+
+    Notifiers were written for one caller at a time (the SQLite backend drains each in one thread), so each
+    notifier is called under its own lock; handlers run concurrently, up to the worker's concurrency."""
+
+    def __init__(self, targets: Mapping[str, Notifier]) -> None:
+        self.targets = dict(targets)
+        self._locks = {name: threading.Lock() for name in self.targets if not name.startswith("handler:")}
+
+    def deliver(self, event: Event, names: Sequence[str]) -> dict[str, Exception | None]:
+        """Send `event` to each named target: name -> the failure, or None when it arrived."""
+        outcomes: dict[str, Exception | None] = {}
+        for name in names:
+            target = self.targets.get(name)
+            if target is None:
+                outcomes[name] = DeliveryError(f"{name} is not configured in this worker", retryable=False)
+                continue
+            lock = self._locks.get(name)
+            try:
+                if lock is None:
+                    target.send(event)
+                else:
+                    with lock:
+                        target.send(event)
+            except Exception as exc:
+                outcomes[name] = exc
+                continue
+            outcomes[name] = None
+        return outcomes
+
+    def close(self) -> None:
+        for target in self.targets.values():
+            try:
+                target.close()
+            except Exception:
+                log.exception("closing a notifier failed")
+
+
+def build_dispatcher(config: Config, handlers: Registry) -> Dispatcher:
+    """Handler targets (`handler:NAME`) and notifier targets (`notifier:NAME`) from the config."""
+    targets: dict[str, Notifier] = {
+        f"handler:{name}": HandlerTarget(handler.func) for name, handler in handlers.handlers.items()
+    }
+    targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
+    return Dispatcher(targets)
+
+
+def _delivered_before(progress: Any) -> set[str]:
+    """The targets a previous attempt of this job reached, from its progress."""
+    if isinstance(progress, dict) and isinstance(progress.get("delivered"), list):
+        return {str(name) for name in progress["delivered"]}
+    return set()
+
+
+class JobProcessor:
+    """The bullmq processor: one job, one event, its handler and notifier targets."""
+
+    def __init__(self, router: Router, dispatcher: Dispatcher) -> None:
+        self.router = router
+        self.dispatcher = dispatcher
+        self.processed = 0
+
+    async def __call__(self, job: Any, token: str) -> dict[str, Any]:
+        from bullmq.custom_errors import UnrecoverableError
+
+        event = Event.from_envelope(job.data)
+        done = _delivered_before(job.progress)
+        wanted = [name for name in self.router.direct_targets(event) if name not in done]
+        # handlers and notifiers block (HTTP, files, user code): off the loop, so that locks are renewed meanwhile
+        outcomes = await asyncio.to_thread(self.dispatcher.deliver, event, wanted)
+        done.update(name for name, error in outcomes.items() if error is None)
+        failures = {name: error for name, error in outcomes.items() if error is not None}
+        self.processed += 1
+        if not failures:
+            return {"delivered": sorted(done)}
+        await job.updateProgress({"delivered": sorted(done)})
+        message = "; ".join(f"{name}: {_describe(error)}" for name, error in failures.items())
+        log.warning("job %s (%s): %s", job.id, event.type, message)
+        if all(isinstance(error, DeliveryError) and not error.retryable for error in failures.values()):
+            # a refusal that cannot change (a 4xx): to the failed set at once, as the outbox makes a dead letter
+            raise UnrecoverableError(message)
+        raise TargetFailed(message)
+
+
+def _describe(error: Exception) -> str:
+    return str(error) if isinstance(error, DeliveryError) else f"{type(error).__name__}: {error}"
+
+
+def run_worker(
+    config: Config,
+    *,
+    concurrency: int = 1,
+    handlers: Registry | None = None,
+    stop: threading.Event | None = None,
+    install_signals: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Process the queue's jobs until SIGTERM/SIGINT (or `stop`), then finish the jobs in flight and return 0."""
+    handlers = handlers or registry
+    import_handler_modules(config.handler_modules, config.source)
+    router = Router(config.rules, handlers, config.source)
+    dispatcher = build_dispatcher(config, handlers)
+    try:
+        return asyncio.run(_work(config, router, dispatcher, concurrency, stop, install_signals, on_ready))
+    finally:
+        dispatcher.close()
+
+
+async def _work(
+    config: Config,
+    router: Router,
+    dispatcher: Dispatcher,
+    concurrency: int,
+    stop: threading.Event | None,
+    install_signals: bool,
+    on_ready: Callable[[], None] | None,
+) -> int:
+    from bullmq import Worker
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+    if stop is not None:
+        threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(stopping.set)), daemon=True).start()
+    processor = JobProcessor(router, dispatcher)
+    worker = Worker(
+        config.queue.name,
+        processor,
+        {
+            "connection": config.queue.url,
+            "concurrency": concurrency,
+            "lockDuration": LOCK_DURATION_MS,
+            # an idle worker blocks on Redis this long at most between checks for a stop
+            "drainDelay": 1,
+        },
+    )
+    worker.on("failed", lambda job, err: log.info("job %s failed (attempt %s): %s", job.id, job.attemptsMade, err))
+    worker.on("error", lambda err, *_: log.error("worker: %s", err))
+    log.info(
+        "langfuse-poller worker on queue %s at %s, concurrency %d, %d handler and notifier targets",
+        config.queue.name,
+        config.queue.display_url,
+        concurrency,
+        len(dispatcher.targets),
+    )
+    if on_ready is not None:
+        on_ready()
+    await stopping.wait()
+    log.info("stopping: finishing the jobs in flight")
+    await worker.close()
+    log.info("stopped after %d jobs", processor.processed)
+    return 0

@@ -1,0 +1,146 @@
+"""The Redis backend: events leave the SQLite outbox as BullMQ jobs, which `langfuse-poller worker` processes
+(or any BullMQ worker, Node.js included) on as many machines as needed.
+
+The poller stays the only writer of its SQLite state: an event and its delivery to `queue:redis` are stored in
+the transaction that moves the watermark, and the delivery is marked done only once Redis has accepted the
+job. An event therefore always has a durable copy, in SQLite until Redis holds it; a crash between the add
+and the mark re-adds the same job id, which BullMQ ignores. Redis down is a retryable DeliveryError: the event
+waits in the outbox with its backoff like any other delivery.
+
+Job: name = event type, data = the envelope, id = event id, attempts and exponential backoff from `[delivery]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import orjson
+
+from .config import DeliveryConfig, QueueConfig
+from .errors import DeliveryError
+from .events import Event
+
+log = logging.getLogger(__name__)
+
+QUEUE_TARGET = "queue:redis"
+# completed jobs stay this long: long enough that a job re-added after a crash between the add and its record
+# in SQLite still finds its id and is ignored; short enough that Redis does not grow with every event ever seen
+KEEP_COMPLETED_SECONDS = 3600
+T = TypeVar("T")
+
+
+def job_options(delivery: DeliveryConfig) -> dict[str, Any]:
+    """BullMQ job options from `[delivery]`: attempts, exponential backoff, what is kept when done.
+
+    Failed jobs are kept (BullMQ's default): after `max_attempts` they wait in the failed set, the dead letters
+    of this backend, until retried or removed."""
+    return {
+        "attempts": delivery.max_attempts,
+        "backoff": {"type": "exponential", "delay": int(delivery.backoff.total_seconds() * 1000)},
+        "removeOnComplete": {"age": KEEP_COMPLETED_SECONDS},
+    }
+
+
+def redis_client(url: str, timeout: float) -> Any:
+    """An asyncio Redis client for bullmq that fails fast: the outbox, not the client, retries a Redis outage."""
+    import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return redis.from_url(
+        url,
+        decode_responses=True,  # bullmq reads strings
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class LoopThread:
+    """A private asyncio loop in a daemon thread: bullmq's API is asyncio, the delivery worker uses threads.
+
+    One loop for the life of the target keeps the Redis connection and bullmq's loaded scripts between batches
+    (asyncio.run per batch would reconnect each time)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise TimeoutError(f"no answer within {timeout:.0f}s") from None
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class RedisQueueTarget:
+    """The delivery target `queue:redis`: adds the events it gets as BullMQ jobs, a batch in one MULTI."""
+
+    # the outbox keeps retrying (with its capped backoff) while Redis is down, rather than making dead letters
+    retries_forever = True
+
+    def __init__(self, config: QueueConfig, delivery: DeliveryConfig) -> None:
+        self.config = config
+        self.options = job_options(delivery)
+        self.timeout = delivery.timeout.total_seconds()
+        self._loop: LoopThread | None = None
+        self._queue: Any = None
+
+    def send(self, event: Event) -> None:
+        self.send_raw([(event.id, event.to_json())])
+
+    def send_raw(self, items: Sequence[tuple[str, str]]) -> None:
+        """Add (event id, envelope JSON) pairs as jobs; returns once Redis accepted all of them."""
+        jobs = []
+        for event_id, text in items:
+            envelope = orjson.loads(text)
+            jobs.append({"name": envelope["event"], "data": envelope, "opts": {**self.options, "jobId": event_id}})
+        if self._loop is None:
+            self._loop = LoopThread("redis-queue")
+        try:
+            self._loop.run(self._add(jobs), self.timeout)
+        except Exception as exc:
+            self._reset()
+            reason = str(exc) or type(exc).__name__
+            raise DeliveryError(
+                f"Redis at {self.config.display_url} did not accept {len(jobs)} jobs: {reason}", retryable=True
+            ) from None
+
+    async def _add(self, jobs: list[dict[str, Any]]) -> None:
+        if self._queue is None:
+            from bullmq import Queue
+
+            connection = redis_client(self.config.url, self.timeout)
+            self._queue = Queue(self.config.name, {"connection": connection})
+        # addBulk: one MULTI for the batch, all or nothing; an id already in the queue is left as it is
+        await self._queue.addBulk(jobs)
+
+    def _reset(self) -> None:
+        """After a failure, the next batch starts with a new connection."""
+        queue, self._queue = self._queue, None
+        if queue is not None and self._loop is not None:
+            try:
+                self._loop.run(queue.close(), 2.0)
+            except Exception:
+                log.debug("closing the failed Redis connection failed", exc_info=True)
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        self._reset()
+        self._loop.close()
+        self._loop = None

@@ -1,0 +1,475 @@
+"""The Redis backend end to end: a real redis-server on loopback, the real bullmq package, and (for the Node.js
+test) the real `bullmq` npm package.
+
+Skipped, with the reason, when redis-server cannot be started, the Python bullmq package is missing, or (Node.js
+test only) node/npm or the npm package are unavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from langfuse_poller.config import DeliveryConfig, QueueConfig, parse_config, redacted_url
+from langfuse_poller.errors import ConfigError, DeliveryError
+from langfuse_poller.events import test_event as make_test_event
+from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget
+from langfuse_poller.registry import Registry, Router
+from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from tests.receivers import receiver
+from tests.test_cli import PROJECT_ID, PUBLIC_KEY, SECRET_KEY, Cli, ago, jsonl, q, rule, wait_for, write_config
+
+pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
+
+pytestmark = pytest.mark.timeout(60)
+
+QUEUE = "langfuse-events"
+NODE_BULLMQ = "bullmq@5"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server on a loopback port, in its own directory; `kill` and `start` again to test restarts."""
+
+    def __init__(self, directory: Path, *, durable: bool) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.durable = durable
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        self.proc = subprocess.Popen(
+            ["redis-server", *where, "--save", "", *persistence],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        pytest.skip(f"redis-server did not start on 127.0.0.1:{self.port}")
+
+    def kill(self) -> None:
+        """kill -9: what an acknowledged write must survive."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def redis_server(tmp_path: Path, *, durable: bool) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, durable=durable)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from redis_server(tmp_path, durable=False)
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """appendonly yes, appendfsync always: a job Redis acknowledged is on disk."""
+    yield from redis_server(tmp_path, durable=True)
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LANGFUSE_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")
+    env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return Cli(env)
+
+
+@pytest.fixture
+def langfuse() -> Iterator[FakeLangfuse]:
+    with FakeLangfuse(public_key=PUBLIC_KEY, secret_key=SECRET_KEY, project_id=PROJECT_ID) as fake:
+        yield fake
+
+
+def queue_section(server: RedisServer, name: str = QUEUE) -> str:
+    return f'[queue]\nbackend = "redis"\nurl = {q(server.url)}\nname = {q(name)}\n\n'
+
+
+def delivery_section(max_attempts: int = 3, backoff: str = "100ms") -> str:
+    return f"[delivery]\nmax_attempts = {max_attempts}\nbackoff = {q(backoff)}\n\n"
+
+
+def jobs_in(server: RedisServer, name: str = QUEUE) -> dict[str, dict[str, Any]]:
+    """Every job of the queue, whatever its state: id -> {name, data, opts, state}."""
+
+    async def read() -> dict[str, dict[str, Any]]:
+        from bullmq import Queue
+
+        queue = Queue(name, {"connection": server.url})
+        try:
+            found: dict[str, dict[str, Any]] = {}
+            for state in ("waiting", "active", "delayed", "completed", "failed"):
+                for job in await queue.getJobs([state]):
+                    found[job.id] = {"name": job.name, "data": job.data, "opts": job.opts, "state": state}
+            return found
+        finally:
+            await queue.close()
+
+    return asyncio.run(read())
+
+
+def add_traffic(langfuse: FakeLangfuse, traces: int, scores: int = 0, age: float = 30) -> set[str]:
+    """Traces (one trace.created each) and scores (one score.created each), `age` seconds ago; their event ids."""
+    ids = set()
+    for _ in range(traces):
+        ids.add(f"trace.created:{langfuse.add_trace(start_time=ago(age))[0]['traceId']}")
+    for _ in range(scores):
+        ids.add(f"score.created:{langfuse.add_score(value=0.5, timestamp=ago(age))['id']}")
+    return ids
+
+
+def poller_config(tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, extra: str = "") -> Path:
+    return write_config(
+        tmp_path / "poller.toml",
+        langfuse.url,
+        queue_section(server)
+        + delivery_section()
+        + jsonl("archive", tmp_path / "archive.jsonl")
+        + rule("all", ["trace.*", "score.*"], ["archive"])
+        + extra,
+    )
+
+
+# --- config and routing, in process ------------------------------------------------------------------------
+
+
+KEYS = {"langfuse": {"public_key": "pk-lf-1", "secret_key": "sk-lf-1"}}
+
+
+def test_queue_config_defaults_and_errors() -> None:
+    assert parse_config(KEYS, "t").queue == QueueConfig()
+    parsed = parse_config({**KEYS, "queue": {"backend": "redis", "url": "redis://h:1/2", "name": "jobs"}}, "t").queue
+    assert parsed == QueueConfig(backend="redis", url="redis://h:1/2", name="jobs")
+    for table, key in (
+        ({"backend": "kafka"}, "queue.backend"),
+        ({"url": "http://x"}, "queue.url"),
+        ({"name": "a:b"}, "queue.name"),
+        ({"nmae": "x"}, "queue.nmae"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config({**KEYS, "queue": table}, "t.toml")
+        assert error.value.key == key and "t.toml" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_config({**KEYS, "queue": {"url": "http://user:hunter2@x"}}, "t.toml")
+    assert "hunter2" not in str(error.value)
+    assert redacted_url("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
+    assert redacted_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_with_a_queue_handlers_and_notifiers_become_one_target_and_alert_groups_stay() -> None:
+    handlers = Registry()
+    handlers.register(lambda event: None, ["trace.*"], name="h")
+    config = parse_config(
+        {
+            **KEYS,
+            "notifiers": {"file": {"type": "jsonl", "path": "/tmp/never.jsonl"}},
+            "rules": [
+                {"name": "fwd", "events": ["trace.*"], "notify": ["file"]},
+                {"name": "grouped", "events": ["trace.*"], "notify": ["file"], "group_by": ["data.name"]},
+            ],
+        },
+        "t",
+    )
+    router = Router(config.rules, handlers)
+    event = make_test_event("trace.created")
+    assert router.targets(event) == ["handler:h", "notifier:file", "rule:grouped"]
+    router.queue = QUEUE_TARGET
+    assert router.targets(event) == ["rule:grouped", QUEUE_TARGET]
+    assert router.direct_targets(event) == ["handler:h", "notifier:file"]
+    assert router.targets(make_test_event("score.created")) == []
+
+
+def test_redis_down_is_a_retryable_delivery_error() -> None:
+    target = RedisQueueTarget(
+        QueueConfig(backend="redis", url=f"redis://127.0.0.1:{free_port()}/0"),
+        DeliveryConfig(timeout=timedelta(seconds=2)),
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeliveryError) as error:
+            target.send(make_test_event("trace.created"))
+        assert error.value.retryable and "did not accept 1 jobs" in str(error.value)
+        assert time.monotonic() - started < 3
+    finally:
+        target.close()
+
+
+# --- the poller -> Redis ----------------------------------------------------------------------------------
+
+
+def test_once_queues_each_event_once_and_a_redis_outage_or_crash_loses_nothing(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, durable_redis: RedisServer
+) -> None:
+    expected = add_traffic(langfuse, traces=3, scores=2)
+    path = poller_config(tmp_path, langfuse, durable_redis)
+
+    first = cli("once", "--config", path)
+    assert first.returncode == 0, str(first)
+    assert "5 new events; delivered 5, pending 0" in first.stdout, str(first)
+    jobs = jobs_in(durable_redis)
+    assert set(jobs) == expected
+    for job_id, job in jobs.items():
+        assert job["state"] == "waiting"
+        assert job["name"] == job["data"]["event"] == job_id.split(":")[0]
+        assert job["data"]["id"] == job_id and job["data"]["source"] == "poll"
+        assert job["data"]["data"]["projectId"] == PROJECT_ID
+        assert job["opts"]["attempts"] == 3
+        assert job["opts"]["backoff"] == {"type": "exponential", "delay": 100}
+    assert not (tmp_path / "archive.jsonl").exists(), "the poller left the notifier to the workers"
+
+    again = cli("once", "--config", path)
+    assert again.returncode == 0 and "0 new events" in again.stdout, str(again)
+    assert set(jobs_in(durable_redis)) == expected
+
+    # Redis down: once fails, the new events wait in SQLite
+    durable_redis.kill()
+    late = add_traffic(langfuse, traces=2, scores=1, age=0)
+    time.sleep(2.1)  # the default `settle`: the head reads up to 2 s ago
+    down = cli("once", "--config", path)
+    assert down.returncode != 0, str(down)
+    assert "3 new events" in down.stdout and "pending 3" in down.stdout, str(down)
+    status = json.loads(cli("status", "--json", "--config", path).stdout)
+    assert status["queue"]["by_target"] == {QUEUE_TARGET: 3}
+
+    # back (after a kill -9): what Redis acknowledged is still there, and the next once queues the rest
+    durable_redis.start()
+    assert set(jobs_in(durable_redis)) == expected
+    back = cli("once", "--config", path)
+    assert back.returncode == 0, str(back)
+    assert "delivered 3, pending 0" in back.stdout, str(back)
+    jobs = jobs_in(durable_redis)
+    assert set(jobs) == expected | late and len(jobs) == 8
+
+
+def test_a_job_added_again_after_a_crash_is_not_queued_twice(redis: RedisServer) -> None:
+    target = RedisQueueTarget(QueueConfig(backend="redis", url=redis.url), DeliveryConfig())
+    try:
+        event = make_test_event("score.created")
+        target.send(event)
+        # a crash between Redis's answer and the SQLite record: the outbox sends it again
+        target.send_raw([(event.id, event.to_json())])
+    finally:
+        target.close()
+    assert list(jobs_in(redis)) == [event.id]
+
+
+# --- workers -----------------------------------------------------------------------------------------------
+
+
+def worker_config(tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, hook_url: str) -> Path:
+    return write_config(
+        tmp_path / "worker.toml",
+        langfuse.url,
+        queue_section(server)
+        + delivery_section()
+        + f'[notifiers.hook]\ntype = "webhook"\nurl = {q(hook_url)}\n\n'
+        + rule("all", ["trace.*", "score.*"], ["hook"]),
+    )
+
+
+def start_worker(cli: Cli, path: Path, tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    """A `worker` process whose stderr goes to a file, so that it can be read while it runs."""
+    log = tmp_path / f"{name}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "langfuse_poller", "worker", "--config", str(path), *args],
+        env=cli.env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    return proc, log
+
+
+def stop_worker(proc: subprocess.Popen[str], log: Path) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"worker did not stop on SIGTERM\n{log.read_text()}")
+    text = log.read_text()
+    assert code == 0, text
+    assert "Traceback" not in text, text
+    return text
+
+
+def test_two_workers_share_the_jobs_without_double_delivery(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+) -> None:
+    with receiver(delay=0.01) as hook:
+        path = worker_config(tmp_path, langfuse, redis, hook.url)
+        workers = [start_worker(cli, path, tmp_path, f"worker{i}") for i in range(2)]
+        try:
+            assert wait_for(lambda: all("concurrency 1" in log.read_text() for _, log in workers), 15)
+            expected = add_traffic(langfuse, traces=60, scores=60)
+            produced = cli("once", "--config", path)
+            assert produced.returncode == 0 and "120 new events" in produced.stdout, str(produced)
+            assert wait_for(lambda: len(hook.received) >= 120, 30), len(hook.received)
+            time.sleep(0.3)  # a double delivery would land now
+        finally:
+            logs = [stop_worker(proc, log) for proc, log in workers]
+        ids = [received.headers["webhook-id"] for received in hook.received]
+        assert sorted(ids) == sorted(expected), "each event once, none twice"
+        counts = [int(text.rsplit("stopped after ", 1)[1].split()[0]) for text in logs]
+        assert sum(counts) == 120 and all(count > 0 for count in counts), counts
+    assert {job["state"] for job in jobs_in(redis).values()} == {"completed"}
+
+
+def test_a_failing_notifier_is_retried_then_the_job_waits_in_the_failed_set(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+) -> None:
+    # the first answer fails, then the endpoint works: retried by BullMQ; a 500 forever: failed after 3 attempts
+    with receiver(respond=lambda n: 500 if n == 0 else 200) as flaky, receiver(respond=lambda n: 500) as broken:
+        path = write_config(
+            tmp_path / "worker.toml",
+            langfuse.url,
+            queue_section(redis)
+            + delivery_section(max_attempts=3, backoff="100ms")
+            + f'[notifiers.flaky]\ntype = "webhook"\nurl = {q(flaky.url)}\n\n'
+            + f'[notifiers.broken]\ntype = "webhook"\nurl = {q(broken.url)}\n\n'
+            + rule("traces", ["trace.*"], ["flaky"])
+            + rule("scores", ["score.*"], ["flaky", "broken"]),
+        )
+        trace_id = next(iter(add_traffic(langfuse, traces=1)))
+        score_id = next(iter(add_traffic(langfuse, traces=0, scores=1)))
+        assert cli("once", "--config", path).returncode == 0
+        proc, log = start_worker(cli, path, tmp_path, "worker")
+        try:
+            assert wait_for(lambda: len(broken.statuses) >= 3, 20), log.read_text()
+            assert wait_for(lambda: jobs_in(redis)[score_id]["state"] == "failed", 10)
+        finally:
+            stop_worker(proc, log)
+    jobs = jobs_in(redis)
+    assert jobs[trace_id]["state"] == "completed" and jobs[score_id]["state"] == "failed"
+    # `flaky` got each event once: the retries of the score's job skipped the target it had reached
+    assert sorted(r.headers["webhook-id"] for r in flaky.received) == sorted([trace_id, score_id])
+    assert len(broken.statuses) == 3
+
+    # the README's way to retry the failed set
+    async def retry() -> None:
+        from bullmq import Queue
+
+        queue = Queue(QUEUE, {"connection": redis.url})
+        failed = await queue.getJobs(["failed"])
+        assert [job.id for job in failed] == [score_id] and "500" in failed[0].failedReason
+        await queue.retryJobs({"state": "failed"})
+        await queue.close()
+
+    asyncio.run(retry())
+    assert jobs_in(redis)[score_id]["state"] == "waiting"
+
+
+# --- a Node.js BullMQ worker -------------------------------------------------------------------------------
+
+NODE_WORKER = """
+const { Worker } = require("bullmq");
+const [url, expected] = [process.argv[2], Number(process.argv[3])];
+const { hostname, port } = new URL(url);
+let seen = 0;
+const worker = new Worker("langfuse-events", async job => {
+  console.log(JSON.stringify({ id: job.id, name: job.name, dataId: job.data.id, event: job.data.event,
+                               projectId: job.data.data.projectId }));
+  if (++seen >= expected) setImmediate(() => worker.close().then(() => process.exit(0)));
+}, { connection: { host: hostname, port: Number(port) } });
+"""
+
+
+@pytest.fixture(scope="session")
+def node_bullmq() -> Path:
+    """A directory whose node_modules holds bullmq@5 from npm (installed once, cached across runs)."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        pytest.skip("node and npm are not installed")
+    cache = Path(os.environ.get("LANGFUSE_POLLER_NODE_CACHE", Path(tempfile.gettempdir()) / "langfuse-poller-node"))
+    if not (cache / "node_modules" / "bullmq" / "package.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund", NODE_BULLMQ],
+            cwd=cache,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"npm install {NODE_BULLMQ} failed: {result.stderr[-500:]}")
+    return cache
+
+
+def test_a_nodejs_bullmq_worker_consumes_the_jobs_unchanged(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, node_bullmq: Path
+) -> None:
+    expected = add_traffic(langfuse, traces=3, scores=3)
+    produced = cli("once", "--config", poller_config(tmp_path, langfuse, redis))
+    assert produced.returncode == 0, str(produced)
+    script = tmp_path / "consume.js"
+    script.write_text(NODE_WORKER, encoding="utf-8")
+    result = subprocess.run(
+        ["node", str(script), redis.url, str(len(expected))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "NODE_PATH": str(node_bullmq / "node_modules")},
+    )
+    assert result.returncode == 0, result.stderr
+    seen = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(job["id"] for job in seen) == sorted(expected)
+    for job in seen:
+        assert job["dataId"] == job["id"] and job["name"] == job["event"] == job["id"].split(":")[0]
+        assert job["projectId"] == PROJECT_ID
+    assert {job["state"] for job in jobs_in(redis).values()} == {"completed"}
