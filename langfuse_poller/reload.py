@@ -25,13 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from .alerting.alerter import Alerter
-from .alerting.silences import Silences
 from .config import Config, load_config
-from .delivery import HandlerTarget
 from .errors import LangfusePollerError
-from .notifiers import Notifier, build_notifier
+from .notifiers import Notifier
 from .registry import Router, import_handler_modules
-from .runtime import Runtime
+from .runtime import Runtime, wire_routing
 
 log = logging.getLogger(__name__)
 
@@ -92,33 +90,23 @@ class Routing:
 
 
 def build(runtime: Runtime, prepared: Prepared) -> Routing:
-    """Import the new handler modules and build the notifiers and alert rules; undone on any failure."""
+    """Import the new handler modules and build the notifiers and alert rules, as Runtime.build does; the new
+    handlers are unregistered again on any failure."""
     registry = prepared.router.registry
     before = set(registry.handlers)
-    built: dict[str, Notifier] = {}
     try:
         if prepared.new_modules:
             # the import system caches directory listings: a module file written since the start would be missed
             importlib.invalidate_caches()
         import_handler_modules(prepared.new_modules, prepared.config.source)
-        # as Runtime.build wires them (tests/test_service.py compares the two)
-        router = prepared.router
-        clock = runtime.worker.clock
-        silences = Silences(runtime.store, clock=clock)
-        router.silences = silences
-        alerter = Alerter(runtime.store, router.rules, silences, streams=prepared.config.poll.streams, clock=clock)
-        built.update({f"handler:{name}": HandlerTarget(h.func) for name, h in registry.handlers.items()})
-        for name, notifier_config in prepared.config.notifiers.items():
-            built[f"notifier:{name}"] = build_notifier(notifier_config)
-        built.update(alerter.targets())
+        alerter, targets = wire_routing(prepared.config, prepared.router, runtime.store, runtime.worker.clock)
     except Exception as exc:
         for name in set(registry.handlers) - before:
             registry.unregister(name)
-        _close_all(built)
         if isinstance(exc, LangfusePollerError):
             raise
         raise LangfusePollerError(f"the new config could not be built: {type(exc).__name__}: {exc}") from exc
-    return Routing(router, alerter, built)
+    return Routing(prepared.router, alerter, targets)
 
 
 def swap(runtime: Runtime, prepared: Prepared, routing: Routing) -> None:

@@ -505,8 +505,8 @@ def test_sighup_applies_new_rules_and_notifiers_and_keeps_state_and_pending_deli
 
 
 def test_a_reload_wires_the_routing_as_the_runtime_does(tmp_path: Path) -> None:
-    """reload.build repeats part of Runtime.build: the same targets, and parts of the same kinds, or a change to
-    one that the other missed (a silence check, the streams an alerter watches) fails here."""
+    """A reload builds what Runtime.build built (both go through runtime.wire_routing): the same targets, and
+    a router and an alerter with the same parts (a silence check, the streams an alerter watches)."""
     from langfuse_poller import reload
     from langfuse_poller.runtime import Runtime
 
