@@ -177,6 +177,10 @@ class LangfuseReader:
         self._found_at: dict[str, float] = {}
         # told of every read path found or changed (the runtime keeps it in the state, for `status`)
         self.on_read_path: Callable[[str, str], None] = lambda stream, path: None
+        # told of each request's outcome (path, and "200", "429", ... or "timeout", "error") and of each deliberate
+        # wait (seconds): the metrics count the requests, and the watchdog sees that a poll is alive
+        self.on_request: Callable[[str, str], None] = lambda path, outcome: None
+        self.on_wait: Callable[[float], None] = lambda seconds: None
         self.legacy = LegacyReader(self.get, host=self.host, environments=self.environments, clock=clock)
         self.client = httpx.Client(
             base_url=config.base_url,
@@ -398,6 +402,7 @@ class LangfuseReader:
             ) from None
 
     def _sleep(self, seconds: float) -> None:
+        self.on_wait(seconds)
         if self.cancel.wait(seconds):
             raise Cancelled()
 
@@ -419,9 +424,12 @@ class LangfuseReader:
         try:
             response = self.client.get(path, params=params)
         except httpx.TimeoutException:
+            self.on_request(path, "timeout")
             raise _Retry(f"no answer within {self.config.timeout.total_seconds():g}s") from None
         except httpx.TransportError as exc:
+            self.on_request(path, "error")
             raise _Retry(f"cannot reach {self.host}: {exc}") from None
+        self.on_request(path, str(response.status_code))
         self._note_rate_limit(response, bucket)
         status = response.status_code
         if status == 429:

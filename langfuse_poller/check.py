@@ -33,6 +33,11 @@ def run_check(config: Config, *, out: TextIO) -> int:
         except Exception as exc:
             report(False, f"notifier {name} ({notifier_config.type}): {exc}")
 
+    from .listening import check_listeners
+
+    for ok, what in check_listeners(config):
+        report(ok, what)
+
     from .store import Store
 
     try:

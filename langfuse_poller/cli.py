@@ -41,6 +41,12 @@ def _parser() -> argparse.ArgumentParser:
         "config dir, then /etc/langfuse-poller/config.toml)",
     )
     common.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    common.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "text", "journal", "json"],
+        help="auto (default): journal under systemd's journald, else text; json: one object per line",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     sub.add_parser("run", parents=[common], help="run the daemon in the foreground until SIGTERM or SIGINT")
@@ -130,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return EXIT_CONFIG
-    _setup_logging(args.log_level)
+    _setup_logging(args.log_level, args.log_format)
     command = args.command.replace("-", "_")
     try:
         result: int = globals()[f"cmd_{command}"](args)
@@ -145,17 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # request logs of the HTTP clients carry full URLs, and notifier URLs can hold tokens
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    # "skipped: maximum number of running instances reached" each interval while a long poll runs is expected
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+def _setup_logging(level: str, log_format: str = "auto") -> None:
+    from .logs import setup_logging
+
+    setup_logging(level, log_format)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -173,7 +172,7 @@ def _runtime(args: argparse.Namespace, *, lock: bool = True) -> Runtime:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
-    return Daemon(_runtime(args)).run()
+    return Daemon(_runtime(args), load_config=lambda: _config(args)).run()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

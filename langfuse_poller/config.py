@@ -7,6 +7,7 @@ and what was expected, so that a person can fix it without reading the code.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ class Secret:
     """A secret value that never shows itself in repr, str, logs or errors."""
 
     value: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        from .logs import hide
+
+        # whatever logs it by mistake (a library logging a URL with its token), the log shows *** instead
+        hide(self.value)
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -98,7 +105,9 @@ class Table:
             if not isinstance(path, str):
                 raise self.error(file_key, path, "the path of a file holding the secret")
             try:
-                text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+                text = expand_path(path).read_text(encoding="utf-8").strip()
+            except KeyError as exc:
+                raise self.error(file_key, path, _unset_variable(exc.args[0])) from None
             except OSError as exc:
                 raise self.error(file_key, path, f"a readable file ({exc.strerror})") from None
             if not text:
@@ -180,6 +189,28 @@ class Table:
             known = ", ".join(sorted(self._read)) or "no keys"
             # name the key, never its value: a misspelt `secert = "..."` holds a secret
             raise self.error(unknown[0], unknown[0], f"a known key of [{self.prefix or 'top level'}]: {known}")
+
+
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_path(text: str) -> Path:
+    """A path with `$NAME` or `${NAME}` replaced from the environment, and `~` expanded; KeyError(NAME) when a
+    variable is not set. `secret_key_file = "${CREDENTIALS_DIRECTORY}/langfuse-secret-key"` reads a systemd
+    credential wherever systemd mounted it."""
+
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in os.environ:
+            raise KeyError(name)
+        return os.environ[name]
+
+    return Path(_VARIABLE.sub(value, text)).expanduser()
+
+
+def _unset_variable(name: str) -> str:
+    hint = " (systemd sets it for a service with LoadCredential=)" if name == "CREDENTIALS_DIRECTORY" else ""
+    return f"the path of a file holding the secret, with every variable set: ${name} is not set{hint}"
 
 
 @dataclass(frozen=True)
@@ -287,6 +318,18 @@ class NotifierConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """`[metrics]`: where the Prometheus endpoint listens; off unless `listen` is set."""
+
+    host: str = ""
+    port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration, after every check."""
 
@@ -298,6 +341,7 @@ class Config:
     rules: tuple[Rule, ...]
     notifiers: Mapping[str, NotifierConfig]
     delivery: DeliveryConfig
+    metrics: MetricsConfig = MetricsConfig()
     webhook: WebhookConfig = WebhookConfig()
     queue: QueueConfig = QueueConfig()
 
@@ -370,6 +414,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     notifiers_table.finish()
 
     rules = parse_rules(top, notifiers)
+    metrics = _parse_metrics(top.table("metrics"))
     top.finish()
     return Config(
         source=source,
@@ -380,6 +425,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         rules=rules,
         notifiers=notifiers,
         delivery=delivery,
+        metrics=metrics,
         webhook=webhook,
         queue=queue,
     )
@@ -569,6 +615,20 @@ def _parse_delivery(table: Table) -> DeliveryConfig:
     )
     table.finish()
     return config
+
+
+def _parse_metrics(table: Table) -> MetricsConfig:
+    from .listening import LISTEN_FORM, parse_listen
+
+    text = table.string("listen")
+    table.finish()
+    if text is None:
+        return MetricsConfig()
+    try:
+        host, port = parse_listen(text)
+    except ValueError:
+        raise table.error("listen", text, LISTEN_FORM) from None
+    return MetricsConfig(host, port)
 
 
 def _parse_queue(table: Table) -> QueueConfig:

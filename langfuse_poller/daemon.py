@@ -1,7 +1,8 @@
 """The daemon: APScheduler runs the poll job and the delivery worker; signals stop it cleanly.
 
 Signal handlers only set a flag. The main thread then cancels waits (rate-limit sleeps, backoffs), lets the
-poll in flight finish or roll back its transaction, lets deliveries in flight finish, and exits 0.
+poll in flight finish or roll back its transaction, lets deliveries in flight finish, and exits 0. SIGHUP
+reloads the config, on the main thread too; systemd readiness, watchdog and metrics are `service.py`'s.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
 
 from .api import Cancelled
+from .config import Config
+from .poller import PollResult
 from .runtime import Runtime
+from .service import Service
 
 log = logging.getLogger(__name__)
 
@@ -32,24 +37,31 @@ STOP_GRACE = 3.0
 class Daemon:
     """Runs a Runtime until `stop()` (or SIGTERM/SIGINT when `run(install_signals=True)`)."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, load_config: Callable[[], Config] | None = None) -> None:
         self.runtime = runtime
         self.stopping = threading.Event()
         self._poll_done = threading.Event()
         self._poll_done.set()
+        self._reload = threading.Event()
+        self.service = Service(runtime, self.stopping, load_config=load_config)
 
     def poll_job(self) -> None:
         self._poll_done.clear()
+        self.service.poll_started()
+        result: PollResult | None = None
+        failure: str | None = None
         try:
             result = self.runtime.poller.poll_once()
         except Cancelled:
             return
-        except Exception:
+        except Exception as exc:
+            failure = f"{type(exc).__name__}: {exc}"
             if not self.stopping.is_set():
                 log.exception("poll failed unexpectedly; the next poll tries again")
             return
         finally:
             self._poll_done.set()
+            self.service.poll_finished(result, failure)
         for error in result.errors:
             log.error("%s", error)
         if result.events:
@@ -78,6 +90,9 @@ class Daemon:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self.stopping.set()
 
+    def _on_reload_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._reload.set()
+
     def run(self, *, install_signals: bool = True) -> int:
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
@@ -85,6 +100,7 @@ class Daemon:
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGHUP, self._on_reload_signal)
         runtime = self.runtime
         if runtime.config.webhook.enabled:
             runtime.start_receiver()  # first: a port in use stops the start before anything runs
@@ -106,6 +122,7 @@ class Daemon:
         scheduler.add_job(self.deliver_job, IntervalTrigger(seconds=DELIVERY_TICK), id="deliver", next_run_time=now)
         scheduler.add_job(self.alert_job, IntervalTrigger(seconds=ALERT_TICK), id="alerts", next_run_time=now)
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
+        self.service.start(scheduler)
         scheduler.start()
         if runtime.config.poll.streams:
             log.info(
@@ -117,8 +134,11 @@ class Daemon:
         else:
             log.info("langfuse-poller running without polling (webhooks only), state %s", runtime.config.state_path)
         while not self.stopping.wait(0.5):
-            pass
+            if self._reload.is_set():
+                self._reload.clear()
+                self.service.reload()
         log.info("stopping: finishing the poll and deliveries in flight")
+        self.service.stopping_now()
         if runtime.receiver is not None:
             # nothing new comes in; the requests in flight are stored and answered
             runtime.receiver.stop()
@@ -126,6 +146,7 @@ class Daemon:
         scheduler.shutdown(wait=False)
         poll_ended = self._poll_done.wait(STOP_GRACE)
         runtime.close()
+        self.service.close()
         if not poll_ended:
             log.warning("the poll in flight did not end within %.0fs; stopped without it", STOP_GRACE)
             logging.shutdown()

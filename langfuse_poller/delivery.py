@@ -271,6 +271,27 @@ class DeliveryWorker:
             outcomes[due.target] = None if error is None else str(error) or type(error).__name__
         return outcomes
 
+    def replace_targets(self, targets: Mapping[str, Notifier], config: DeliveryConfig) -> dict[str, Notifier]:
+        """Deliver to `targets`, with `config`, from now on (a reload); returns the old targets for the caller to
+        close. Only while nothing drains: `cancel` set and `wait_idle` returned, so no delivery is in flight."""
+        with self._lock:
+            if any(not future.done() for future in self._running.values()):
+                raise RuntimeError("replace_targets() while deliveries are in flight")
+            old, self.targets = self.targets, dict(targets)
+            self.config = config
+            self._wait = jittered_backoff(config.backoff.total_seconds(), config.max_backoff.total_seconds())
+            # new settings may have fixed a target that looked down: it tries again at its next due delivery
+            self._resting_until.clear()
+            # deliveries pending for a target the new config removed become dead letters at the next kick
+            self._checked_forgotten = 0.0
+            self._running.clear()
+            pool, self._pool = (
+                self._pool,
+                ThreadPoolExecutor(max_workers=max(1, min(32, len(self.targets))), thread_name_prefix="deliver"),
+            )
+        pool.shutdown(wait=False)
+        return old
+
     def dead_letter_forgotten_targets(self) -> int:
         """Pending deliveries to targets no longer configured become dead letters, visible and replayable."""
         count = 0

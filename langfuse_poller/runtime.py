@@ -20,6 +20,30 @@ from .registry import Registry, Router, import_handler_modules, registry
 from .store import Store
 
 
+def wire_routing(
+    config: Config, router: Router, store: Store, clock: Callable[[], float]
+) -> tuple[Alerter, dict[str, Notifier]]:
+    """Around a compiled router: its silences, the alert rules, and every delivery target (handlers of the
+    router's registry, notifiers, alert groups, the Redis queue). What `Runtime.build` wires, and what a
+    reload (reload.py) builds again from a new config."""
+    silences = Silences(store, clock=clock)
+    router.silences = silences
+    alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
+    targets: dict[str, Notifier] = {
+        f"handler:{name}": HandlerTarget(handler.func) for name, handler in router.registry.handlers.items()
+    }
+    targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
+    targets.update(alerter.targets())
+    if config.queue.backend == "redis":
+        from .redis_queue import QUEUE_TARGET, RedisQueueTarget
+
+        # events for handlers and notifiers go to BullMQ workers; alert groups stay here, and so do the
+        # notifiers, which send the alerts (and deliveries queued before the switch to Redis)
+        targets[QUEUE_TARGET] = RedisQueueTarget(config.queue, config.delivery)
+        router.queue = QUEUE_TARGET
+    return alerter, targets
+
+
 @dataclass
 class Runtime:
     """Everything a command needs, built once; `close` releases it."""
@@ -52,22 +76,8 @@ class Runtime:
         store = Store(config.state_path, clock=clock)
         if lock:
             store.lock()
-        silences = Silences(store, clock=clock)
-        router.silences = silences
-        alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
+        alerter, targets = wire_routing(config, router, store, clock)
         cancel = threading.Event()
-        targets: dict[str, Notifier] = {
-            f"handler:{name}": HandlerTarget(handler.func) for name, handler in handlers.handlers.items()
-        }
-        targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
-        targets.update(alerter.targets())
-        if config.queue.backend == "redis":
-            from .redis_queue import QUEUE_TARGET, RedisQueueTarget
-
-            # events for handlers and notifiers go to BullMQ workers; alert groups stay here, and so do the
-            # notifiers, which send the alerts (and deliveries queued before the switch to Redis)
-            targets[QUEUE_TARGET] = RedisQueueTarget(config.queue, config.delivery)
-            router.queue = QUEUE_TARGET
         worker = DeliveryWorker(store, targets, config.delivery, clock=clock, cancel=cancel)
         reader = LangfuseReader(
             config.langfuse,

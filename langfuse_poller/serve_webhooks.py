@@ -12,6 +12,7 @@ from dataclasses import replace
 from .config import WEBHOOK_SECRET_EXPECTED, Config
 from .daemon import Daemon
 from .errors import ConfigError
+from .reload import config_loader
 from .runtime import Runtime
 
 
@@ -19,5 +20,11 @@ def serve_webhooks(config: Config) -> int:
     """Serve `[webhook]` until SIGTERM or SIGINT; 0 on a clean stop. Whatever `enabled` says, a secret is needed."""
     if not config.webhook.secrets:
         raise ConfigError(config.source, "webhook.secret", None, WEBHOOK_SECRET_EXPECTED)
-    receive_only = replace(config, poll=replace(config.poll, streams=()), webhook=replace(config.webhook, enabled=True))
-    return Daemon(Runtime.build(receive_only)).run()
+    # a reload (SIGHUP) re-reads the file the same way, so that only what changed in it is reported
+    loader = config_loader(config)
+    return Daemon(Runtime.build(receive_only(config)), load_config=lambda: receive_only(loader())).run()
+
+
+def receive_only(config: Config) -> Config:
+    """The config as `serve-webhooks` runs it (and reloads it): no stream to poll, the receiver on."""
+    return replace(config, poll=replace(config.poll, streams=()), webhook=replace(config.webhook, enabled=True))

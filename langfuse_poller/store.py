@@ -8,11 +8,12 @@ ordered migrations, each applied in its own transaction and recorded.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -193,6 +194,28 @@ def _sweep_watermarks(conn: sqlite3.Connection, stream: str) -> dict[float, floa
     return dict(conn.execute("SELECT age, watermark FROM sweeps WHERE stream = ?", (stream,)).fetchall())
 
 
+@dataclass(frozen=True)
+class StoredEvent:
+    """What `Store.on_stored` is told of an event a transaction stored: its type, source, and rule (alerts)."""
+
+    type: str
+    source: str
+    rule: str | None
+
+
+def _stored_by(tx: Transaction) -> list[StoredEvent]:
+    """The events `tx` stored: the last `tx.enqueued` rows, since the transaction holds the write lock and
+    `seq` only grows. Read inside the transaction, before another writer can add any."""
+    rows = tx.conn.execute(
+        "SELECT type, source, CASE WHEN source = 'rule' THEN body END FROM events ORDER BY seq DESC LIMIT ?",
+        (tx.enqueued,),
+    )
+    return [
+        StoredEvent(kind, source, str(json.loads(body).get("data", {}).get("rule")) if body else None)
+        for kind, source, body in rows
+    ]
+
+
 class Transaction:
     """The writes of one transaction; obtained from `Store.write()`."""
 
@@ -283,6 +306,8 @@ class Store:
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._lock_fd: int | None = None
+        # told of the events each transaction stored, once it committed (the metrics count them by type)
+        self.on_stored: Callable[[Sequence[StoredEvent]], None] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -326,12 +351,20 @@ class Store:
         conn = self._conn()
         with self._write_lock:
             conn.execute("BEGIN IMMEDIATE")
+            tx = Transaction(conn, self.clock() if now is None else now)
             try:
-                yield Transaction(conn, self.clock() if now is None else now)
+                yield tx
+                stored = _stored_by(tx) if tx.enqueued and self.on_stored is not None else []
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        if stored and self.on_stored is not None:
+            try:
+                self.on_stored(stored)
+            except Exception:
+                # the transaction committed: an observer's failure must not look like the write's
+                logging.getLogger(__name__).exception("an observer of stored events failed")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

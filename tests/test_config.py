@@ -52,7 +52,18 @@ def test_the_example_config_loads_with_every_section() -> None:
     Router(config.rules)  # every CEL condition of the example compiles
     # every key of the example was read: nothing in it is silently ignored
     data = tomllib.loads(EXAMPLE.read_text())
-    assert set(data) == {"langfuse", "poll", "state", "handlers", "delivery", "queue", "rules", "notifiers", "webhook"}
+    assert set(data) == {
+        "langfuse",
+        "poll",
+        "state",
+        "handlers",
+        "metrics",
+        "delivery",
+        "queue",
+        "rules",
+        "notifiers",
+        "webhook",
+    }
     assert config.queue.backend == "sqlite" and config.queue.name == "langfuse-events"
 
 
