@@ -8,8 +8,7 @@ import json
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,13 @@ import pytest
 
 from langfuse_poller.api import LangfuseReader
 from langfuse_poller.check import run_check
-from langfuse_poller.config import Config, parse_config
+from langfuse_poller.config import parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Event, EventFactory, Seen, record_version
-from langfuse_poller.registry import Registry
-from langfuse_poller.runtime import Runtime
 from langfuse_poller.status import collect_status, render_status
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
 
-from .conftest import Clock, make_config
+from .conftest import Clock, at, delivered, make_config, poll, runtime_for
 
 V1_OBSERVATIONS = "/api/public/observations"
 V2_SCORES = "/api/public/v2/scores"
@@ -44,35 +41,6 @@ def reader_for(fake: FakeLangfuse, clock: Clock, api: str, **langfuse: Any) -> L
     section = {"base_url": fake.url, "public_key": "pk-lf-test", "secret_key": "sk-lf-test", "api": api, **langfuse}
     config = parse_config({"langfuse": section}, "test-config")
     return LangfuseReader(config.langfuse, clock=clock, backoff_initial=0.001, backoff_max=0.01)
-
-
-@contextmanager
-def runtime_for(config: Config, clock: Clock) -> Iterator[Runtime]:
-    runtime = Runtime.build(config, handlers=Registry(), clock=clock)
-    runtime.reader.backoff_initial = 0.001
-    runtime.reader.backoff_max = 0.01
-    runtime.poller.start_streams()
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-def poll(runtime: Runtime, *, force_sweeps: bool = False) -> None:
-    result = runtime.poller.poll_once(force_sweeps=force_sweeps)
-    assert not result.errors, result.errors
-    runtime.worker.run_until_idle()
-
-
-def delivered(tmp_path: Path) -> Counter[str]:
-    path = tmp_path / "events.jsonl"
-    if not path.exists():
-        return Counter()
-    return Counter(json.loads(line)["id"] for line in path.read_text().splitlines())
-
-
-def at(clock: Clock, seconds_ago: float) -> datetime:
-    return datetime.fromtimestamp(clock.now - seconds_ago, UTC)
 
 
 def read_all(pages: Iterator[Any]) -> list[Any]:

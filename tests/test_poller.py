@@ -5,50 +5,15 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from langfuse_poller.config import Config
-from langfuse_poller.registry import Registry
-from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
-from .conftest import Clock, make_config
-
-
-@contextmanager
-def runtime_for(config: Config, clock: Clock, handlers: Registry | None = None) -> Iterator[Runtime]:
-    runtime = Runtime.build(config, handlers=handlers or Registry(), clock=clock)
-    # retries of 5xx and timeouts back off for real: keep them short in tests
-    runtime.reader.backoff_initial = 0.01
-    runtime.reader.backoff_max = 0.05
-    runtime.poller.start_streams()
-    try:
-        yield runtime
-    finally:
-        runtime.close()
-
-
-def poll(runtime: Runtime, *, force_sweeps: bool = False) -> None:
-    result = runtime.poller.poll_once(force_sweeps=force_sweeps)
-    assert not result.errors, result.errors
-    runtime.worker.run_until_idle()
-
-
-def delivered(tmp_path: Path) -> Counter[str]:
-    path = tmp_path / "events.jsonl"
-    if not path.exists():
-        return Counter()
-    return Counter(json.loads(line)["id"] for line in path.read_text().splitlines())
-
-
-def at(clock: Clock, seconds_ago: float) -> datetime:
-    return datetime.fromtimestamp(clock.now - seconds_ago, UTC)
+from .conftest import Clock, at, delivered, make_config, poll, runtime_for
 
 
 def test_events_in_the_contract_shape(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:

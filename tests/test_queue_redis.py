@@ -5,6 +5,9 @@ Skipped, with the reason, when redis-server cannot be started, the Python bullmq
 test only) node/npm or the npm package are unavailable.
 """
 
+# the fixtures `cli` and `langfuse` come from test_cli, and each test names them as parameters
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import asyncio
@@ -31,7 +34,7 @@ from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.receivers import receiver
-from tests.test_cli import PROJECT_ID, PUBLIC_KEY, SECRET_KEY, Cli, ago, jsonl, q, rule, wait_for, write_config
+from tests.test_cli import PROJECT_ID, Cli, ago, cli, jsonl, langfuse, q, rule, wait_for, write_config  # noqa: F401
 
 pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
 
@@ -120,21 +123,6 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
 def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """appendonly yes, appendfsync always: a job Redis acknowledged is on disk."""
     yield from redis_server(tmp_path, durable=True)
-
-
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LANGFUSE_")}
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg-config")
-    env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return Cli(env)
-
-
-@pytest.fixture
-def langfuse() -> Iterator[FakeLangfuse]:
-    with FakeLangfuse(public_key=PUBLIC_KEY, secret_key=SECRET_KEY, project_id=PROJECT_ID) as fake:
-        yield fake
 
 
 def queue_section(server: RedisServer, name: str = QUEUE) -> str:
