@@ -314,6 +314,26 @@ def _error(status: int, message: str, **extra: Any) -> _Response:
     return _json_response(status, {"message": message, **extra})
 
 
+@dataclass
+class _RateBucket:
+    """A rate limit of `limit` requests per fixed one-minute window of the clock, as Langfuse Cloud counts."""
+
+    limit: int | None = None
+    window: int = -1
+    used: int = 0
+
+    def take(self, now: float) -> int | None:
+        """Count one request; the window's reset time (unix seconds), or None when the window is spent."""
+        assert self.limit is not None
+        window = math.floor(now / 60)
+        if window != self.window:
+            self.window, self.used = window, 0
+        if self.used >= self.limit:
+            return None
+        self.used += 1
+        return (window + 1) * 60
+
+
 @dataclass(frozen=True, slots=True)
 class _Fault:
     kind: str  # "fail" | "rate" | "malformed" | "slow"
@@ -428,12 +448,9 @@ class FakeLangfuse:
         self._observations = _Index()
         self._scores = _Index()
         self._faults: deque[_Fault] = deque()
-        self._rate_limit: int | None = None
-        self._rate_window = -1
-        self._rate_used = 0
-        self._legacy_rate_limit: int | None = None
-        self._legacy_rate_window = -1
-        self._legacy_rate_used = 0
+        # data requests per fixed one-minute window: the current bucket, and the legacy endpoints' own
+        self._bucket = _RateBucket()
+        self._legacy_bucket = _RateBucket()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._port = 0
@@ -899,16 +916,12 @@ class FakeLangfuse:
         budget get a 429 until the window ends.
         """
         with self._lock:
-            self._rate_limit = per_minute
-            self._rate_window = -1
-            self._rate_used = 0
+            self._bucket = _RateBucket(per_minute)
 
     def set_legacy_rate_limit(self, per_minute: int | None) -> None:
         """Like ``set_rate_limit``, for the legacy bucket (traces and v1 observations), counted apart."""
         with self._lock:
-            self._legacy_rate_limit = per_minute
-            self._legacy_rate_window = -1
-            self._legacy_rate_used = 0
+            self._legacy_bucket = _RateBucket(per_minute)
 
     # -- request log ---------------------------------------------------------------------------------------
 
@@ -964,7 +977,7 @@ class FakeLangfuse:
             if fault.kind == "fail":
                 return _error(int(fault.value), "Internal Server Error")
             if fault.kind == "rate":
-                limit = self._rate_limit or _DEFAULT_REPORTED_LIMIT
+                limit = self._bucket.limit or _DEFAULT_REPORTED_LIMIT
                 return self._too_many(math.ceil(fault.value), limit, self.clock() + fault.value)
             if fault.kind == "malformed":
                 return _Response(200, _MALFORMED_BODY)
@@ -972,32 +985,16 @@ class FakeLangfuse:
 
         rate_headers: list[tuple[str, str]] = []
         with self._lock:
-            if path in _LEGACY_BUCKET and self._legacy_rate_limit is not None:
+            bucket = self._legacy_bucket if path in _LEGACY_BUCKET else self._bucket
+            if bucket.limit is not None:
                 now = self.clock()
-                window = math.floor(now / 60)
-                reset = (window + 1) * 60
-                if window != self._legacy_rate_window:
-                    self._legacy_rate_window, self._legacy_rate_used = window, 0
-                if self._legacy_rate_used >= self._legacy_rate_limit:
-                    return self._too_many(max(1, math.ceil(reset - now)), self._legacy_rate_limit, reset)
-                self._legacy_rate_used += 1
+                reset = bucket.take(now)
+                if reset is None:
+                    window_end = (math.floor(now / 60) + 1) * 60
+                    return self._too_many(max(1, math.ceil(window_end - now)), bucket.limit, window_end)
                 rate_headers = [
-                    ("X-RateLimit-Limit", str(self._legacy_rate_limit)),
-                    ("X-RateLimit-Remaining", str(self._legacy_rate_limit - self._legacy_rate_used)),
-                    ("X-RateLimit-Reset", str(reset)),
-                ]
-            elif path not in _LEGACY_BUCKET and self._rate_limit is not None:
-                now = self.clock()
-                window = math.floor(now / 60)
-                reset = (window + 1) * 60
-                if window != self._rate_window:
-                    self._rate_window, self._rate_used = window, 0
-                if self._rate_used >= self._rate_limit:
-                    return self._too_many(max(1, math.ceil(reset - now)), self._rate_limit, reset)
-                self._rate_used += 1
-                rate_headers = [
-                    ("X-RateLimit-Limit", str(self._rate_limit)),
-                    ("X-RateLimit-Remaining", str(self._rate_limit - self._rate_used)),
+                    ("X-RateLimit-Limit", str(bucket.limit)),
+                    ("X-RateLimit-Remaining", str(bucket.limit - bucket.used)),
                     ("X-RateLimit-Reset", str(reset)),
                 ]
         listings: dict[str, Callable[[dict[str, list[str]]], _Response]] = {
