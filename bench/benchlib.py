@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import random
-import socketserver
 import subprocess
 import sys
 import threading
@@ -21,7 +20,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -148,97 +146,6 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, {platform.system()}"
-
-
-# --- the webhook receiver -------------------------------------------------------------------------------
-
-
-@dataclass
-class Inbox:
-    """What the loopback webhook receiver saw: every `webhook-id` answered 200, with its first arrival time.
-    `fail_rate` (answered 500) may change while it serves."""
-
-    url: str = ""
-    fail_rate: float = 0.0
-    rng: random.Random = field(default_factory=random.Random)
-    accepted: Counter[str] = field(default_factory=Counter)
-    first_at: dict[str, float] = field(default_factory=dict)
-    refused: int = 0
-    truncated: int = 0
-    problems: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def snapshot(self) -> Counter[str]:
-        with self.lock:
-            return Counter(self.accepted)
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host name with getfqdn(), which can stall on some resolvers
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "127.0.0.1", int(self.server_address[1])
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a killed daemon resets its connections: expected
-
-
-class Receiver:
-    """A webhook endpoint on 127.0.0.1:<free port> that timestamps every event on arrival."""
-
-    def __init__(self, inbox: Inbox | None = None) -> None:
-        self.inbox = inbox or Inbox()
-        box = self.inbox
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True  # else Nagle plus delayed ACKs add ~40 ms per answer
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length)
-                arrived = time.time()
-                event_id = self.headers.get("webhook-id") or ""
-                if len(body) < length:  # the sender died mid-request
-                    with box.lock:
-                        box.truncated += 1
-                    self.close_connection = True
-                    return
-                with box.lock:
-                    fail = box.rng.random() < box.fail_rate
-                    try:
-                        if json.loads(body).get("id") != event_id:
-                            box.problems.append(f"webhook-id {event_id!r} does not match the body")
-                    except ValueError:
-                        box.problems.append(f"a body that is not JSON: {body[:100]!r}")
-                    if fail:
-                        box.refused += 1
-                    else:
-                        box.accepted[event_id] += 1
-                        box.first_at.setdefault(event_id, arrived)
-                answer = b'{"error":"try again"}' if fail else b"{}"
-                self.send_response(500 if fail else 200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-        self.server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.inbox.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def __enter__(self) -> Inbox:
-        self._thread.start()
-        return self.inbox
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 # --- langfuse-poller subprocesses -----------------------------------------------------------------------

@@ -44,7 +44,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
-    Receiver,
     Traffic,
     child_env,
     command,
@@ -57,6 +56,7 @@ from benchlib import (
 )
 
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from langfuse_poller.testing.loopback_webhook import LoopbackWebhook
 
 
 @dataclass
@@ -103,7 +103,7 @@ def chaos(args: argparse.Namespace) -> tuple[Figures, set[str]]:
     lookback = args.lookback
     with (
         FakeLangfuse() as fake,
-        Receiver() as inbox,
+        LoopbackWebhook() as inbox,
         tempfile.TemporaryDirectory(prefix="bench-chaos-") as tmp_name,
     ):
         tmp = Path(tmp_name)

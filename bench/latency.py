@@ -36,7 +36,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (
-    Receiver,
     Traffic,
     child_env,
     command,
@@ -49,6 +48,7 @@ from benchlib import (
 
 from langfuse_poller.durations import parse_duration
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
+from langfuse_poller.testing.loopback_webhook import LoopbackWebhook
 
 SCORE_EVERY = 10
 
@@ -94,7 +94,7 @@ def measure(interval: str, settle: str, *, seconds: float, rate: float, seed: in
     traffic = Traffic()
     with (
         FakeLangfuse() as fake,
-        Receiver() as inbox,
+        LoopbackWebhook() as inbox,
         tempfile.TemporaryDirectory(prefix="bench-latency-") as tmp,
     ):
         config = write_config(

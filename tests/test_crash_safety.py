@@ -1,8 +1,8 @@
 """Crash safety of the daemon, end to end: real processes, a loopback Langfuse stand-in and a real receiver.
 
 The daemon (`python -m langfuse_poller run`) runs as a subprocess against a FakeLangfuse served from this
-process, and delivers to a `webhook` notifier (a ThreadingHTTPServer here that records every event id it
-accepted) and to a `jsonl` notifier. The tests kill it with SIGKILL at random moments, stop it with SIGTERM
+process, and delivers to a `webhook` notifier (a `LoopbackWebhook`, which records every event id it accepted)
+and to a `jsonl` notifier. The tests kill it with SIGKILL at random moments, stop it with SIGTERM
 and SIGINT while a poll or a delivery is in flight, and make Langfuse answer 429 and 5xx; then they check
 the contract's delivery guarantees: every expected event arrives, nothing that should not exist arrives,
 and a delivery is repeated at most once per crash (never after a clean stop).
@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socketserver
 import subprocess
 import sys
 import threading
@@ -25,107 +24,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
+from langfuse_poller.testing.loopback_webhook import Inbox, LoopbackWebhook
 
 pytestmark = pytest.mark.timeout(180)
 
 ROUTED = ["trace.*", "generation.*", "score.*"]  # not "*": that would subscribe to observation.created
-
-
-# --- the receiver -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Inbox:
-    """What the loopback webhook receiver saw. `fail_rate` and `delay` may be changed while it serves."""
-
-    url: str = ""
-    fail_rate: float = 0.0
-    delay: float = 0.0
-    rng: random.Random = field(default_factory=random.Random)
-    accepted: Counter[str] = field(default_factory=Counter)  # event id -> requests answered 200
-    refused: int = 0  # requests answered 500
-    truncated: int = 0  # requests whose sender died before the whole body arrived
-    in_flight: int = 0
-    problems: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def snapshot(self) -> Counter[str]:
-        with self.lock:
-            return Counter(self.accepted)
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind resolves the host name with getfqdn(), which can stall on some resolvers
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "127.0.0.1", int(self.server_address[1])
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # a killed daemon resets its connections: expected here, not worth a traceback
-        pass
-
-
-def start_receiver(inbox: Inbox) -> ThreadingHTTPServer:
-    """A webhook receiver on 127.0.0.1:<free port>: records `webhook-id`s, answers 500 at `inbox.fail_rate`."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # headers and body go out in two writes: without this, Nagle plus delayed ACKs add ~40 ms per answer
-        disable_nagle_algorithm = True
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length)
-            event_id = self.headers.get("webhook-id") or ""
-            if len(body) < length:
-                # the sender died mid-request: nothing arrived, as for any receiver
-                with inbox.lock:
-                    inbox.truncated += 1
-                self.close_connection = True
-                return
-            with inbox.lock:
-                inbox.in_flight += 1
-                fail = inbox.rng.random() < inbox.fail_rate
-                delay = inbox.delay
-            try:
-                if delay:
-                    time.sleep(delay)
-                try:
-                    envelope = json.loads(body)
-                except ValueError:
-                    envelope = {}
-                with inbox.lock:
-                    if not event_id or envelope.get("id") != event_id:
-                        inbox.problems.append(f"webhook-id {event_id!r} with body {body[:200]!r}")
-                    if fail:
-                        inbox.refused += 1
-                    else:
-                        inbox.accepted[event_id] += 1
-                answer = b'{"error":"try again"}' if fail else b"{}"
-                self.send_response(500 if fail else 200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-            finally:
-                with inbox.lock:
-                    inbox.in_flight -= 1
-
-    server = _QuietServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
 
 
 # --- config, data, expectations ---------------------------------------------------------------------------
@@ -370,14 +279,8 @@ def fake() -> Iterator[FakeLangfuse]:
 
 @pytest.fixture
 def inbox() -> Iterator[Inbox]:
-    box = Inbox()
-    server = start_receiver(box)
-    box.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    try:
+    with LoopbackWebhook() as box:
         yield box
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def assert_everything_delivered(tmp_path: Path, inbox: Inbox, held: Held, max_repeats: int) -> dict[str, int]:

@@ -376,23 +376,19 @@ def test_sigterm_during_a_poll_or_a_delivery_exits_0_and_loses_nothing(
 ) -> None:
     import random
 
+    from langfuse_poller.testing.loopback_webhook import LoopbackWebhook
+
     from .test_crash_safety import (
         Held,
-        Inbox,
         add_backlog,
         assert_everything_delivered,
         assert_state_clean,
         expected_ids,
         run_once,
-        start_receiver,
         write_config,
     )
 
-    inbox = Inbox()
-    server = start_receiver(inbox)
-    inbox.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    fake = FakeLangfuse().start()
-    try:
+    with LoopbackWebhook() as inbox, FakeLangfuse() as fake:
         held = Held()
         add_backlog(fake, held, random.Random(11), traces=30, span=1800.0)
         config = write_config(tmp_path, fake, inbox.url, lookback="5s", start="-1h")
@@ -419,10 +415,6 @@ def test_sigterm_during_a_poll_or_a_delivery_exits_0_and_loses_nothing(
         run_once(config)
         assert_everything_delivered(tmp_path, inbox, held, max_repeats=0)
         assert_state_clean(config)
-    finally:
-        fake.stop()
-        server.shutdown()
-        server.server_close()
 
 
 # --- SIGHUP --------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
   faults), started with `with FakeLangfuse() as langfuse: ...`.
 - `PollHarness`: the real poller and delivery worker against it, in a throwaway state; `poll()` returns the
   events your handlers and rules got.
+- `loopback_webhook.LoopbackWebhook`: a webhook endpoint that fails on purpose (`fail_rate`, `delay`) and
+  records what arrived, for delivery tests.
 """
 
 from .fake_langfuse import FakeLangfuse
