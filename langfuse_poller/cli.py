@@ -196,6 +196,11 @@ def cmd_once(args: argparse.Namespace) -> int:
     runtime = _runtime(args)
     try:
         dead_before = runtime.store.dead_letter_count()
+        if runtime.replica is not None and not runtime.replica.try_lead():
+            holder = runtime.replica.lease.holder()
+            who = f"replica {holder.replica} (token {holder.token})" if holder else "nobody, but Redis did not answer"
+            print(f"error: the poller lease is held by {who}; `once` polls only when no `run` does", file=sys.stderr)
+            return EXIT_FAILED
         runtime.poller.start_streams()
         runtime.alerter.start()
         result = runtime.poller.poll_once(force_sweeps=True)

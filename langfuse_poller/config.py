@@ -281,6 +281,10 @@ class DeliveryConfig:
 
 
 QUEUE_BACKENDS = ("sqlite", "redis")
+# a lease shorter than a second is renewed more often than a busy Redis answers; longer than 10 minutes makes a
+# takeover slower than anyone would wait for
+MIN_LEASE = timedelta(seconds=1)
+MAX_LEASE = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -290,6 +294,11 @@ class QueueConfig:
     backend: str = "sqlite"
     url: str = "redis://127.0.0.1:6379/0"
     name: str = "langfuse-events"
+    # several `run` processes share the Redis: one holds the lease and polls, the others wait to take over
+    standby: bool = False
+    lease: timedelta = timedelta(seconds=15)
+    # who this process is in the lease and in `status`; empty: "<hostname>:<pid>", chosen at start
+    replica: str = ""
 
     @property
     def display_url(self) -> str:
@@ -643,6 +652,16 @@ def _parse_queue(table: Table) -> QueueConfig:
     if ":" in name:
         # BullMQ refuses queue names with ":", its key separator
         raise table.error("name", name, 'a BullMQ queue name without ":", such as "langfuse-events"')
-    config = QueueConfig(backend=backend, url=url, name=name)
+    standby = table.boolean("standby", False)
+    if standby and backend != "redis":
+        # the lease, the watermark and the dedup keys live in Redis: without it there is nothing to share
+        raise table.error("standby", standby, 'false, or backend = "redis" in the same table')
+    lease = table.duration("lease", "15s")
+    if not MIN_LEASE <= lease <= MAX_LEASE:
+        raise table.error("lease", table.raw("lease"), f"{DURATION_FORM}, between 1s and 10m")
+    replica = table.string("replica", "") or ""
+    if replica and not re.fullmatch(r"[A-Za-z0-9._:@/-]{1,100}", replica):
+        raise table.error("replica", replica, "up to 100 letters, digits and . _ : @ / - (default: <hostname>:<pid>)")
+    config = QueueConfig(backend=backend, url=url, name=name, standby=standby, lease=lease, replica=replica)
     table.finish()
     return config

@@ -15,9 +15,12 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import FrameType
+from typing import Any
 
 from .api import Cancelled
 from .config import Config
+from .durations import format_duration
+from .errors import LangfusePollerError
 from .poller import PollResult
 from .runtime import Runtime
 from .service import Service
@@ -43,9 +46,17 @@ class Daemon:
         self._poll_done = threading.Event()
         self._poll_done.set()
         self._reload = threading.Event()
+        self._scheduler: Any = None
         self.service = Service(runtime, self.stopping, load_config=load_config)
 
     def poll_job(self) -> None:
+        replica = self.runtime.replica
+        if replica is not None and not replica.may_poll():
+            # a standby: nothing to poll is a finished poll to the service (readiness, the watchdog), which
+            # must not restart a process that is waiting on purpose
+            self.service.poll_started()
+            self.service.poll_finished(PollResult())
+            return
         self._poll_done.clear()
         self.service.poll_started()
         result: PollResult | None = None
@@ -67,6 +78,20 @@ class Daemon:
         if result.events:
             log.info("poll: %d new events from %d API requests", result.events, result.requests)
         self.runtime.worker.kick()
+
+    def lease_job(self) -> None:
+        replica = self.runtime.replica
+        if replica is None or self.stopping.is_set():
+            return
+        try:
+            replica.tick()
+        except Exception:
+            log.exception("the poller lease could not be renewed or taken; the next tick tries again")
+
+    def _poll_now(self) -> None:
+        """After a takeover: poll at once rather than at the next interval, the failover's last part."""
+        if self._scheduler is not None and self.runtime.config.poll.streams:
+            self._scheduler.modify_job("poll", next_run_time=datetime.now(UTC))
 
     def deliver_job(self) -> None:
         self.runtime.worker.kick()
@@ -104,7 +129,13 @@ class Daemon:
         runtime = self.runtime
         if runtime.config.webhook.enabled:
             runtime.start_receiver()  # first: a port in use stops the start before anything runs
-        runtime.poller.start_streams()
+        try:
+            runtime.poller.start_streams()
+        except LangfusePollerError as exc:
+            if runtime.replica is None:
+                raise
+            # shared state in a Redis that is not up yet: the first poll as leader creates it
+            log.warning("the shared poll state could not be created yet: %s", exc)
         runtime.alerter.start()
         scheduler = BackgroundScheduler(
             timezone=UTC,
@@ -112,6 +143,16 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         now = datetime.now(UTC)
+        self._scheduler = scheduler
+        if runtime.replica is not None:
+            runtime.replica.on_acquired = self._poll_now
+            scheduler.add_job(
+                self.lease_job,
+                # a third of the lease: two renewals may fail before it runs out
+                IntervalTrigger(seconds=runtime.config.queue.lease.total_seconds() / 3),
+                id="lease",
+                next_run_time=now,
+            )
         if runtime.config.poll.streams:  # none: `serve-webhooks`, which only receives
             scheduler.add_job(
                 self.poll_job,
@@ -124,6 +165,14 @@ class Daemon:
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
         self.service.start(scheduler)
         scheduler.start()
+        if runtime.replica is not None:
+            log.info(
+                "replica %s: standby poller sharing the lease at %s (queue %s, lease %s)",
+                runtime.replica.name,
+                runtime.config.queue.display_url,
+                runtime.config.queue.name,
+                format_duration(runtime.config.queue.lease.total_seconds()),
+            )
         if runtime.config.poll.streams:
             log.info(
                 "langfuse-poller running: %s, every %s, state %s",

@@ -23,6 +23,7 @@ from .errors import DeliveryError
 from .events import Event
 from .notifiers import Notifier, build_notifier
 from .registry import Registry, Router, import_handler_modules, registry
+from .standby.replica import default_replica
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,8 @@ async def _work(
         processor,
         {
             "connection": config.queue.url,
+            # the connection's client name: `status` lists the workers it sees by it
+            "name": config.queue.replica or default_replica(),
             "concurrency": concurrency,
             "lockDuration": LOCK_DURATION_MS,
             # an idle worker blocks on Redis this long at most between checks for a stop

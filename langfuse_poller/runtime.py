@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from .alerting.alerter import Alerter
 from .alerting.silences import Silences
@@ -18,6 +19,11 @@ from .poller import Poller
 from .receiver import WebhookReceiver
 from .registry import Registry, Router, import_handler_modules, registry
 from .store import Store
+
+if TYPE_CHECKING:
+    from .redis_queue import RedisQueueTarget
+    from .standby.replica import Replica
+    from .standby.shared_state import SharedPollState
 
 
 def wire_routing(
@@ -57,6 +63,10 @@ class Runtime:
     alerter: Alerter
     cancel: threading.Event
     receiver: WebhookReceiver | None = None
+    # `[queue] standby = true`: this process's role in the lease, and the poll state every replica shares
+    replica: Replica | None = None
+    shared: SharedPollState | None = None
+    jobs: RedisQueueTarget | None = None
 
     @classmethod
     def build(
@@ -87,17 +97,26 @@ class Runtime:
             clock=clock,
         )
         reader.on_read_path = lambda stream, path: store.set_read_path(stream, path)
+        replica = shared = jobs = None
+        poll_state = store
+        if config.queue.standby:
+            from .standby.wiring import build_standby
+
+            replica, shared, reader.cancel, jobs = build_standby(config, store, cancel, clock)
+            reader.on_read_path = lambda stream, path: shared.set_read_path(stream, path)
+            # SharedPollState offers exactly what Poller uses of Store (see standby/shared_state.py)
+            poll_state = cast(Store, shared)
         factory = EventFactory(config.langfuse.base_url, lambda: router.subscribes("observation.created"))
         poller = Poller(
             config.poll,
-            store,
+            poll_state,
             reader,
             factory,
             router.targets,
             clock=clock,
             on_commit=on_commit or worker.kick,
         )
-        return cls(config, store, router, reader, poller, worker, alerter, cancel)
+        return cls(config, store, router, reader, poller, worker, alerter, cancel, None, replica, shared, jobs)
 
     def start_receiver(self) -> WebhookReceiver:
         """Receive Langfuse's webhooks (`[webhook]`) into this store and router, in the background; `close`
@@ -120,6 +139,10 @@ class Runtime:
             # first: the requests in flight finish storing before the store closes
             self.receiver.stop()
         self.cancel.set()
+        if self.replica is not None:
+            self.replica.close()
+        if self.jobs is not None:
+            self.jobs.close()
         self.worker.close()
         self.reader.close()
         self.store.close()

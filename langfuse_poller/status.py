@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .durations import format_duration
+from .store import StreamState
+
+if TYPE_CHECKING:
+    from .standby.report import QueueReport
 
 
 def _iso(seconds: float | None) -> str | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+def _stream(
+    config: Config, stream: StreamState, read_paths: dict[str, tuple[str, float]], now: float
+) -> dict[str, Any]:
+    interval = config.poll.interval.total_seconds()
+    read_path, read_path_since = read_paths.get(stream.name, (None, None))
+    lag = max(0.0, now - stream.head)
+    healthy = stream.last_error is None and lag <= interval * 3 + config.poll.settle.total_seconds() + 60
+    return {
+        "name": stream.name,
+        "watermark": _iso(stream.head),
+        "lag_seconds": round(lag, 3),
+        "sweeps": {format_duration(age): _iso(wm) for age, wm in sorted(stream.sweeps.items())},
+        "last_poll": _iso(stream.last_poll_at),
+        "last_success": _iso(stream.last_success_at),
+        "last_error": stream.last_error,
+        "last_error_at": _iso(stream.last_error_at),
+        "api_requests": stream.api_requests,
+        "records": stream.records,
+        "events": stream.events,
+        # the endpoints the poller last read this stream from: "v2" or "legacy" (None: not yet)
+        "read_path": read_path,
+        "read_path_since": _iso(read_path_since),
+        "healthy": healthy,
+    }
 
 
 def collect_status(config: Config, *, now: float) -> dict[str, Any]:
@@ -30,36 +60,23 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
         "alerts": [],
         "silences": [],
     }
+    shared: QueueReport | None = None
+    if config.queue.backend == "redis":
+        from .standby.report import read_report, report_json
+
+        shared = read_report(config.queue, now=now)
+        report["redis"] = report_json(shared)
+        if config.queue.standby:
+            # the replicas share their watermarks in Redis: a replica's SQLite holds none
+            report["streams"] = [_stream(config, s, shared.read_paths, now) for s in shared.streams]
     if not config.state_path.exists():
         report["note"] = "no state yet: the poller has not run with this state path"
         return report
     store = Store(config.state_path)
     try:
-        interval = config.poll.interval.total_seconds()
-        read_paths = store.read_paths()
-        for stream in store.streams():
-            read_path, read_path_since = read_paths.get(stream.name, (None, None))
-            lag = max(0.0, now - stream.head)
-            healthy = stream.last_error is None and lag <= interval * 3 + config.poll.settle.total_seconds() + 60
-            report["streams"].append(
-                {
-                    "name": stream.name,
-                    "watermark": _iso(stream.head),
-                    "lag_seconds": round(lag, 3),
-                    "sweeps": {format_duration(age): _iso(wm) for age, wm in sorted(stream.sweeps.items())},
-                    "last_poll": _iso(stream.last_poll_at),
-                    "last_success": _iso(stream.last_success_at),
-                    "last_error": stream.last_error,
-                    "last_error_at": _iso(stream.last_error_at),
-                    "api_requests": stream.api_requests,
-                    "records": stream.records,
-                    "events": stream.events,
-                    # the endpoints the poller last read this stream from: "v2" or "legacy" (None: not yet)
-                    "read_path": read_path,
-                    "read_path_since": _iso(read_path_since),
-                    "healthy": healthy,
-                }
-            )
+        if not config.queue.standby:
+            read_paths = store.read_paths()
+            report["streams"] = [_stream(config, stream, read_paths, now) for stream in store.streams()]
         report["alerts"] = [
             {
                 "rule": group.rule,
@@ -103,6 +120,8 @@ def render_status(report: dict[str, Any]) -> str:
     lines.append(f"queue: {queue['pending']} deliveries pending")
     for target, count in sorted(queue["by_target"].items()):
         lines.append(f"     {target}: {count}")
+    if report.get("redis"):
+        lines.extend(_render_redis(report["redis"]))
     alerts = report["alerts"]
     lines.append(f"alerts: {sum(1 for a in alerts if a['state'] == 'firing')} firing groups")
     for alert in alerts:
@@ -119,3 +138,31 @@ def render_status(report: dict[str, Any]) -> str:
         f"dead letters: {dead}" + ("  (see `langfuse-poller dead-letters list`, then replay or purge)" if dead else "")
     )
     return "\n".join(lines)
+
+
+def _render_redis(redis: dict[str, Any]) -> list[str]:
+    lines = [f"redis queue {redis['name']} at {redis['url']}"]
+    if redis["error"]:
+        lines.append(f"     {redis['error']}")
+    if redis["jobs"]:
+        jobs = redis["jobs"]
+        counts = ", ".join(f"{state} {count}" for state, count in jobs.items() if state != "failed")
+        lines.append(f"     depth {redis['depth']} jobs ({counts}); failed {jobs.get('failed', 0)}")
+    workers = redis["workers"]
+    seen = ", ".join(f"{w['name']} ({w['addr']})" for w in workers)
+    lines.append(f"     workers seen: {len(workers)}" + (f": {seen}" if seen else ""))
+    if redis["lease"] is not None or redis["replicas"]:
+        lease = redis["lease"]
+        if lease:
+            left = format_duration(lease["expires_in_seconds"])
+            lines.append(f"     lease: held by {lease['holder']} (token {lease['token']}), {left} left")
+        else:
+            lines.append("     lease: held by nobody; the next standby to try takes it")
+        for replica in redis["replicas"]:
+            token = f" (token {replica['token']})" if replica["token"] is not None else ""
+            gone = ", gone?" if replica["gone"] else ""
+            lines.append(
+                f"     replica {replica['name']}: {replica['role']}{token}, "
+                f"seen {format_duration(replica['seen_seconds_ago'])} ago{gone}"
+            )
+    return lines

@@ -1,0 +1,158 @@
+"""One `run` process among several: standby until it takes the lease, leader until it loses it.
+
+`tick` runs every third of the lease (a scheduler job): the leader renews, a standby tries to take over. A
+leader that learns it lost the lease (or cannot renew it before it would run out) stops polling at once: the
+poll in flight is interrupted at its next request or wait (`PollCancel`), and any write it still attempts is
+refused by the fencing token. Each tick also writes what this replica is (role, token, when) into a hash
+that `status` reads, so the replicas that wait are visible too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .keys import PollerKeys
+from .lease import Lease, LeaseHolder
+
+log = logging.getLogger(__name__)
+
+LEADER = "leader"
+STANDBY = "standby"
+
+
+def default_replica() -> str:
+    """`<hostname>:<pid>`: unique among the processes of a deployment, and says where to look."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PollCancel(threading.Event):
+    """The reader's cancel: set when the daemon stops (`stop`) or when this replica was deposed.
+
+    The reader only asks `is_set` and `wait`; the daemon's stop event stays the one the delivery worker and a
+    reload use, and being deposed does not stop deliveries."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        super().__init__()
+        self.stop = stop
+        self.deposed = threading.Event()
+
+    def is_set(self) -> bool:
+        return super().is_set() or self.stop.is_set() or self.deposed.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # bounded steps over both events: no thread to link them, and a wait ends within 0.1 s of either
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self.stop.wait(left)
+        return True
+
+
+class Replica:
+    """This process's role in the lease; see the module docstring."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: PollerKeys,
+        replica: str,
+        lease_seconds: float,
+        cancel: PollCancel,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.keys = keys
+        self.name = replica
+        self.lease = Lease(client, keys, replica, lease_seconds)
+        self.cancel = cancel
+        self.clock = clock
+        self.on_acquired: Callable[[], None] = lambda: None
+        self.acquired_at: float | None = None
+        self.takeovers = 0
+        self._lock = threading.Lock()
+        self._leading = False
+
+    @property
+    def role(self) -> str:
+        return LEADER if self.lease.held() else STANDBY
+
+    def token(self) -> int | None:
+        """The fencing token of this replica while it leads, else None."""
+        return self.lease.token
+
+    def may_poll(self) -> bool:
+        return self.lease.held() and not self.cancel.deposed.is_set()
+
+    def tick(self) -> None:
+        """Renew the lease (leader) or try to take it (standby); step down when it is lost."""
+        with self._lock:
+            if self._leading:
+                kept = self.lease.renew()
+                if kept is False or (kept is None and not self.lease.held()):
+                    self._step_down("the lease was lost" if kept is False else "Redis did not answer in time")
+            if not self._leading:
+                self._try_lead()
+        self._heartbeat()
+
+    def try_lead(self) -> bool:
+        """Take the lease now if nobody holds it (`once` does this); True when this replica leads."""
+        with self._lock:
+            if not self._leading:
+                self._try_lead()
+            return self._leading
+
+    def deposed(self, token: int) -> None:
+        """A write was refused for `token`: another replica took over (called by the shared state)."""
+        with self._lock:
+            if self._leading and self.lease.token in (token, None):
+                self._step_down(f"token {token} was refused")
+
+    def _try_lead(self) -> None:
+        holder = self.lease.try_acquire()
+        if holder is None or holder.replica != self.name or not self.lease.held():
+            return
+        self._leading = True
+        self.acquired_at = self.clock()
+        self.takeovers += 1
+        self.cancel.deposed.clear()
+        log.info("took the poller lease (token %d): this replica polls now", holder.token)
+        try:
+            self.on_acquired()
+        except Exception:
+            log.exception("starting the first poll after the takeover failed; the next interval starts it")
+
+    def _step_down(self, why: str) -> None:
+        self._leading = False
+        self.cancel.deposed.set()  # the poll in flight stops at its next request or wait
+        self.lease.forget()
+        log.warning("stepping down to standby: %s; polling stops", why)
+
+    def holder(self) -> LeaseHolder | None:
+        return self.lease.holder()
+
+    def _heartbeat(self) -> None:
+        entry = {"role": self.role, "token": self.lease.token, "seen_at": self.clock(), "pid": os.getpid()}
+        try:
+            self.client.hset(self.keys.replicas, self.name, json.dumps(entry))
+        except Exception as exc:
+            log.debug("could not record this replica's role: %s", exc)
+
+    def close(self) -> None:
+        """A clean stop: give the lease up so that a standby takes over at its next tick, and leave the list."""
+        with self._lock:
+            self._leading = False
+            self.lease.release()
+        try:
+            self.client.hdel(self.keys.replicas, self.name)
+        except Exception as exc:
+            log.debug("could not remove this replica from the list: %s", exc)

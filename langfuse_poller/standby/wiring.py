@@ -1,0 +1,48 @@
+"""Builds the standby parts of a runtime from `[queue]`: one Redis client, the replica, the shared state."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..config import Config
+from ..redis_queue import RedisQueueTarget
+from ..store import Store
+from .keys import PollerKeys
+from .replica import PollCancel, Replica, default_replica
+from .shared_state import SharedPollState
+
+
+def sync_client(url: str, timeout: float) -> Any:
+    """A Redis client whose calls fail within `timeout`: a renewal that hangs must not outlive the lease."""
+    import redis
+
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
+    )
+
+
+def build_standby(
+    config: Config, store: Store, stop: threading.Event, clock: Callable[[], float]
+) -> tuple[Replica, SharedPollState, PollCancel, RedisQueueTarget]:
+    """The replica (lease and role), the shared poll state it fences, the reader's cancel, the job adder."""
+    queue = config.queue
+    lease = queue.lease.total_seconds()
+    # a third of the lease: a renewal that waits longer could not be followed by another before expiry
+    client = sync_client(queue.url, min(config.delivery.timeout.total_seconds(), lease / 3))
+    keys = PollerKeys(queue.name)
+    cancel = PollCancel(stop)
+    replica = Replica(client, keys, queue.replica or default_replica(), lease, cancel, clock=clock)
+    jobs = RedisQueueTarget(queue, config.delivery)
+    shared = SharedPollState(
+        client,
+        keys,
+        local=store,
+        add_jobs=jobs.send_raw,
+        token=replica.token,
+        on_deposed=replica.deposed,
+        clock=clock,
+        where=f"Redis at {queue.display_url}",
+    )
+    return replica, shared, cancel, jobs

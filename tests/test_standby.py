@@ -1,0 +1,374 @@
+"""Standby pollers: several `run` processes share one Redis; one holds the lease and polls, the others wait.
+
+A real redis-server on loopback (the fixtures of test_queue_redis), the real console script in subprocesses,
+FakeLangfuse producing traces while they run, and a `langfuse-poller worker` with a jsonl notifier that
+collects what is delivered.
+"""
+
+# the fixtures `cli`, `langfuse` and `redis` come from other test modules, and each test names them
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from langfuse_poller.config import parse_config
+from langfuse_poller.errors import ConfigError
+from langfuse_poller.events import Seen, Synthesis
+from langfuse_poller.events import test_event as make_test_event
+from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget
+from langfuse_poller.standby.keys import PollerKeys
+from langfuse_poller.standby.lease import Deposed
+from langfuse_poller.standby.replica import PollCancel, Replica
+from langfuse_poller.standby.shared_state import SharedPollState
+from langfuse_poller.standby.wiring import sync_client
+from langfuse_poller.store import Store
+from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from tests.test_cli import Cli, cli, jsonl, langfuse, q, read_jsonl, rule, wait_for, write_config  # noqa: F401
+from tests.test_queue_redis import QUEUE, RedisServer, delivery_section, jobs_in, redis  # noqa: F401
+
+pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
+
+pytestmark = pytest.mark.timeout(60)
+
+LEASE = 2.0
+INTERVAL = 0.5
+# a kill -9 leaves the lease in Redis until it expires; a standby tries every third of the lease, then polls at
+# once; a second of slack for process scheduling on a small shared machine
+TAKEOVER_BOUND = LEASE + LEASE / 3 + INTERVAL + 1.5
+KEYS = {"langfuse": {"public_key": "pk-lf-1", "secret_key": "sk-lf-1"}}
+
+
+# --- config ------------------------------------------------------------------------------------------------
+
+
+def test_standby_config_defaults_and_errors_name_the_key() -> None:
+    queue = parse_config(KEYS, "t").queue
+    assert (queue.standby, queue.lease.total_seconds(), queue.replica) == (False, 15.0, "")
+    parsed = parse_config(
+        {**KEYS, "queue": {"backend": "redis", "standby": True, "lease": "5s", "replica": "eu-1"}}, "t"
+    ).queue
+    assert (parsed.standby, parsed.lease.total_seconds(), parsed.replica) == (True, 5.0, "eu-1")
+    for table, key, expected in (
+        ({"standby": True}, "queue.standby", 'backend = "redis"'),
+        ({"backend": "redis", "standby": "yes"}, "queue.standby", "true or false"),
+        ({"backend": "redis", "standby": True, "lease": "500ms"}, "queue.lease", "between 1s and 10m"),
+        ({"backend": "redis", "standby": True, "lease": "1h"}, "queue.lease", "between 1s and 10m"),
+        ({"backend": "redis", "standby": True, "lease": "soon"}, "queue.lease", "a duration such as"),
+        ({"backend": "redis", "standby": True, "replica": "a b"}, "queue.replica", "<hostname>:<pid>"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config({**KEYS, "queue": table}, "t.toml")
+        assert error.value.key == key and expected in error.value.expected, (table, error.value)
+        assert "t.toml" in str(error.value)
+
+
+# --- the lease and the fenced shared state, in process -----------------------------------------------------
+
+
+@dataclass
+class Member:
+    replica: Replica
+    state: SharedPollState
+    jobs: RedisQueueTarget
+    store: Store
+
+
+@contextmanager
+def members(server: RedisServer, tmp_path: Path, count: int, lease: float = 5.0) -> Iterator[list[Member]]:
+    """`count` replicas of one queue, each with its own SQLite outbox, as `run` builds them."""
+    config = parse_config({**KEYS, "queue": {"backend": "redis", "url": server.url, "standby": True}}, "t")
+    made: list[Member] = []
+    try:
+        for index in range(count):
+            client = sync_client(server.url, 1.0)
+            keys = PollerKeys(QUEUE)
+            replica = Replica(client, keys, f"r{index}", lease, PollCancel(threading.Event()))
+            jobs = RedisQueueTarget(config.queue, config.delivery)
+            store = Store(tmp_path / f"r{index}.db")
+            state = SharedPollState(
+                client, keys, local=store, add_jobs=jobs.send_raw, token=replica.token, on_deposed=replica.deposed
+            )
+            made.append(Member(replica, state, jobs, store))
+        yield made
+    finally:
+        for member in made:
+            member.replica.close()
+            member.jobs.close()
+            member.store.close()
+
+
+def synthesis(key: str, version: str = "1") -> Synthesis:
+    return Synthesis(key, datetime.fromtimestamp(1000, UTC), Seen(version), ())
+
+
+def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_path: Path) -> None:
+    with members(redis, tmp_path, 2) as (a, b):
+        a.replica.tick()
+        b.replica.tick()
+        assert (a.replica.role, b.replica.role) == ("leader", "standby")
+        assert not b.replica.may_poll()
+        a.state.ensure_stream("scores", 100.0, [60.0])
+        first = make_test_event("score.created")
+        with a.state.write() as tx:
+            tx.remember("scores", [synthesis("s:1")])
+            tx.enqueue_many([(first, [QUEUE_TARGET, "rule:grouped"])])
+            tx.set_head("scores", 200.0)
+            tx.set_sweep("scores", 60.0, 150.0, ran=True)
+        assert set(jobs_in(redis)) == {first.id}
+        assert a.store.event(first.id) is not None, "the alert group's delivery stays in the leader's outbox"
+        assert b.state.seen_states(["s:1"]) == {"s:1": Seen("1")}
+        state = b.state.stream("scores")
+        assert state is not None and state.head == 200.0 and state.sweeps == {60.0: 150.0}
+
+        # the leader pauses past its lease (its key is gone) while its own clock says it still holds it
+        sync_client(redis.url, 1.0).delete(PollerKeys(QUEUE).lease)
+        b.replica.tick()
+        assert b.replica.role == "leader" and a.replica.token() is not None
+        late = make_test_event("trace.created")
+        with pytest.raises(Deposed), a.state.write() as tx:
+            tx.remember("scores", [synthesis("s:2")])
+            tx.enqueue_many([(late, [QUEUE_TARGET])])
+            tx.set_head("scores", 300.0)
+        # refused as a whole: no dedup key, no watermark; its job (a re-add of the same id by the new leader is a
+        # no-op) is the one thing a deposed leader can still leave, which is why jobs go first
+        assert b.state.seen_states(["s:2"]) == {}
+        assert (state := b.state.stream("scores")) is not None and state.head == 200.0
+        assert a.replica.role == "standby" and not a.replica.may_poll() and a.replica.cancel.is_set()
+        with pytest.raises(Deposed):
+            a.state.record_poll("scores", error=None)
+
+        # the new leader writes; watermarks never move back
+        with b.state.write() as tx:
+            tx.set_head("scores", 150.0)
+            tx.count_poll("scores", 1, 2, 3)
+        state = b.state.stream("scores")
+        assert state is not None and state.head == 200.0 and (state.api_requests, state.events) == (1, 3)
+        a.replica.tick()
+        assert a.replica.role == "standby", "the old leader waits while the new one renews"
+
+
+def test_a_clean_stop_hands_the_lease_over_at_once(redis: RedisServer, tmp_path: Path) -> None:
+    with members(redis, tmp_path, 2, lease=30.0) as (a, b):
+        a.replica.tick()
+        b.replica.tick()
+        assert b.replica.role == "standby"
+        a.replica.close()
+        b.replica.tick()
+        assert b.replica.role == "leader", "no wait for the 30 s lease to expire"
+        holder = b.replica.holder()
+        assert holder is not None and holder.replica == "r1" and holder.token == 2
+
+
+def test_dedup_keys_are_pruned_below_every_watermark(redis: RedisServer, tmp_path: Path) -> None:
+    with members(redis, tmp_path, 1) as (a,):
+        a.replica.tick()
+        a.state.ensure_stream("scores", 0.0, [60.0])
+        old = Synthesis("s:old", datetime.fromtimestamp(10, UTC), Seen("1"), ())
+        new = Synthesis("s:new", datetime.fromtimestamp(500, UTC), Seen("2", "ERROR"), ())
+        with a.state.write() as tx:
+            tx.remember("scores", [old, new])
+            assert tx.seen_states(["s:old", "s:new", "s:none"]) == {"s:old": Seen("1"), "s:new": Seen("2", "ERROR")}
+        assert a.state.prune_seen("scores", 100.0) == 1
+        assert a.state.seen_states(["s:old", "s:new"]) == {"s:new": Seen("2", "ERROR")}
+
+
+# --- replicas in subprocesses ------------------------------------------------------------------------------
+
+
+def console_script() -> list[str]:
+    """The installed `langfuse-poller`, as users run it; `python -m` where the venv has no scripts dir."""
+    script = Path(sys.executable).with_name("langfuse-poller")
+    found = str(script) if script.exists() else shutil.which("langfuse-poller")
+    return [found] if found else [sys.executable, "-m", "langfuse_poller"]
+
+
+def standby_config(tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, name: str, extra: str = "") -> Path:
+    """One replica's config: the shared [queue], its own SQLite state, a fast poll and a short lease."""
+    body = (
+        f'[queue]\nbackend = "redis"\nurl = {q(server.url)}\nname = {q(QUEUE)}\nstandby = true\n'
+        f'lease = "{LEASE:g}s"\nreplica = {q(name)}\n\n'
+        + delivery_section()
+        + jsonl("archive", tmp_path / "archive.jsonl")
+        + rule("all", ["trace.*", "score.*"], ["archive"])
+        + extra
+    )
+    path = write_config(tmp_path / f"{name}.toml", langfuse.url, body, state=tmp_path / f"{name}.db")
+    # the poll table of write_config, made faster: records are read by the head a second after they start
+    text = path.read_text().replace('settle = "0s"', f'settle = "1s"\ninterval = "{INTERVAL:g}s"')
+    path.write_text(text)
+    return path
+
+
+class Proc:
+    """A long-running CLI process whose stderr goes to a file, read while it runs."""
+
+    def __init__(self, cli: Cli, tmp_path: Path, name: str, *args: str) -> None:
+        self.name = name
+        self.log = tmp_path / f"{name}.{time.monotonic_ns()}.log"
+        self.proc = subprocess.Popen(
+            [*console_script(), *args],
+            env=cli.env,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
+            stdin=subprocess.DEVNULL,
+        )
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def replica(cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, name: str) -> Proc:
+    return Proc(cli, tmp_path, name, "run", "--config", str(standby_config(tmp_path, langfuse, server, name)))
+
+
+def leads(proc: Proc) -> bool:
+    return "took the poller lease" in proc.text()
+
+
+class Traffic:
+    """FakeLangfuse gets a trace every `every` seconds, started now, until `stop`; `ids` their event ids."""
+
+    def __init__(self, langfuse: FakeLangfuse, every: float = 0.05) -> None:
+        self.langfuse = langfuse
+        self.every = every
+        self.ids: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.ids.append(f"trace.created:{self.langfuse.add_trace()[0]['traceId']}")
+
+    def __enter__(self) -> Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def delivered(tmp_path: Path) -> Counter[str]:
+    return Counter(entry["id"] for entry in read_jsonl(tmp_path / "archive.jsonl"))
+
+
+def took_over_within(proc: Proc, since: float, bound: float) -> float:
+    """Seconds from `since` until `proc` logs that it took the lease; fails past `bound`."""
+    assert wait_for(lambda: leads(proc), bound + 5), proc.text()
+    took = time.monotonic() - since
+    assert took <= bound, f"{proc.name} took over after {took:.1f}s, bound {bound:.1f}s"
+    return took
+
+
+def test_kill_9_of_the_leader_while_events_flow_loses_nothing(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+) -> None:
+    procs: list[Proc] = []
+    try:
+        a = replica(cli, tmp_path, langfuse, redis, "a")
+        procs.append(a)
+        assert wait_for(lambda: leads(a), 15), a.text()
+        b = replica(cli, tmp_path, langfuse, redis, "b")
+        worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "a.toml"))
+        procs += [b, worker]
+        assert wait_for(lambda: "standby poller" in b.text() and "concurrency" in worker.text(), 15)
+        kills = 0
+        with Traffic(langfuse) as traffic:
+            time.sleep(1.5)
+            # a dies: b takes over; a comes back as a standby; b dies: a takes over
+            for dead, heir in ((a, b), (b, None)):
+                assert wait_for(lambda: delivered(tmp_path).keys() >= set(traffic.ids[:5]), 15)
+                dead.kill9()
+                kills += 1
+                killed_at = time.monotonic()
+                if heir is None:
+                    heir = next(p for p in procs if p.name == "a2")
+                took_over_within(heir, killed_at, TAKEOVER_BOUND)
+                if dead is a:
+                    procs.append(replica(cli, tmp_path, langfuse, redis, "a2"))
+                    assert wait_for(lambda: "standby poller" in procs[-1].text(), 15)
+                time.sleep(1.0)
+        expected = set(traffic.ids)
+        assert len(expected) > 50
+        assert wait_for(lambda: delivered(tmp_path).keys() >= expected, 20), expected - delivered(tmp_path).keys()
+        time.sleep(1.0)  # a late repeat would land now
+        counts = delivered(tmp_path)
+        assert set(counts) == expected, set(counts) ^ expected
+        repeats = sum(count - 1 for count in counts.values())
+        assert repeats <= kills, {event_id: n for event_id, n in counts.items() if n > 1}
+    finally:
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        assert "Traceback" not in proc.text(), proc.text()
+
+
+def test_a_paused_leader_is_fenced_off_when_it_wakes(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+) -> None:
+    procs: list[Proc] = []
+    try:
+        a = replica(cli, tmp_path, langfuse, redis, "a")
+        procs.append(a)
+        assert wait_for(lambda: leads(a), 15), a.text()
+        b = replica(cli, tmp_path, langfuse, redis, "b")
+        worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "a.toml"))
+        procs += [b, worker]
+        assert wait_for(lambda: "standby poller" in b.text() and "concurrency" in worker.text(), 15)
+        with Traffic(langfuse) as traffic:
+            time.sleep(1.0)
+            a.proc.send_signal(signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            took_over_within(b, stopped_at, TAKEOVER_BOUND)
+            time.sleep(1.0)
+            a.proc.send_signal(signal.SIGCONT)
+            # it wakes believing nothing happened: its lease ran out by its own clock, or its renewal or its
+            # next write is refused; either way it stops polling and stays a standby
+            assert wait_for(lambda: "stepping down to standby" in a.text(), 10), a.text()
+            time.sleep(2.0)
+        expected = set(traffic.ids)
+        assert wait_for(lambda: delivered(tmp_path).keys() >= expected, 20), expected - delivered(tmp_path).keys()
+        time.sleep(1.0)
+        counts = delivered(tmp_path)
+        assert set(counts) == expected
+        assert sum(count - 1 for count in counts.values()) <= 1, counts.most_common(3)
+        assert a.text().count("took the poller lease") == 1, "the old leader did not take the lease back"
+        holder = json.loads(cli("status", "--json", "--config", tmp_path / "b.toml").stdout)["redis"]["lease"]
+        assert holder["holder"] == "b" and holder["token"] == 2
+    finally:
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        assert "Traceback" not in proc.text(), proc.text()
