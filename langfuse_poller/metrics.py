@@ -20,6 +20,7 @@ import socket
 import socketserver
 import threading
 import time
+from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
@@ -43,6 +44,7 @@ from .store import StoredEvent
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+    from .standby.report import QueueReport
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,14 @@ class StateCollector(Collector):
         failing = GaugeMetricFamily(
             f"{PREFIX}_poll_failing", "1 when the stream's last poll failed, else 0.", labels=["stream"]
         )
-        for stream in store.streams():
+        report = None
+        if runtime.config.queue.backend == "redis":
+            from .standby.report import read_report
+
+            report = read_report(runtime.config.queue, now=now)
+        # standby replicas share their watermarks in Redis; their SQLite holds none
+        streams = report.streams if report is not None and runtime.replica is not None else store.streams()
+        for stream in streams:
             lag.add_metric([stream.name], max(0.0, now - stream.head))
             if stream.last_poll_at is not None:
                 last_poll.add_metric([stream.name], stream.last_poll_at)
@@ -139,6 +148,9 @@ class StateCollector(Collector):
             groups.add_metric([rule, state], count)
         yield groups
 
+        if report is not None:
+            yield from _redis_metrics(report, runtime)
+
         if self.stalled is not None:
             stalled = GaugeMetricFamily(
                 f"{PREFIX}_poll_stalled_seconds",
@@ -146,6 +158,57 @@ class StateCollector(Collector):
             )
             stalled.add_metric([], self.stalled())
             yield stalled
+
+
+def _redis_metrics(report: QueueReport, runtime: Runtime) -> Iterable[Metric]:
+    """The Redis queue (job counts, workers) and, with standby pollers, the lease and this replica's role."""
+    up = GaugeMetricFamily(f"{PREFIX}_redis_up", "1 when Redis answered this scrape's questions, else 0.")
+    up.add_metric([], 0 if report.error else 1)
+    yield up
+    if report.error:
+        return
+    jobs = GaugeMetricFamily(
+        f"{PREFIX}_redis_jobs",
+        "BullMQ jobs of the queue by state (waiting, active, delayed, prioritized; failed: its dead letters).",
+        labels=["state"],
+    )
+    for state, count in report.jobs.items():
+        jobs.add_metric([state], count)
+    yield jobs
+    workers = GaugeMetricFamily(f"{PREFIX}_redis_workers", "BullMQ workers connected to the queue.")
+    workers.add_metric([], len(report.workers))
+    yield workers
+    replica = runtime.replica
+    if replica is None:
+        return
+    holder = report.holder
+    lease = GaugeMetricFamily(
+        f"{PREFIX}_lease_holder",
+        "1 for the replica that holds the poller lease, with its fencing token (no series: nobody holds it).",
+        labels=["replica", "token"],
+    )
+    left = GaugeMetricFamily(f"{PREFIX}_lease_expires_in_seconds", "Time left on the poller lease (0: not held).")
+    if holder is not None:
+        lease.add_metric([holder.replica, str(holder.token)], 1)
+    left.add_metric([], 0 if holder is None else holder.expires_in)
+    yield from (lease, left)
+    leader = GaugeMetricFamily(
+        f"{PREFIX}_leader", "1 while this replica holds the lease and polls, 0 while it stands by.", labels=["replica"]
+    )
+    leader.add_metric([replica.name], 1 if replica.may_poll() else 0)
+    yield leader
+    takeovers = CounterMetricFamily(
+        f"{PREFIX}_lease_acquired", "Times this replica took the poller lease since it started.", labels=["replica"]
+    )
+    takeovers.add_metric([replica.name], replica.takeovers)
+    yield takeovers
+    replicas = GaugeMetricFamily(
+        f"{PREFIX}_replicas", "Replicas that reported within three leases, by role.", labels=["role"]
+    )
+    roles = Tally(seen.role for seen in report.replicas if not seen.gone)
+    for role in ("leader", "standby"):
+        replicas.add_metric([role], roles.get(role, 0))
+    yield replicas
 
 
 class Metrics:

@@ -169,7 +169,7 @@ async def _work(
         {
             "connection": config.queue.url,
             # the connection's client name: `status` lists the workers it sees by it
-            "name": config.queue.replica or default_replica(),
+            "name": default_replica(),
             "concurrency": concurrency,
             "lockDuration": LOCK_DURATION_MS,
             # an idle worker blocks on Redis this long at most between checks for a stop

@@ -53,21 +53,24 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server on a loopback port, in its own directory; `kill` and `start` again to test restarts."""
 
-    def __init__(self, directory: Path, *, durable: bool) -> None:
+    def __init__(self, directory: Path, *, durable: bool, password: str | None = None) -> None:
         self.directory = directory
         self.port = free_port()
         self.durable = durable
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen(
-            ["redis-server", *where, "--save", "", *persistence],
+            ["redis-server", *where, "--save", "", *persistence, *auth],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -76,7 +79,8 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    # with a password, an unauthenticated PING is refused, which proves the server is up
+                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass
@@ -101,12 +105,12 @@ class RedisServer:
                 self.kill()
 
 
-def redis_server(tmp_path: Path, *, durable: bool) -> Iterator[RedisServer]:
+def redis_server(tmp_path: Path, *, durable: bool, password: str | None = None) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
     directory = tmp_path / "redis"
     directory.mkdir()
-    server = RedisServer(directory, durable=durable)
+    server = RedisServer(directory, durable=durable, password=password)
     server.start()
     try:
         yield server

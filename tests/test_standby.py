@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +41,16 @@ from langfuse_poller.standby.wiring import sync_client
 from langfuse_poller.store import Store
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.test_cli import Cli, cli, jsonl, langfuse, q, read_jsonl, rule, wait_for, write_config  # noqa: F401
-from tests.test_queue_redis import QUEUE, RedisServer, delivery_section, jobs_in, redis  # noqa: F401
+from tests.test_queue_redis import (  # noqa: F401
+    QUEUE,
+    RedisServer,
+    add_traffic,
+    delivery_section,
+    free_port,
+    jobs_in,
+    redis,
+    redis_server,
+)
 
 pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
 
@@ -372,3 +383,86 @@ def test_a_paused_leader_is_fenced_off_when_it_wakes(
             proc.stop()
     for proc in procs:
         assert "Traceback" not in proc.text(), proc.text()
+
+
+PASSWORD = "hunter2-redis"
+
+
+@pytest.fixture
+def locked_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server that wants a password: `status` and `/metrics` must never show it."""
+    yield from redis_server(tmp_path, durable=False, password=PASSWORD)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+def test_status_and_metrics_show_the_lease_the_replicas_the_queue_and_the_workers(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+) -> None:
+    expected = add_traffic(langfuse, traces=3)
+    metrics_port = free_port()
+    procs: list[Proc] = []
+    try:
+        path = standby_config(
+            tmp_path, langfuse, locked_redis, "a", f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n'
+        )
+        a = Proc(cli, tmp_path, "a", "run", "--config", str(path))
+        procs.append(a)
+        assert wait_for(lambda: leads(a), 15), a.text()
+        b = replica(cli, tmp_path, langfuse, locked_redis, "b")
+        procs.append(b)
+        assert wait_for(lambda: "standby poller" in b.text() and set(jobs_in(locked_redis)) == expected, 15)
+        time.sleep(LEASE / 3 + 0.2)  # b's first tick has written its role
+
+        status = cli("status", "--json", "--config", tmp_path / "b.toml")
+        assert status.returncode == 0, str(status)
+        report = json.loads(status.stdout)
+        redis_part = report["redis"]
+        assert redis_part["error"] is None, redis_part
+        assert redis_part["lease"]["holder"] == "a" and redis_part["lease"]["token"] == 1
+        assert 0 < redis_part["lease"]["expires_in_seconds"] <= LEASE
+        assert {(r["name"], r["role"]) for r in redis_part["replicas"]} == {("a", "leader"), ("b", "standby")}
+        assert redis_part["jobs"]["waiting"] == 3 and redis_part["depth"] == 3 and redis_part["workers"] == []
+        assert {s["name"] for s in report["streams"]} == {"observations", "scores"}, "the shared watermarks"
+        assert all(s["last_success"] for s in report["streams"])
+        text = scrape(metrics_port)
+        assert 'langfuse_poller_leader{replica="a"} 1.0' in text
+        assert 'langfuse_poller_lease_holder{replica="a",token="1"} 1.0' in text
+        assert 'langfuse_poller_redis_jobs{state="waiting"} 3.0' in text
+        assert 'langfuse_poller_replicas{role="standby"} 1.0' in text
+
+        worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "b.toml"))
+        procs.append(worker)
+        assert wait_for(lambda: delivered(tmp_path).keys() == expected, 15), worker.text()
+        shown = cli("status", "--config", tmp_path / "b.toml")
+        assert shown.returncode == 0, str(shown)
+        assert "lease: held by a (token 1)" in shown.stdout, shown.stdout
+        assert "replica a: leader (token 1)" in shown.stdout and "replica b: standby" in shown.stdout
+        assert f"workers seen: 1: {socket.gethostname()}:{worker.proc.pid}" in shown.stdout, shown.stdout
+        assert "depth 0 jobs" in shown.stdout, shown.stdout
+        assert "langfuse_poller_redis_workers 1.0" in scrape(metrics_port)
+        for output in (status.stdout, status.stderr, shown.stdout, shown.stderr, scrape(metrics_port)):
+            assert PASSWORD not in output
+    finally:
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        assert PASSWORD not in proc.text() and "Traceback" not in proc.text(), proc.text()
+
+
+def test_once_refuses_to_poll_while_a_replica_holds_the_lease(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+) -> None:
+    add_traffic(langfuse, traces=2)
+    alone = cli("once", "--config", standby_config(tmp_path, langfuse, redis, "solo"))
+    assert alone.returncode == 0 and "2 new events" in alone.stdout, str(alone)
+    a = replica(cli, tmp_path, langfuse, redis, "a")
+    try:
+        assert wait_for(lambda: leads(a), 15), a.text()
+        refused = cli("once", "--config", tmp_path / "solo.toml")
+        assert refused.returncode != 0 and "held by replica a (token 2)" in refused.stderr, str(refused)
+    finally:
+        a.stop()
