@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,16 @@ def test_cli() -> None:
     for name in ("langfuse-poller --help", "langfuse-poller status"):
         # the target is a median under 0.3 s; the fastest of 3 runs stays under it even on a busy machine
         assert min(timings[name].runs) < 0.3, timings[name]
+
+
+def test_failover() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
+    failover = load("failover")
+    f = failover.main(["--kills", "2", "--lease", "1", "--interval", "0.5", "--rate", "5", "--pause", "1"])
+    assert len(f.rounds) == 2 and not f.problems, f
+    assert f.rounds[0].heir == f.rounds[1].killed, "the heir of the first kill is the leader at the second"
+    # each failover within lease + lease/3 + interval, plus a second for process scheduling on a shared machine
+    assert all(0 < r.lease_taken <= r.first_poll <= f.bound + 1.0 for r in f.rounds), f.rounds
+    assert f.expected > 10 and f.delivered == f.expected and f.repeats <= 2, f

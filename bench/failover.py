@@ -1,0 +1,299 @@
+"""Failover: kill -9 the polling replica again and again; how long until a standby has polled in its place?
+
+    python bench/failover.py                          # 10 kills, lease 5 s, about two minutes
+    python bench/failover.py --kills 5 --lease 15     # the default lease
+
+Real processes on real time: a redis-server on a loopback port (in a temporary directory, nothing persisted),
+a FakeLangfuse served from this process with `--rate` new traces per second, two `langfuse-poller run`
+replicas with `[queue] standby = true` sharing the lease, and one `langfuse-poller worker` writing every event
+to a jsonl file. Each round kills the replica that holds the lease (SIGKILL), then measures, from the kill:
+
+* **lease taken**: until the lease key names the standby (it polls Redis every 10 ms);
+* **first poll committed**: until the shared state records a poll finished after the kill (`last_poll_at`
+  of a stream): the moment the new leader's first poll is durable, the failover's end.
+
+The killed replica is started again (as the new standby) and the next round waits `--pause` seconds. At the
+end, the traffic stops and the worker must deliver every expected event; repeats must stay within the
+contract (at most one per kill).
+
+What bounds it: a kill -9 leaves the lease in Redis until it expires, between 2/3 and all of the lease after
+the last renewal; a standby tries every third of the lease, unless the lease's own expiry, read at its last
+try, comes first; the new leader polls at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import child_env, command, machine, percentile, read_jsonl, repeats, table, wait_for_output
+
+from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+
+QUEUE = "failover-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Redis:
+    """A throwaway redis-server on 127.0.0.1."""
+
+    def __init__(self, directory: Path) -> None:
+        if shutil.which("redis-server") is None:
+            raise SystemExit("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", ""],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        self.client: Any = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if self.client.ping():
+                    return
+            except Exception:
+                time.sleep(0.05)
+        raise SystemExit(f"redis-server did not start on port {self.port}")
+
+    def holder(self) -> str | None:
+        value = self.client.get(f"{QUEUE}:poller:lease")
+        return None if value is None else str(value).rpartition(":")[0]
+
+    def last_poll(self) -> float:
+        """The latest `last_poll_at` of any stream in the shared state (0 when none)."""
+        found = [self.client.hget(f"{QUEUE}:poller:stream:{s}", "last_poll_at") for s in ("observations", "scores")]
+        return max((float(value) for value in found if value), default=0.0)
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@dataclass
+class Round:
+    """One kill: who died, who took over, and when (seconds after the kill)."""
+
+    killed: str
+    heir: str
+    lease_taken: float
+    first_poll: float
+
+
+@dataclass
+class Figures:
+    rounds: list[Round] = field(default_factory=list)
+    expected: int = 0
+    delivered: int = 0
+    repeats: int = 0
+    lease: float = 0.0
+    interval: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def bound(self) -> float:
+        """Lease + a standby's try interval (a third of it) + a poll interval: the documented worst case."""
+        return self.lease + self.lease / 3 + self.interval
+
+
+def write_config(directory: Path, fake: FakeLangfuse, redis_url: str, name: str, args: argparse.Namespace) -> Path:
+    def toml(value: Any) -> str:
+        return json.dumps(value)
+
+    path = directory / f"{name}.toml"
+    path.write_text(
+        "\n".join(
+            [
+                "[langfuse]",
+                f"base_url = {toml(fake.url)}",
+                f"public_key = {toml(fake.public_key)}",
+                f"secret_key = {toml(fake.secret_key)}",
+                "[poll]",
+                'start = "-1m"',
+                f'interval = "{args.interval:g}s"',
+                'settle = "1s"',
+                "[state]",
+                f"path = {toml(str(directory / f'{name}.db'))}",
+                "[queue]",
+                'backend = "redis"',
+                f"url = {toml(redis_url)}",
+                f"name = {toml(QUEUE)}",
+                "standby = true",
+                f'lease = "{args.lease:g}s"',
+                f"replica = {toml(name)}",
+                "[[rules]]",
+                'name = "everything"',
+                'events = ["trace.*"]',
+                'notify = ["archive"]',
+                "[notifiers.archive]",
+                'type = "jsonl"',
+                f"path = {toml(str(directory / 'archive.jsonl'))}",
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+class Process:
+    """A `langfuse-poller` subprocess with its log in a file."""
+
+    def __init__(self, directory: Path, verb: str, config: Path, name: str) -> None:
+        self.name = name
+        self.log = directory / f"{name}.{time.monotonic_ns()}.log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                command(verb, config), stdout=subprocess.DEVNULL, stderr=log, stdin=subprocess.DEVNULL, env=child_env()
+            )
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def wait(predicate: Any, timeout: float, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def failover(args: argparse.Namespace, directory: Path) -> Figures:
+    figures = Figures(lease=args.lease, interval=args.interval)
+    redis = Redis(directory)
+    ids: list[str] = []
+    stop = threading.Event()
+    procs: dict[str, Process] = {}
+    try:
+        with FakeLangfuse() as fake:
+
+            def traffic() -> None:
+                while not stop.wait(1 / args.rate):
+                    ids.append(f"trace.created:{fake.add_trace()[0]['traceId']}")
+
+            def start(name: str) -> Process:
+                proc = Process(directory, "run", write_config(directory, fake, redis.url, name, args), name)
+                if not wait_for_output(proc.proc, proc.log, "standby poller", 30):
+                    raise SystemExit(f"replica {name} did not start:\n{proc.log.read_text()}")
+                procs[name] = proc
+                return proc
+
+            start("r0")
+            if not wait(lambda: redis.holder() == "r0", 30):
+                raise SystemExit("the first replica did not take the lease")
+            start("r1")
+            worker_config = directory / "r0.toml"
+            procs["worker"] = Process(directory, "worker", worker_config, "worker")
+            feeder = threading.Thread(target=traffic, daemon=True)
+            feeder.start()
+            spare = 2
+            time.sleep(args.pause)
+            for _ in range(args.kills):
+                leader = redis.holder()
+                if leader is None or leader not in procs:
+                    figures.problems.append(f"no live leader before a kill (lease: {leader})")
+                    break
+                procs.pop(leader).kill9()
+                killed_wall, killed = time.time(), time.monotonic()
+                limit = args.lease * 3 + 10
+                heir = None
+                if wait(lambda dead=leader: (holder := redis.holder()) is not None and holder != dead, limit):
+                    heir = redis.holder()
+                taken = time.monotonic() - killed
+                if heir is None or not wait(lambda since=killed_wall: redis.last_poll() > since, limit):
+                    figures.problems.append(f"nobody took over within {limit:.0f} s after {leader} was killed")
+                    break
+                figures.rounds.append(Round(leader, heir, taken, redis.last_poll() - killed_wall))
+                start(f"r{spare}")
+                spare += 1
+                time.sleep(args.pause)
+            stop.set()
+            feeder.join(5)
+            expected = set(ids)
+            archive = directory / "archive.jsonl"
+            wait(lambda: read_jsonl(archive)[0].keys() >= expected, 60, step=0.2)
+            time.sleep(1.0)  # a late repeat would land now
+            got, _ = read_jsonl(archive)
+            figures.expected = len(expected)
+            figures.delivered = len(expected & set(got))
+            figures.repeats = repeats(got)
+    finally:
+        stop.set()
+        for proc in procs.values():
+            proc.stop()
+        redis.close()
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> Figures:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=10, help="how many times the leader is killed (default 10)")
+    parser.add_argument("--lease", type=float, default=5.0, help="[queue] lease, seconds (default 5)")
+    parser.add_argument("--interval", type=float, default=1.0, help="[poll] interval, seconds (default 1)")
+    parser.add_argument("--rate", type=float, default=10.0, help="new traces per second (default 10)")
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds between a takeover and the next kill")
+    args = parser.parse_args(argv)
+    print(f"failover: {machine()}")
+    print(
+        f"{args.kills} SIGKILLs of the leader of 2 replicas; lease {args.lease:g} s, poll interval "
+        f"{args.interval:g} s, {args.rate:g} traces/s\n"
+    )
+    with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
+        figures = failover(args, Path(tmp))
+    rows = [(i + 1, r.killed, r.heir, r.lease_taken, r.first_poll) for i, r in enumerate(figures.rounds)]
+    print(table(("kill", "killed", "took over", "lease taken (s)", "first poll committed (s)"), rows))
+    polls = [r.first_poll for r in figures.rounds]
+    print(
+        f"\nfirst poll committed after a kill: p50 {percentile(polls, 50):.2f} s, max {max(polls, default=0):.2f} s "
+        f"(bound: lease + lease/3 + interval = {figures.bound:.2f} s); events delivered {figures.delivered}/"
+        f"{figures.expected}, repeats {figures.repeats} (allowed <= {len(figures.rounds)})"
+    )
+    for problem in figures.problems:
+        print(f"problem: {problem}")
+    met = (
+        not figures.problems
+        and figures.delivered == figures.expected
+        and figures.repeats <= len(figures.rounds)
+        and all(p <= figures.bound for p in polls)
+    )
+    print(f"target every failover within the bound, nothing lost, repeats <= kills: {'met' if met else 'missed'}")
+    return figures
+
+
+if __name__ == "__main__":
+    main()
