@@ -8,7 +8,9 @@ a FakeLangfuse served from this process with `--rate` new traces per second, two
 replicas with `[queue] standby = true` sharing the lease, and one `langfuse-poller worker` writing every event
 to a jsonl file. Each round kills the replica that holds the lease (SIGKILL), then measures, from the kill:
 
-* **lease taken**: until the lease key names the standby (it polls Redis every 10 ms);
+* **lease left**: what the dead leader's lease still had to run (read just before the kill);
+* **lease taken**: until the lease key names the standby (it polls Redis every 10 ms), and how long that was
+  **after expiry** of the dead leader's lease: the part a standby controls;
 * **first poll committed**: until the shared state records a poll finished after the kill (`last_poll_at`
   of a stream): the moment the new leader's first poll is durable, the failover's end.
 
@@ -17,8 +19,8 @@ end, the traffic stops and the worker must deliver every expected event; repeats
 contract (at most one per kill).
 
 What bounds it: a kill -9 leaves the lease in Redis until it expires, between 2/3 and all of the lease after
-the last renewal; a standby tries every third of the lease, unless the lease's own expiry, read at its last
-try, comes first; the new leader polls at once.
+the last renewal; a standby tries every third of the lease, and also right when the holder's lease runs out
+(read at its last try) if that comes first; the new leader polls at once.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class Redis:
         value = self.client.get(f"{QUEUE}:poller:lease")
         return None if value is None else str(value).rpartition(":")[0]
 
+    def lease_left(self) -> float:
+        """Seconds until the lease key expires (0 when absent)."""
+        return max(0.0, int(self.client.pttl(f"{QUEUE}:poller:lease")) / 1000)
+
     def last_poll(self) -> float:
         """The latest `last_poll_at` of any stream in the shared state (0 when none)."""
         found = [self.client.hget(f"{QUEUE}:poller:stream:{s}", "last_poll_at") for s in ("observations", "scores")]
@@ -99,8 +105,14 @@ class Round:
 
     killed: str
     heir: str
+    lease_left: float  # what the dead leader's lease still had to run at the kill
     lease_taken: float
     first_poll: float
+
+    @property
+    def after_expiry(self) -> float:
+        """How long after the dead leader's lease expired the standby took it: the part the standby controls."""
+        return self.lease_taken - self.lease_left
 
 
 @dataclass
@@ -228,6 +240,7 @@ def failover(args: argparse.Namespace, directory: Path) -> Figures:
                 if leader is None or leader not in procs:
                     figures.problems.append(f"no live leader before a kill (lease: {leader})")
                     break
+                left = redis.lease_left()
                 procs.pop(leader).kill9()
                 killed_wall, killed = time.time(), time.monotonic()
                 limit = args.lease * 3 + 10
@@ -238,7 +251,7 @@ def failover(args: argparse.Namespace, directory: Path) -> Figures:
                 if heir is None or not wait(lambda since=killed_wall: redis.last_poll() > since, limit):
                     figures.problems.append(f"nobody took over within {limit:.0f} s after {leader} was killed")
                     break
-                figures.rounds.append(Round(leader, heir, taken, redis.last_poll() - killed_wall))
+                figures.rounds.append(Round(leader, heir, left, taken, redis.last_poll() - killed_wall))
                 start(f"r{spare}")
                 spare += 1
                 time.sleep(args.pause)
@@ -275,8 +288,12 @@ def main(argv: Sequence[str] | None = None) -> Figures:
     )
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
         figures = failover(args, Path(tmp))
-    rows = [(i + 1, r.killed, r.heir, r.lease_taken, r.first_poll) for i, r in enumerate(figures.rounds)]
-    print(table(("kill", "killed", "took over", "lease taken (s)", "first poll committed (s)"), rows))
+    rows = [
+        (i + 1, r.killed, r.heir, r.lease_left, r.lease_taken, r.after_expiry, r.first_poll)
+        for i, r in enumerate(figures.rounds)
+    ]
+    headers = ("kill", "killed", "took over", "lease left (s)", "lease taken (s)", "after expiry (s)", "first poll (s)")
+    print(table(headers, rows))
     polls = [r.first_poll for r in figures.rounds]
     print(
         f"\nfirst poll committed after a kill: p50 {percentile(polls, 50):.2f} s, max {max(polls, default=0):.2f} s "

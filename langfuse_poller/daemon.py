@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -32,6 +32,9 @@ DELIVERY_TICK = 0.25
 # alert groups are looked at this often: group_wait and friends are kept to within a second
 ALERT_TICK = 1.0
 MAINTENANCE_EVERY = 600.0
+# a standby's try at the moment the holder's lease expires comes this much later: Redis expires keys on its
+# own clock, and a try a moment early would find the key still there and wait a whole tick
+LEASE_EXPIRY_SLACK = 0.02
 # how long a stop waits for the poll in flight; past it the process exits anyway, which is safe: a page is
 # committed in one transaction or not at all, and an HTTP request in flight holds no transaction open
 STOP_GRACE = 3.0
@@ -87,6 +90,15 @@ class Daemon:
             replica.tick()
         except Exception:
             log.exception("the poller lease could not be renewed or taken; the next tick tries again")
+            return
+        expires_in = replica.holder_expires_in
+        if expires_in is not None and expires_in < self.runtime.config.queue.lease.total_seconds() / 3:
+            # the holder's lease runs out before the next tick: try right then. A dead leader's lease lasts until
+            # it expires, so this is the earliest a takeover can be; waiting for the tick would add up to a third
+            from apscheduler.triggers.date import DateTrigger
+
+            at = datetime.now(UTC) + timedelta(seconds=expires_in + LEASE_EXPIRY_SLACK)
+            self._scheduler.add_job(self.lease_job, DateTrigger(at), id="lease-expiry", replace_existing=True)
 
     def _poll_now(self) -> None:
         """After a takeover: poll at once rather than at the next interval, the failover's last part."""

@@ -22,14 +22,15 @@ from .keys import PollerKeys
 
 log = logging.getLogger(__name__)
 
-# KEYS: lease, token; ARGV: replica, lease in ms. Returns {token, value}, or {0, value of the holder}.
+# KEYS: lease, token; ARGV: replica, lease in ms. Returns {token, value, lease in ms}, or {0, value of the
+# holder, its time left in ms}: a standby then tries again right when it runs out
 ACQUIRE = """
 local held = redis.call('GET', KEYS[1])
-if held then return {0, held} end
+if held then return {0, held, redis.call('PTTL', KEYS[1])} end
 local token = redis.call('INCR', KEYS[2])
 local value = ARGV[1] .. ':' .. token
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
-return {token, value}
+return {token, value, tonumber(ARGV[2])}
 """
 # KEYS: lease; ARGV: our value, lease in ms. 1 when still ours (and extended), else 0.
 RENEW = """
@@ -113,13 +114,13 @@ class Lease:
         None when Redis did not answer. Raises nothing: a standby just tries again at its next tick."""
         sent = self.clock()
         try:
-            token, value = self._acquire(keys=[self.keys.lease, self.keys.token], args=[self.replica, self._ms])
+            token, value, ttl = self._acquire(keys=[self.keys.lease, self.keys.token], args=[self.replica, self._ms])
         except Exception as exc:
             log.debug("lease: Redis did not answer the acquire: %s", exc)
             return None
         token = int(token)
         if token == 0:
-            return parse_holder(str(value), int(self.seconds * 1000))
+            return parse_holder(str(value), int(ttl))
         with self._lock:
             self._token, self._value = token, str(value)
             self._valid_until = sent + self.seconds

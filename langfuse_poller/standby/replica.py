@@ -79,6 +79,8 @@ class Replica:
         self.on_acquired: Callable[[], None] = lambda: None
         self.acquired_at: float | None = None
         self.takeovers = 0
+        # seconds until the lease another replica holds runs out, as this standby last read it (None: unknown)
+        self.holder_expires_in: float | None = None
         self._lock = threading.Lock()
         self._leading = False
 
@@ -120,7 +122,9 @@ class Replica:
     def _try_lead(self) -> None:
         holder = self.lease.try_acquire()
         if holder is None or holder.replica != self.name or not self.lease.held():
+            self.holder_expires_in = None if holder is None else holder.expires_in
             return
+        self.holder_expires_in = None
         self._leading = True
         self.acquired_at = self.clock()
         self.takeovers += 1
