@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +40,7 @@ from langfuse_poller.standby.shared_state import SharedPollState
 from langfuse_poller.standby.wiring import sync_client
 from langfuse_poller.store import Store
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from tests.conftest import Clock, make_config, runtime_for
 from tests.test_cli import Cli, cli, jsonl, langfuse, q, read_jsonl, rule, wait_for, write_config  # noqa: F401
 from tests.test_queue_redis import (  # noqa: F401
     QUEUE,
@@ -468,3 +469,52 @@ def test_once_refuses_to_poll_while_a_replica_holds_the_lease(
         assert refused.returncode != 0 and "held by replica a (token 2)" in refused.stderr, str(refused)
     finally:
         a.stop()
+
+
+def test_absence_rules_follow_the_leader_and_stand_still_on_a_standby(redis: RedisServer, tmp_path: Path) -> None:
+    """A standby sees no matches: were its absence rules to measure progress by the clock, they would fire."""
+    clock = Clock()
+    rule_table = {
+        "name": "silent-app",
+        "type": "absence",
+        "events": ["trace.created"],
+        "window": "5m",
+        "notify": ["alerts"],
+    }
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        runtimes = {}
+        for name in ("a", "b"):
+            config = make_config(
+                fake,
+                tmp_path / name,
+                queue={"backend": "redis", "url": redis.url, "name": QUEUE, "standby": True, "replica": name},
+                notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / f"{name}-alerts.jsonl")}},
+                rules=[rule_table],
+            )
+            runtimes[name] = stack.enter_context(runtime_for(config, clock))
+        a, b = runtimes["a"], runtimes["b"]
+        assert a.replica is not None and b.replica is not None
+        a.replica.tick()
+        b.replica.tick()
+        assert (a.replica.role, b.replica.role) == ("leader", "standby")
+        for rt in (a, b):
+            rt.alerter.start()
+
+        def minute(traffic: bool) -> None:
+            clock.advance(60)
+            if traffic:
+                fake.add_trace(start_time=datetime.fromtimestamp(clock.now - 1, UTC))
+            assert not a.poller.poll_once().errors
+            for rt in (a, b):
+                rt.worker.run_until_idle()
+                rt.alerter.tick()
+                rt.worker.run_until_idle()
+
+        for _ in range(8):
+            minute(traffic=True)
+        assert read_jsonl(tmp_path / "a-alerts.jsonl") == [] and read_jsonl(tmp_path / "b-alerts.jsonl") == []
+        for _ in range(7):
+            minute(traffic=False)
+        fired = [n["event"] for n in read_jsonl(tmp_path / "a-alerts.jsonl")]
+        assert fired == ["rule.firing"], "the leader measures progress by the shared watermark"
+        assert read_jsonl(tmp_path / "b-alerts.jsonl") == [], "the standby's absence rule stood still"

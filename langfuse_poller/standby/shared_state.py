@@ -11,6 +11,9 @@ code with one replica or several. A transaction collects the page's writes, then
 3. one Lua script checks the fencing token, then writes the dedup keys and moves the watermarks (never
    backwards). It refuses the whole write when a later token was issued: the replica is deposed.
 
+The heads this replica committed, and its polls' outcomes, are copied into its SQLite afterwards (a copy
+only: the alert groups' progress and the service's status line read it there).
+
 The watermark therefore moves only once its events are durably queued; a crash or a takeover between the
 steps makes the next leader read the page again, and the dedup keys, or BullMQ's job ids, absorb it.
 """
@@ -276,6 +279,9 @@ class SharedPollState:
         keys = [self.keys.streams, self.keys.stream(name), self.keys.sweeps(name)]
         args = [name, number(start), *(age_field(age) for age in ages)]
         self._call("create the stream state", self._ensure, keys=keys, args=args)
+        state = self.stream(name)
+        if self.local is not None and state is not None:
+            self.local.ensure_stream(name, state.head, ages)
 
     def prune_seen(self, stream: str, before: float) -> int:
         removed = 0
@@ -297,6 +303,8 @@ class SharedPollState:
     def record_poll(self, stream: str, *, error: str | None, now: float | None = None) -> None:
         now = self.clock() if now is None else now
         self._fenced_commit([{"op": "poll", "s": stream, "error": error or "", "now": number(now)}])
+        if self.local is not None:
+            self.local.record_poll(stream, error=error, now=now)
 
     @contextmanager
     def write(self, now: float | None = None) -> Iterator[SharedTransaction]:
@@ -317,6 +325,14 @@ class SharedPollState:
             self.add_jobs([(event.id, event.to_json()) for event in tx.queued.values()])
         if tx.ops:
             self._fenced_commit(tx.ops)
+        heads = [(op["s"], float(op["w"])) for op in tx.ops if op["op"] == "head"]
+        if heads and self.local is not None:
+            # the local SQLite keeps a copy of the heads this replica committed: the alert groups measure their
+            # progress by it (so a standby's absence rules stand still instead of firing for want of matches),
+            # and so does the service's status line
+            with self.local.write(tx.now) as local:
+                for stream, head in heads:
+                    local.set_head(stream, head)
 
     def _check_token(self) -> int:
         token = self.token()
