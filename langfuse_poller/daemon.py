@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -32,9 +32,6 @@ DELIVERY_TICK = 0.25
 # alert groups are looked at this often: group_wait and friends are kept to within a second
 ALERT_TICK = 1.0
 MAINTENANCE_EVERY = 600.0
-# a standby's try at the moment the holder's lease expires comes this much later: Redis expires keys on its
-# own clock, and a try a moment early would find the key still there and wait a whole tick
-LEASE_EXPIRY_SLACK = 0.02
 # how long a stop waits for the poll in flight; past it the process exits anyway, which is safe: a page is
 # committed in one transaction or not at all, and an HTTP request in flight holds no transaction open
 STOP_GRACE = 3.0
@@ -82,28 +79,14 @@ class Daemon:
             log.info("poll: %d new events from %d API requests", result.events, result.requests)
         self.runtime.worker.kick()
 
-    def lease_job(self) -> None:
-        replica = self.runtime.replica
-        if replica is None or self.stopping.is_set():
-            return
-        try:
-            replica.tick()
-        except Exception:
-            log.exception("the poller lease could not be renewed or taken; the next tick tries again")
-            return
-        expires_in = replica.holder_expires_in
-        if expires_in is not None and expires_in < self.runtime.config.queue.lease.total_seconds() / 3:
-            # the holder's lease runs out before the next tick: try right then. A dead leader's lease lasts until
-            # it expires, so this is the earliest a takeover can be; waiting for the tick would add up to a third
-            from apscheduler.triggers.date import DateTrigger
-
-            at = datetime.now(UTC) + timedelta(seconds=expires_in + LEASE_EXPIRY_SLACK)
-            self._scheduler.add_job(self.lease_job, DateTrigger(at), id="lease-expiry", replace_existing=True)
-
     def _poll_now(self) -> None:
         """After a takeover: poll at once rather than at the next interval, the failover's last part."""
-        if self._scheduler is not None and self.runtime.config.poll.streams:
-            self._scheduler.modify_job("poll", next_run_time=datetime.now(UTC))
+        if self._scheduler is None or not self.runtime.config.poll.streams:
+            return
+        job = self._scheduler.get_job("poll")
+        # a paused job (a reload in progress) has no next run: setting one would resume it mid-reload
+        if job is not None and job.next_run_time is not None:
+            job.modify(next_run_time=datetime.now(UTC))
 
     def deliver_job(self) -> None:
         self.runtime.worker.kick()
@@ -156,15 +139,6 @@ class Daemon:
         )
         now = datetime.now(UTC)
         self._scheduler = scheduler
-        if runtime.replica is not None:
-            runtime.replica.on_acquired = self._poll_now
-            scheduler.add_job(
-                self.lease_job,
-                # a third of the lease: two renewals may fail before it runs out
-                IntervalTrigger(seconds=runtime.config.queue.lease.total_seconds() / 3),
-                id="lease",
-                next_run_time=now,
-            )
         if runtime.config.poll.streams:  # none: `serve-webhooks`, which only receives
             scheduler.add_job(
                 self.poll_job,
@@ -177,6 +151,10 @@ class Daemon:
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
         self.service.start(scheduler)
         scheduler.start()
+        if runtime.replica is not None:
+            # its own thread, not a scheduler job: a reload pauses the jobs, and a lease must never wait for it
+            runtime.replica.on_acquired = self._poll_now
+            runtime.replica.start(self.stopping)
         if runtime.replica is not None:
             log.info(
                 "replica %s: standby poller sharing the lease at %s (queue %s, lease %s)",

@@ -436,6 +436,7 @@ def test_status_and_metrics_show_the_lease_the_replicas_the_queue_and_the_worker
         assert 'langfuse_poller_lease_holder{replica="a",token="1"} 1.0' in text
         assert 'langfuse_poller_redis_jobs{state="waiting"} 3.0' in text
         assert 'langfuse_poller_replicas{role="standby"} 1.0' in text
+        assert 'langfuse_poller_events_total{source="poll",type="trace.created"} 3.0' in text, "jobs are counted"
 
         worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "b.toml"))
         procs.append(worker)

@@ -1,10 +1,11 @@
 """One `run` process among several: standby until it takes the lease, leader until it loses it.
 
-`tick` runs every third of the lease (a scheduler job): the leader renews, a standby tries to take over. A
-leader that learns it lost the lease (or cannot renew it before it would run out) stops polling at once: the
-poll in flight is interrupted at its next request or wait (`PollCancel`), and any write it still attempts is
-refused by the fencing token. Each tick also writes what this replica is (role, token, when) into a hash
-that `status` reads, so the replicas that wait are visible too.
+`tick` runs every third of the lease, in a thread of its own (`start`): the leader renews, a standby tries to
+take over, also right when the holder's lease runs out. A leader that learns it lost the lease (or cannot
+renew it before it would run out) stops polling at once: the poll in flight is interrupted at its next
+request or wait (`PollCancel`), and any write it still attempts is refused by the fencing token. Each tick
+also writes what this replica is (role, token, when) into a hash that `status` reads, so the replicas that
+wait are visible too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 LEADER = "leader"
 STANDBY = "standby"
+# a standby's try at the moment the holder's lease expires comes this much later: Redis expires keys on its
+# own clock, and a try a moment early would find the key still there and wait a whole tick
+EXPIRY_SLACK = 0.02
+# entries of replicas silent this long leave the list `status` shows (a restart gets a new pid, a new name)
+FORGET_AFTER = 24 * 3600.0
+FORGET_EVERY = 100  # ticks
 
 
 def default_replica() -> str:
@@ -83,6 +90,8 @@ class Replica:
         self.holder_expires_in: float | None = None
         self._lock = threading.Lock()
         self._leading = False
+        self._ticks = 0
+        self._thread: threading.Thread | None = None
 
     @property
     def role(self) -> str:
@@ -105,6 +114,32 @@ class Replica:
             if not self._leading:
                 self._try_lead()
         self._heartbeat()
+
+    def next_tick_in(self) -> float:
+        """Seconds to the next tick: a third of the lease, or sooner when the holder's lease runs out before.
+
+        A dead leader's lease lasts until it expires, so its expiry is the earliest a takeover can be; waiting
+        for the regular tick would add up to a third of the lease to every failover."""
+        every = self.lease.seconds / 3
+        expires_in = self.holder_expires_in
+        if expires_in is not None and expires_in + EXPIRY_SLACK < every:
+            return expires_in + EXPIRY_SLACK
+        return every
+
+    def start(self, stop: threading.Event) -> None:
+        """Tick in a thread of its own until `stop` is set; the first tick is now."""
+
+        def loop() -> None:
+            delay = 0.0
+            while not stop.wait(delay):
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("the poller lease could not be renewed or taken; the next tick tries again")
+                delay = self.next_tick_in()
+
+        self._thread = threading.Thread(target=loop, name="lease", daemon=True)
+        self._thread.start()
 
     def try_lead(self) -> bool:
         """Take the lease now if nobody holds it (`once` does this); True when this replica leads."""
@@ -145,14 +180,32 @@ class Replica:
         return self.lease.holder()
 
     def _heartbeat(self) -> None:
-        entry = {"role": self.role, "token": self.lease.token, "seen_at": self.clock(), "pid": os.getpid()}
+        now = self.clock()
+        entry = {"role": self.role, "token": self.lease.token, "seen_at": now, "pid": os.getpid()}
+        self._ticks += 1
         try:
             self.client.hset(self.keys.replicas, self.name, json.dumps(entry))
+            if self._ticks % FORGET_EVERY == 1:
+                self._forget_silent(now)
         except Exception as exc:
             log.debug("could not record this replica's role: %s", exc)
 
+    def _forget_silent(self, now: float) -> None:
+        silent = []
+        for name, text in self.client.hgetall(self.keys.replicas).items():
+            try:
+                if now - float(json.loads(text)["seen_at"]) > FORGET_AFTER:
+                    silent.append(name)
+            except (ValueError, KeyError, TypeError):
+                silent.append(name)
+        if silent:
+            self.client.hdel(self.keys.replicas, *silent)
+
     def close(self) -> None:
-        """A clean stop: give the lease up so that a standby takes over at its next tick, and leave the list."""
+        """A clean stop: give the lease up so that a standby takes over at its next tick, and leave the list.
+        The thread's `stop` must be set first."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)
         with self._lock:
             self._leading = False
             self.lease.release()

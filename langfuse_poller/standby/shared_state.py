@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import StateError
 from ..events import Event, Seen, Synthesis
 from ..redis_queue import QUEUE_TARGET
-from ..store import Store, StreamState
+from ..store import Store, StoredEvent, StreamState
 from .keys import PollerKeys
 from .lease import Deposed
 
@@ -302,7 +302,12 @@ class SharedPollState:
 
     def record_poll(self, stream: str, *, error: str | None, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        self._fenced_commit([{"op": "poll", "s": stream, "error": error or "", "now": number(now)}])
+        try:
+            self._fenced_commit([{"op": "poll", "s": stream, "error": error or "", "now": number(now)}])
+        except StateError as exc:
+            # what a poll did is for `status`; when Redis is away the poll's own error already says so
+            log.warning("the outcome of the poll of %s was not recorded: %s", stream, exc)
+            return
         if self.local is not None:
             self.local.record_poll(stream, error=error, now=now)
 
@@ -325,6 +330,7 @@ class SharedPollState:
             self.add_jobs([(event.id, event.to_json()) for event in tx.queued.values()])
         if tx.ops:
             self._fenced_commit(tx.ops)
+        self._tell_stored(tx)
         heads = [(op["s"], float(op["w"])) for op in tx.ops if op["op"] == "head"]
         if heads and self.local is not None:
             # the local SQLite keeps a copy of the heads this replica committed: the alert groups measure their
@@ -333,6 +339,21 @@ class SharedPollState:
             with self.local.write(tx.now) as local:
                 for stream, head in heads:
                     local.set_head(stream, head)
+
+    def _tell_stored(self, tx: SharedTransaction) -> None:
+        """The local store's observer (the metrics' event counters) hears of the events queued as jobs too; those
+        that also went to the local outbox it heard of from that write."""
+        observer = self.local.on_stored if self.local is not None else None
+        if observer is None or not tx.queued:
+            return
+        stored_locally = {event.id for event, _ in tx.local}
+        told = [StoredEvent(e.type, e.source, None) for e in tx.queued.values() if e.id not in stored_locally]
+        if not told:
+            return
+        try:
+            observer(told)
+        except Exception:
+            log.exception("an observer of stored events failed")
 
     def _check_token(self) -> int:
         token = self.token()
