@@ -209,6 +209,8 @@ class Replica:
         with self._lock:
             self._leading = False
             self.lease.release()
+        if not self._ticks:
+            return  # never listed (a command that does not poll): no need to reach Redis at all
         try:
             self.client.hdel(self.keys.replicas, self.name)
         except Exception as exc:
