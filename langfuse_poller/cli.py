@@ -193,17 +193,27 @@ def cmd_serve_webhooks(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
+    from .api import Cancelled
+
     runtime = _runtime(args)
     try:
         dead_before = runtime.store.dead_letter_count()
-        if runtime.replica is not None and not runtime.replica.try_lead():
-            holder = runtime.replica.lease.holder()
-            who = f"replica {holder.replica} (token {holder.token})" if holder else "nobody, but Redis did not answer"
-            print(f"error: the poller lease is held by {who}; `once` polls only when no `run` does", file=sys.stderr)
-            return EXIT_FAILED
+        if runtime.replica is not None:
+            if not runtime.replica.try_lead():
+                who = runtime.replica.describe_holder()
+                message = f"the poller lease is held by {who}; `once` polls only when no `run` does"
+                print(f"error: {message}", file=sys.stderr)
+                return EXIT_FAILED
+            # a long catch-up outlives the lease: renew it meanwhile, until `close` sets `cancel`
+            runtime.replica.start(runtime.cancel)
         runtime.poller.start_streams()
         runtime.alerter.start()
-        result = runtime.poller.poll_once(force_sweeps=True)
+        try:
+            result = runtime.poller.poll_once(force_sweeps=True)
+        except Cancelled:
+            # only a lost lease cancels a poll here; what this one committed stays, for whoever leads next
+            print("error: the poller lease was lost mid-poll (taken over, or not renewed in time)", file=sys.stderr)
+            return EXIT_FAILED
         if result.requests == 0 and not result.errors:
             # nothing to read yet (a fresh start = "now"): still prove the host and the keys
             runtime.reader.check()

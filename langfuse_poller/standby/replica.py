@@ -179,6 +179,16 @@ class Replica:
     def holder(self) -> LeaseHolder | None:
         return self.lease.holder()
 
+    def describe_holder(self) -> str:
+        """Who holds the lease, in words for a message; never raises."""
+        try:
+            holder = self.lease.holder()
+        except Exception as exc:
+            return f"an unknown replica (Redis did not answer: {exc or type(exc).__name__})"
+        if holder is None:
+            return "nobody now (it was held a moment ago)"
+        return f"replica {holder.replica} (token {holder.token}, {holder.expires_in:.1f}s left)"
+
     def _heartbeat(self) -> None:
         now = self.clock()
         entry = {"role": self.role, "token": self.lease.token, "seen_at": now, "pid": os.getpid()}
