@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,22 @@ def test_cli() -> None:
     for name in ("langfuse-poller --help", "langfuse-poller status"):
         # the target is a median under 0.3 s; the fastest of 3 runs stays under it even on a busy machine
         assert min(timings[name].runs) < 0.3, timings[name]
+
+
+def test_redis_workers() -> None:
+    pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    redis_workers = load("redis_workers")
+    f = redis_workers.main(
+        ["--events", "300", "--webhook-events", "40", "--workers", "1,2", "--webhook-concurrency", "1"]
+    )
+    assert len(f.rows) == 4
+    for row in f.rows:
+        assert row.completed == row.events and row.exactly_once, row
+        assert row.rate > 0 and row.worker_cpu > 0, row
+    assert f.enqueue_jobs == 299 and f.enqueue_rate > 0
+    # 50 ms per answer: one worker cannot pass 20 events/s, two share the wait (the start of each makes 1.2x a
+    # safe floor for 40 jobs on a shared machine, against ~1.8x measured)
+    one, two = f.row("webhook", 1), f.row("webhook", 2)
+    assert one.rate < 20 and two.rate > 1.2 * one.rate, (one.rate, two.rate)
