@@ -1,6 +1,6 @@
 """Events per second through Redis: 1, 2 and 4 `langfuse-poller worker` processes draining a backlog of jobs.
 
-    python bench/redis_workers.py                    # ~3 minutes
+    python bench/redis_workers.py                    # ~3 minutes (4 on a busy machine)
     python bench/redis_workers.py --events 2000 --webhook-events 100 --workers 1,2
     python bench/redis_workers.py --dir /dev/shm     # Redis's append-only file and the archive on tmpfs
 
