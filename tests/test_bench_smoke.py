@@ -123,3 +123,18 @@ def test_failover() -> None:
     # each failover within lease + lease/3 + interval, plus a second for process scheduling on a shared machine
     assert all(0 < r.lease_taken <= r.first_poll <= f.bound + 1.0 for r in f.rounds), f.rounds
     assert f.expected > 10 and f.delivered == f.expected and f.repeats <= 2, f
+
+
+def test_redis_workers() -> None:
+    pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    redis_workers = load("redis_workers")
+    f = redis_workers.main(
+        ["--events", "300", "--webhook-events", "40", "--workers", "1,2", "--webhook-concurrency", "1"]
+    )
+    assert len(f.rows) == 4
+    for row in f.rows:
+        assert row.completed == row.events and row.exactly_once, row
+        assert row.rate > 0 and row.worker_cpu > 0, row
+    assert f.enqueue_jobs == 299 and f.enqueue_rate > 0
