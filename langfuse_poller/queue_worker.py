@@ -15,6 +15,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import Config
@@ -38,12 +39,17 @@ class TargetFailed(Exception):
 class Dispatcher:
     """Delivers one event to handler and notifier targets by name, each target isolated from the others.
 
-    Notifiers were written for one caller at a time (the SQLite backend drains each in one thread), so each
-    notifier is called under its own lock; handlers run concurrently, up to the worker's concurrency."""
+    A notifier is called under its own lock unless it says it is `concurrent` (its client serves several
+    threads at once: the HTTP ones); the others (a file) were written for one caller at a time, as the SQLite
+    backend drains each in one thread. Handlers run concurrently, up to the worker's concurrency."""
 
     def __init__(self, targets: Mapping[str, Notifier]) -> None:
         self.targets = dict(targets)
-        self._locks = {name: threading.Lock() for name in self.targets if not name.startswith("handler:")}
+        self._locks = {
+            name: threading.Lock()
+            for name, target in self.targets.items()
+            if not name.startswith("handler:") and not getattr(target, "concurrent", False)
+        }
 
     def deliver(self, event: Event, names: Sequence[str]) -> dict[str, Exception | None]:
         """Send `event` to each named target: name -> the failure, or None when it arrived."""
@@ -162,6 +168,9 @@ async def _work(
             loop.add_signal_handler(signum, stopping.set)
     if stop is not None:
         threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(stopping.set)), daemon=True).start()
+    # jobs run their targets in threads: one per job in flight (asyncio's default pool is cpu_count + 4, which
+    # would cap --concurrency at 6 on a 2-core machine)
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job"))
     processor = JobProcessor(router, dispatcher)
     worker = Worker(
         config.queue.name,

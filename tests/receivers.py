@@ -30,15 +30,22 @@ class Receiver:
         self.delay = delay
         self.received: list[Received] = []
         self.statuses: list[int] = []
+        # requests being answered at once, and the most seen
+        self.in_flight = 0
+        self.peak = 0
         self._lock = threading.Lock()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with receiver._lock:
+                    receiver.in_flight += 1
+                    receiver.peak = max(receiver.peak, receiver.in_flight)
                 if receiver.delay:
                     time.sleep(receiver.delay)
                 with receiver._lock:
+                    receiver.in_flight -= 1
                     status = receiver.respond(len(receiver.statuses))
                     receiver.statuses.append(status)
                     if status < 300:

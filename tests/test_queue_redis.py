@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -29,7 +30,9 @@ import pytest
 
 from langfuse_poller.config import DeliveryConfig, QueueConfig, parse_config, redacted_url
 from langfuse_poller.errors import ConfigError, DeliveryError
+from langfuse_poller.events import Event
 from langfuse_poller.events import test_event as make_test_event
+from langfuse_poller.queue_worker import run_worker
 from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
@@ -406,6 +409,50 @@ def test_a_failing_notifier_is_retried_then_the_job_waits_in_the_failed_set(
 
     asyncio.run(retry())
     assert jobs_in(redis)[score_id]["state"] == "waiting"
+
+
+def test_concurrency_sends_to_http_notifiers_and_handlers_in_parallel(tmp_path: Path, redis: RedisServer) -> None:
+    # 16 jobs, each answered after 0.4 s: with --concurrency 8 the webhook and the handler each see 8 at once
+    # (a lock per notifier, or asyncio's default pool of cpu_count + 4 threads, would cap them at 1 and 6)
+    handlers = Registry()
+    lock = threading.Lock()
+    running = {"now": 0, "peak": 0}
+
+    @handlers.on("trace.*")
+    def slow(event: Event) -> None:
+        with lock:
+            running["now"] += 1
+            running["peak"] = max(running["peak"], running["now"])
+        time.sleep(0.4)
+        with lock:
+            running["now"] -= 1
+
+    with receiver(delay=0.4) as hook:
+        config = parse_config(
+            {
+                **KEYS,
+                "queue": {"backend": "redis", "url": redis.url},
+                "notifiers": {"hook": {"type": "webhook", "url": hook.url}},
+                "rules": [{"name": "all", "events": ["trace.*"], "notify": ["hook"]}],
+            },
+            "t",
+        )
+        events = [make_test_event("trace.created") for _ in range(16)]
+        target = RedisQueueTarget(config.queue, config.delivery)
+        try:
+            target.send_raw([(event.id, event.to_json()) for event in events])
+        finally:
+            target.close()
+        stop = threading.Event()
+        options = {"concurrency": 8, "handlers": handlers, "stop": stop, "install_signals": False}
+        worker = threading.Thread(target=run_worker, args=(config,), kwargs=options)
+        worker.start()
+        try:
+            assert wait_for(lambda: len(hook.received) == 16 and running["now"] == 0, 20), len(hook.received)
+        finally:
+            stop.set()
+            worker.join(15)
+    assert hook.peak == 8 and running["peak"] == 8, (hook.peak, running["peak"])
 
 
 # --- a Node.js BullMQ worker -------------------------------------------------------------------------------

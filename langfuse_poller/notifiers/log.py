@@ -30,6 +30,9 @@ class LogSettings:
 
 
 class LogNotifier:
+    # safe to call from several threads at once (queue_worker.Dispatcher): the logging module locks
+    concurrent = True
+
     def __init__(self, name: str, settings: LogSettings) -> None:
         self.logger = logging.getLogger(f"langfuse_poller.notifier.{name}")
         self.level = logging.getLevelName(settings.level.upper())

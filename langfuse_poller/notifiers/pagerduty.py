@@ -64,6 +64,9 @@ class PagerDutySettings:
 
 
 class PagerDutyNotifier:
+    # safe to call from several threads at once (queue_worker.Dispatcher): httpx.Client is thread-safe
+    concurrent = True
+
     def __init__(self, settings: PagerDutySettings) -> None:
         self.settings = settings
         self.client = http.client(settings.timeout.total_seconds())

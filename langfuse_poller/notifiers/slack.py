@@ -193,6 +193,9 @@ def blocks_for(message: Message, event: Event) -> list[dict[str, Any]]:
 
 
 class SlackNotifier:
+    # safe to call from several threads at once (queue_worker.Dispatcher): slack-sdk opens a connection per request
+    concurrent = True
+
     def __init__(self, name: str, settings: SlackSettings) -> None:
         self.name = name
         self.settings = settings

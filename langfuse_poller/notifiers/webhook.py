@@ -43,6 +43,9 @@ class WebhookSettings:
 
 
 class WebhookNotifier:
+    # safe to call from several threads at once (queue_worker.Dispatcher): httpx.Client is thread-safe
+    concurrent = True
+
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self.client = http.client(settings.timeout.total_seconds(), dict(settings.headers))
