@@ -300,13 +300,14 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_silence(args: argparse.Namespace) -> int:
-    from .alerting.silences import add_silence, expire_silence, list_silences
+    from .alerting.silences import add_silence, silence_book
     from .durations import DURATION_FORM, format_duration, parse_duration
     from .store import Store
 
     config = _config(args)
     now = time.time()
     store = Store(config.state_path)
+    book = silence_book(config, store)
     try:
         if args.action == "add":
             from .alerting.dryrun import find_rule
@@ -319,17 +320,17 @@ def cmd_silence(args: argparse.Namespace) -> int:
             if duration <= 0:
                 raise ConfigError("command line", "--for", args.duration, f"{DURATION_FORM}, above zero")
             silence = add_silence(
-                store, args.rule, duration=duration, condition=args.when, comment=args.comment, now=now
+                book, args.rule, duration=duration, condition=args.when, comment=args.comment, now=now
             )
             print(f"silence {silence.id}: rule {silence.rule} silenced for {format_duration(duration)}")
             return EXIT_OK
         if args.action == "expire":
-            if not expire_silence(store, args.id, now=now):
+            if not book.expire(args.id, now):
                 print(f"no active silence has id {args.id} (see `langfuse-poller silence list`)", file=sys.stderr)
                 return EXIT_FAILED
             print(f"silence {args.id} expired")
             return EXIT_OK
-        silences = list_silences(store, now=None if args.all else now)
+        silences = book.list(now=None if args.all else now)
     finally:
         store.close()
     for silence in silences:

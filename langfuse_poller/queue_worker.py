@@ -1,16 +1,18 @@
 """`langfuse-poller worker`: a BullMQ worker on the Redis queue that runs the handlers and notifiers.
 
-Each job is one event (name = event type, data = the envelope). The worker routes it with the same Router as
-the poller, handlers and forwarding rules only: alert grouping, silences and absence stay in the poller, which
-enqueued the job. A target that fails makes the job fail, and BullMQ retries it with the job's backoff; the
-targets that succeeded are written into the job's progress first, so a retry sends only to the others (at
-least once per (event, target), as with the SQLite backend). After its attempts the job stays in BullMQ's
-failed set. Any number of workers, on any machines, share one queue: BullMQ gives each job to one of them.
+Each job is one event (name = event type, data = the envelope). The worker routes it with the same Router as the
+poller, handlers and forwarding rules only (alert grouping and absence stay in the poller, which enqueued the job);
+the silences of forwarding rules apply here too, read from Redis, where all processes share them. A target that
+fails makes the job fail, and BullMQ retries it with the job's backoff; the targets that succeeded are written into
+the job's progress first, so a retry sends only to the others (at least once per (event, target), as with the
+SQLite backend). After its attempts the job stays in BullMQ's failed set. Any number of workers, on any machines,
+share one queue: BullMQ gives each job to one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -18,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .alerting.silences import Silences, silence_book
 from .config import Config
 from .delivery import HandlerTarget
 from .errors import DeliveryError
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # how long a job stays locked by a worker that stopped renewing it (crashed) before another worker takes it
 LOCK_DURATION_MS = 30_000
+# how often the matches a worker silenced are added to the silences' counts (`silence list`)
+SILENCE_COUNT_INTERVAL = 5.0
 
 
 class TargetFailed(Exception):
@@ -126,6 +131,15 @@ class JobProcessor:
         raise TargetFailed(message)
 
 
+async def _flush_silence_counts(router: Router, stopping: asyncio.Event) -> None:
+    """Until the stop: every few seconds, add the matches silenced here to the silences' counts in Redis."""
+    while not stopping.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), SILENCE_COUNT_INTERVAL)
+        if isinstance(router.silences, Silences):
+            await asyncio.to_thread(router.silences.flush_counts)
+
+
 def _describe(error: Exception) -> str:
     return str(error) if isinstance(error, DeliveryError) else f"{type(error).__name__}: {error}"
 
@@ -142,12 +156,16 @@ def run_worker(
     """Process the queue's jobs until SIGTERM/SIGINT (or `stop`), then finish the jobs in flight and return 0."""
     handlers = handlers or registry
     import_handler_modules(config.handler_modules, config.source)
-    router = Router(config.rules, handlers, config.source)
+    # the silences of forwarding rules apply here, where the notifiers are: they are read from Redis, where
+    # `silence add` keeps them with this backend
+    silences = Silences(silence_book(config, None))
+    router = Router(config.rules, handlers, config.source, silences=silences)
     dispatcher = build_dispatcher(config, handlers)
     try:
         return asyncio.run(_work(config, router, dispatcher, concurrency, stop, install_signals, on_ready))
     finally:
         dispatcher.close()
+        silences.flush_counts()
 
 
 async def _work(
@@ -196,7 +214,7 @@ async def _work(
     )
     if on_ready is not None:
         on_ready()
-    await stopping.wait()
+    await _flush_silence_counts(router, stopping)
     log.info("stopping: finishing the jobs in flight")
     await worker.close()
     log.info("stopped after %d jobs", processor.processed)

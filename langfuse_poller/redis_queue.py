@@ -46,6 +46,12 @@ def job_options(delivery: DeliveryConfig) -> dict[str, Any]:
     }
 
 
+def longest_backoff(delivery: DeliveryConfig) -> float:
+    """BullMQ's longest wait between two attempts of a job, in seconds: its exponential backoff has no cap, so
+    the wait before the last attempt is `backoff × 2^(attempts − 2)`, whatever `max_backoff` says."""
+    return delivery.backoff.total_seconds() * float(2 ** max(0, delivery.max_attempts - 2))
+
+
 def redis_client(url: str, timeout: float) -> Any:
     """An asyncio Redis client for bullmq that fails fast: the outbox, not the client, retries a Redis outage."""
     import redis.asyncio as redis
@@ -58,6 +64,15 @@ def redis_client(url: str, timeout: float) -> Any:
         socket_connect_timeout=timeout,
         socket_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
+    )
+
+
+def sync_client(url: str, timeout: float) -> Any:
+    """A Redis client whose calls fail within `timeout`: a renewal that hangs must not outlive the lease."""
+    import redis
+
+    return redis.Redis.from_url(
+        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
     )
 
 
@@ -96,6 +111,16 @@ class RedisQueueTarget:
     def __init__(self, config: QueueConfig, delivery: DeliveryConfig) -> None:
         self.config = config
         self.options = job_options(delivery)
+        longest = longest_backoff(delivery)
+        if longest > delivery.max_backoff.total_seconds():
+            log.warning(
+                "BullMQ's backoff has no cap: with [delivery] backoff = %gs and max_attempts = %d a job waits up to "
+                "%.0fs between attempts, beyond max_backoff (%gs); lower max_attempts to stay within it",
+                delivery.backoff.total_seconds(),
+                delivery.max_attempts,
+                longest,
+                delivery.max_backoff.total_seconds(),
+            )
         self.timeout = delivery.timeout.total_seconds()
         self._loop: LoopThread | None = None
         self._queue: Any = None

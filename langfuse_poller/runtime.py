@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from .alerting.alerter import Alerter
-from .alerting.silences import Silences
+from .alerting.silences import Silences, silence_book
 from .api import LangfuseReader
 from .config import Config
 from .delivery import DeliveryWorker, HandlerTarget
@@ -32,8 +32,9 @@ def wire_routing(
     """Around a compiled router: its silences, the alert rules, and every delivery target (handlers of the
     router's registry, notifiers, alert groups, the Redis queue). What `Runtime.build` wires, and what a
     reload (reload.py) builds again from a new config."""
-    silences = Silences(store, clock=clock)
-    router.silences = silences
+    silences = Silences(silence_book(config, store), clock=clock)
+    # with the Redis backend the workers apply (and count) the silences of forwarding rules, at delivery
+    router.silences = silences if config.queue.backend != "redis" else None
     alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
     targets: dict[str, Notifier] = {
         f"handler:{name}": HandlerTarget(handler.func) for name, handler in router.registry.handlers.items()

@@ -46,7 +46,7 @@ def _stream(
 def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     """A JSON-ready report of every stream, the queue and the dead letters."""
     from .alerting.alerter import load_groups
-    from .alerting.silences import list_silences
+    from .alerting.silences import silence_book
     from .store import Store
 
     report: dict[str, Any] = {
@@ -89,11 +89,14 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
             }
             for group in load_groups(store.connection(), "state IN ('firing', 'pending')")
         ]
-        report["silences"] = [
-            {"id": s.id, "rule": s.rule, "when": s.condition, "until": _iso(s.ends_at), "matched": s.matched}
-            for s in list_silences(store, now=now)
-            if s.active(now)
-        ]
+        try:
+            report["silences"] = [
+                {"id": s.id, "rule": s.rule, "when": s.condition, "until": _iso(s.ends_at), "matched": s.matched}
+                for s in silence_book(config, store).list(now=now)
+                if s.active(now)
+            ]
+        except Exception as exc:  # Redis unreachable: the rest of the report still stands
+            report["silences_error"] = f"cannot read the silences from {config.queue.display_url}: {exc}"
         by_target = store.pending_by_target()
         report["queue"] = {"pending": sum(by_target.values()), "by_target": by_target}
         report["dead_letters"] = store.dead_letter_count()
@@ -133,6 +136,8 @@ def render_status(report: dict[str, Any]) -> str:
     for silence in report["silences"]:
         when = f" when {silence['when']}" if silence["when"] else ""
         lines.append(f"silence {silence['id']}: rule {silence['rule']}{when} until {silence['until']}")
+    if report.get("silences_error"):
+        lines.append(f"WARN {report['silences_error']}")
     dead = report["dead_letters"]
     lines.append(
         f"dead letters: {dead}" + ("  (see `langfuse-poller dead-letters list`, then replay or purge)" if dead else "")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from langfuse_poller.alerting.groups import PROGRESS_RECHECK
-from langfuse_poller.alerting.silences import add_silence, expire_silence
+from langfuse_poller.alerting.silences import SqliteSilenceBook, add_silence
 from langfuse_poller.config import Config, parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Event
@@ -237,8 +237,10 @@ def test_silence_counts_matches_without_sending_them(tmp_path: Path) -> None:
     clock = Clock(T0)
     config = alert_config(tmp_path, {"group_wait": "10s", "group_interval": "1m"}, forward=True)
     with runtime(config, clock) as rt:
-        silence = add_silence(rt.store, "errors", duration=3600, condition='data.environment == "staging"', now=T0)
-        archive_silence = add_silence(rt.store, "archive", duration=3600, now=T0)
+        silence = add_silence(
+            SqliteSilenceBook(rt.store), "errors", duration=3600, condition='data.environment == "staging"', now=T0
+        )
+        archive_silence = add_silence(SqliteSilenceBook(rt.store), "archive", duration=3600, now=T0)
         feed(rt, [error(1, clock, env="staging"), error(2, clock, env="staging")])
         assert at(rt, clock, 10) == []
         # a match outside the silence's condition alerts, and the notification counts the silenced ones
@@ -250,9 +252,9 @@ def test_silence_counts_matches_without_sending_them(tmp_path: Path) -> None:
         # the forwarding rule's silence holds its events back too
         archive = rt.config.notifiers["archive"].settings.path
         assert not archive.exists() or archive.read_text() == ""
-        assert expire_silence(rt.store, silence.id, now=T0 + 30)
-        assert expire_silence(rt.store, archive_silence.id, now=T0 + 30)
-        assert not expire_silence(rt.store, silence.id, now=T0 + 31)
+        assert SqliteSilenceBook(rt.store).expire(silence.id, T0 + 30)
+        assert SqliteSilenceBook(rt.store).expire(archive_silence.id, T0 + 30)
+        assert not SqliteSilenceBook(rt.store).expire(silence.id, T0 + 31)
         clock.now = T0 + 40
         feed(rt, [error(4, clock, env="staging")])
         assert summary(at(rt, clock, 80)) == [("rule.firing", "update", 2)]
@@ -417,7 +419,7 @@ def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path) -> None:
     with runtime(alert_config(tmp_path, rule), clock) as rt:
         feed(rt, [error(n, clock) for n in range(3)])
         assert summary(notifications(rt)) == [("rule.firing", "new", 3)]
-        silence = add_silence(rt.store, "errors", duration=600, now=T0 + 10)
+        silence = add_silence(SqliteSilenceBook(rt.store), "errors", duration=600, now=T0 + 10)
         # the storm goes on under the silence: no update, no resolve
         for second in range(10, 300, 10):
             clock.now = T0 + second
@@ -425,7 +427,7 @@ def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path) -> None:
             rt.alerter.tick()
             rt.worker.run_until_idle()
         assert len(notifications(rt)) == 1
-        expire_silence(rt.store, silence.id, now=T0 + 300)
+        SqliteSilenceBook(rt.store).expire(silence.id, T0 + 300)
         clock.now = T0 + 300
         # the next match after the silence is told at once (group_interval passed long ago), with the silenced
         feed(rt, [error(999, clock)])
@@ -437,9 +439,9 @@ def test_absence_is_silenced_and_resolved_groups_of_removed_rules_are_told(tmp_p
     clock = Clock(T0)
     config = alert_config(tmp_path, {"type": "absence", "events": ["trace.created"], "window": "5m"})
     with runtime(config, clock) as rt:
-        silence = add_silence(rt.store, "errors", duration=600, now=T0)
+        silence = add_silence(SqliteSilenceBook(rt.store), "errors", duration=600, now=T0)
         assert at(rt, clock, 400) == []
-        expire_silence(rt.store, silence.id, now=T0 + 401)
+        SqliteSilenceBook(rt.store).expire(silence.id, T0 + 401)
         fired = at(rt, clock, 410)
         assert [n["event"] for n in fired] == ["rule.firing"]
     # the rule is removed from the config: its open incident is resolved, not left open forever

@@ -28,12 +28,12 @@ from typing import Any
 
 import pytest
 
-from langfuse_poller.config import DeliveryConfig, QueueConfig, parse_config, redacted_url
+from langfuse_poller.config import DeliveryConfig, QueueConfig, load_config, parse_config, redacted_url
 from langfuse_poller.errors import ConfigError, DeliveryError
 from langfuse_poller.events import Event
 from langfuse_poller.events import test_event as make_test_event
 from langfuse_poller.queue_worker import run_worker
-from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget
+from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget, job_options, longest_backoff
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.receivers import receiver
@@ -228,6 +228,18 @@ def test_with_a_queue_handlers_and_notifiers_become_one_target_and_alert_groups_
     assert router.targets(event) == ["rule:grouped", QUEUE_TARGET]
     assert router.direct_targets(event) == ["handler:h", "notifier:file"]
     assert router.targets(make_test_event("score.created")) == []
+
+
+def test_bullmq_backoff_has_no_cap_so_a_long_one_is_said(caplog: pytest.LogCaptureFixture) -> None:
+    defaults = DeliveryConfig()
+    assert job_options(defaults)["backoff"] == {"type": "exponential", "delay": 1000}
+    assert longest_backoff(defaults) == 256 <= defaults.max_backoff.total_seconds()
+    RedisQueueTarget(QueueConfig(backend="redis"), defaults).close()
+    assert "no cap" not in caplog.text
+    many = DeliveryConfig(max_attempts=20)
+    assert longest_backoff(many) == 2**18
+    RedisQueueTarget(QueueConfig(backend="redis"), many).close()
+    assert "up to 262144s between attempts, beyond max_backoff (600s)" in caplog.text
 
 
 def test_redis_down_is_a_retryable_delivery_error() -> None:
@@ -453,6 +465,58 @@ def test_concurrency_sends_to_http_notifiers_and_handlers_in_parallel(tmp_path: 
             stop.set()
             worker.join(15)
     assert hook.peak == 8 and running["peak"] == 8, (hook.peak, running["peak"])
+
+
+def test_silences_live_in_redis_where_the_poller_and_the_workers_apply_them(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+) -> None:
+    # `silence add` on any machine reaches every process: the worker skips the silenced rule's notifier and
+    # counts what it silenced; the other rule's notifier still gets every event
+    with receiver() as kept, receiver() as muted:
+        path = write_config(
+            tmp_path / "config.toml",
+            langfuse.url,
+            queue_section(redis)
+            + f'[notifiers.kept]\ntype = "webhook"\nurl = {q(kept.url)}\n\n'
+            + f'[notifiers.muted]\ntype = "webhook"\nurl = {q(muted.url)}\n\n'
+            + rule("archive", ["trace.*"], ["kept"])
+            + rule("noisy", ["trace.*"], ["muted"], when='data.name == "chatty"'),
+        )
+        added = cli("silence", "add", "--rule", "noisy", "--for", "1h", "--comment", "deploy", "--config", path)
+        assert added.returncode == 0 and "silence 1: rule noisy" in added.stdout, str(added)
+        for index in range(6):
+            langfuse.add_trace(name="chatty", start_time=ago(30 - index))
+        assert cli("once", "--config", path).returncode == 0
+        stop = threading.Event()
+        config = load_config(str(path))
+        worker = threading.Thread(target=run_worker, args=(config,), kwargs={"stop": stop, "install_signals": False})
+        worker.start()
+        try:
+            assert wait_for(lambda: len(kept.received) == 6, 15), len(kept.received)
+            time.sleep(0.3)  # a delivery to the silenced notifier would land now
+        finally:
+            stop.set()
+            worker.join(15)
+        assert muted.received == []
+        listed = cli("silence", "list", "--json", "--config", path)
+        (silence,) = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert silence["rule"] == "noisy" and silence["matched"] == 6 and silence["comment"] == "deploy"
+        status = cli("status", "--config", path)
+        assert "silence 1: rule noisy" in status.stdout, status.stdout
+
+        # expired: the next events reach the notifier again (the poller routes them to the queue once more)
+        assert cli("silence", "expire", "1", "--config", path).returncode == 0
+        assert cli("silence", "list", "--config", path).stdout.count("rule noisy") == 0
+        langfuse.add_trace(name="chatty", start_time=ago(0))
+        assert cli("once", "--config", path).returncode == 0
+        worker = threading.Thread(target=run_worker, args=(config,), kwargs={"stop": stop, "install_signals": False})
+        stop.clear()
+        worker.start()
+        try:
+            assert wait_for(lambda: len(muted.received) == 1 and len(kept.received) == 7, 15)
+        finally:
+            stop.set()
+            worker.join(15)
 
 
 # --- a Node.js BullMQ worker -------------------------------------------------------------------------------

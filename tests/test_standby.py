@@ -32,12 +32,11 @@ from langfuse_poller.config import parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Seen, Synthesis
 from langfuse_poller.events import test_event as make_test_event
-from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget
+from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget, sync_client
 from langfuse_poller.standby.keys import PollerKeys
 from langfuse_poller.standby.lease import Deposed
 from langfuse_poller.standby.replica import PollCancel, Replica
 from langfuse_poller.standby.shared_state import SharedPollState
-from langfuse_poller.standby.wiring import sync_client
 from langfuse_poller.store import Store
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.conftest import Clock, make_config, runtime_for

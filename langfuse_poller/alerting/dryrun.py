@@ -24,7 +24,7 @@ from ..rules import Rule
 from ..store import Store
 from . import alerter as alerter_module
 from .alerter import Alerter
-from .silences import Silences
+from .silences import Silences, SqliteSilenceBook
 
 # forwarded matches are listed up to this many; the rest are counted
 LIST_LIMIT = 20
@@ -141,7 +141,11 @@ def _replay(
         try:
             clock = lambda: now[0]  # noqa: E731
             alerter = Alerter(
-                store, [compiled], Silences(store, clock=clock), clock=clock, progress=lambda _rule: now[0]
+                store,
+                [compiled],
+                Silences(SqliteSilenceBook(store), clock=clock),
+                clock=clock,
+                progress=lambda _rule: now[0],
             )
             alerter.start(now[0])
             for event in ordered:

@@ -1,7 +1,8 @@
 """Silences: a rule's matches, or those meeting a condition, are counted but not sent until a time.
 
-Silences live in the state file, so `silence add` works while the daemon runs: the daemon re-reads them at
-most every `REFRESH` seconds. A silenced match of an alerting rule is counted in its group (durably); a
+Silences live in the state file, or in Redis with the Redis backend (every poller replica and queue worker then
+applies the same ones), so `silence add` works while the daemon runs: the daemon re-reads them at most every
+`REFRESH` seconds. A silenced match of an alerting rule is counted in its group (durably); a
 silenced match of a forwarding rule is counted on the silence.
 """
 
@@ -12,12 +13,15 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConfigError
 from ..store import Store
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,91 @@ def compile_condition(condition: str, where: str = "--when") -> Any:
         raise ConfigError("command line", where, condition, f"a CEL expression ({exc})") from None
 
 
+class SilenceBook(Protocol):
+    """Where silences are kept: the state file (SqliteSilenceBook), or Redis with the Redis backend
+    (redis_silences.RedisSilenceBook), where every poller replica and worker sees the same ones."""
+
+    def add(self, silence: Silence) -> Silence:
+        """Keep a new silence (its id is ignored) and return it with the id it got."""
+        ...
+
+    def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
+        """Silences by id; with `now`, only those not yet ended."""
+        ...
+
+    def expire(self, silence_id: int, now: float) -> bool:
+        """End a silence now; False when no silence has that id or it already ended."""
+        ...
+
+    def count(self, matched: Mapping[int, int]) -> None:
+        """Add to the `matched` count of silences."""
+        ...
+
+
+class SqliteSilenceBook:
+    """Silences in the state file's `silences` table."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def add(self, silence: Silence) -> Silence:
+        with self.store.write(silence.created_at) as tx:
+            cursor = tx.conn.execute(
+                "INSERT INTO silences (rule, condition, starts_at, ends_at, comment, created_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    silence.rule,
+                    silence.condition,
+                    silence.starts_at,
+                    silence.ends_at,
+                    silence.comment,
+                    silence.created_by,
+                    silence.created_at,
+                ),
+            )
+        return replace(silence, id=int(cursor.lastrowid or 0))
+
+    def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
+        query = "SELECT id, rule, condition, starts_at, ends_at, comment, created_by, created_at, matched FROM silences"
+        params: list[Any] = []
+        clauses = []
+        if now is not None:
+            clauses.append("ends_at > ?")
+            params.append(now)
+        if ids is not None:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        return [Silence(*row) for row in self.store.connection().execute(query + " ORDER BY id", params)]
+
+    def expire(self, silence_id: int, now: float) -> bool:
+        with self.store.write(now) as tx:
+            cursor = tx.conn.execute(
+                "UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now)
+            )
+            return cursor.rowcount > 0
+
+    def count(self, matched: Mapping[int, int]) -> None:
+        with self.store.write() as tx:
+            tx.conn.executemany(
+                "UPDATE silences SET matched = matched + ? WHERE id = ?",
+                [(count, silence_id) for silence_id, count in matched.items()],
+            )
+
+
+def silence_book(config: Config, store: Store | None) -> SilenceBook:
+    """The book `config` keeps its silences in: Redis with the Redis backend, else the state file (`store`)."""
+    if config.queue.backend == "redis":
+        from .redis_silences import RedisSilenceBook
+
+        return RedisSilenceBook(config.queue, config.delivery.timeout.total_seconds())
+    assert store is not None, "the SQLite silence book needs the state"
+    return SqliteSilenceBook(store)
+
+
 def add_silence(
-    store: Store, rule: str, *, duration: float, condition: str | None = None, comment: str = "", now: float
+    book: SilenceBook, rule: str, *, duration: float, condition: str | None = None, comment: str = "", now: float
 ) -> Silence:
     if condition:
         compile_condition(condition)
@@ -61,45 +148,14 @@ def add_silence(
         user = getpass.getuser()
     except (KeyError, OSError):
         user = ""
-    with store.write(now) as tx:
-        cursor = tx.conn.execute(
-            "INSERT INTO silences (rule, condition, starts_at, ends_at, comment, created_by, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (rule, condition or None, now, now + duration, comment, user, now),
-        )
-        silence_id = int(cursor.lastrowid or 0)
-    found = list_silences(store, ids=[silence_id])
-    return found[0]
-
-
-def list_silences(store: Store, *, now: float | None = None, ids: list[int] | None = None) -> list[Silence]:
-    """Silences by id; with `now`, only those not yet ended."""
-    query = "SELECT id, rule, condition, starts_at, ends_at, comment, created_by, created_at, matched FROM silences"
-    params: list[Any] = []
-    clauses = []
-    if now is not None:
-        clauses.append("ends_at > ?")
-        params.append(now)
-    if ids is not None:
-        clauses.append(f"id IN ({','.join('?' * len(ids))})")
-        params.extend(ids)
-    if clauses:
-        query += " WHERE " + " AND ".join(clauses)
-    return [Silence(*row) for row in store.connection().execute(query + " ORDER BY id", params)]
-
-
-def expire_silence(store: Store, silence_id: int, *, now: float) -> bool:
-    """End a silence now; False when no silence has that id or it already ended."""
-    with store.write(now) as tx:
-        cursor = tx.conn.execute("UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now))
-        return cursor.rowcount > 0
+    return book.add(Silence(0, rule, condition or None, now, now + duration, comment, user, now, 0))
 
 
 class Silences:
     """The active silences, re-read at most every REFRESH seconds, with their conditions compiled."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
-        self.store = store
+    def __init__(self, book: SilenceBook, *, clock: Callable[[], float] = time.time) -> None:
+        self.book = book
         self.clock = clock
         self._loaded_at = float("-inf")
         self._active: dict[str, list[tuple[Silence, Any]]] = {}
@@ -109,8 +165,15 @@ class Silences:
     def _refresh(self, now: float) -> None:
         if now - self._loaded_at < REFRESH and now >= self._loaded_at:
             return
+        try:
+            current = self.book.list(now=now)
+        except Exception as exc:
+            # Redis unreachable: the silences known keep applying, and the next check tries again
+            log.warning("cannot read the silences: %s", exc)
+            self._loaded_at = now
+            return
         active: dict[str, list[tuple[Silence, Any]]] = {}
-        for silence in list_silences(self.store, now=now):
+        for silence in current:
             program = None
             if silence.condition:
                 try:
@@ -164,8 +227,7 @@ class Silences:
         with self._lock:
             counts, self._counts = self._counts, Counter()
         if counts:
-            with self.store.write() as tx:
-                tx.conn.executemany(
-                    "UPDATE silences SET matched = matched + ? WHERE id = ?",
-                    [(count, silence_id) for silence_id, count in counts.items()],
-                )
+            try:
+                self.book.count(counts)
+            except Exception as exc:
+                log.warning("cannot count %d silenced matches: %s", sum(counts.values()), exc)

@@ -68,7 +68,7 @@ class QueueReport:
 
 def read_report(config: QueueConfig, *, now: float, timeout: float = 3.0) -> QueueReport:
     """Everything `status` shows about the queue; a Redis that does not answer is an `error`, not an exception."""
-    from .wiring import sync_client
+    from ..redis_queue import sync_client
 
     report = QueueReport(config.display_url, config.name, config.lease.total_seconds())
     client = sync_client(config.url, timeout)

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from ..config import Config
-from ..redis_queue import RedisQueueTarget
+from ..redis_queue import RedisQueueTarget, sync_client
 from ..store import Store
 from .keys import PollerKeys
 from .replica import PollCancel, Replica, default_replica
 from .shared_state import SharedPollState
-
-
-def sync_client(url: str, timeout: float) -> Any:
-    """A Redis client whose calls fail within `timeout`: a renewal that hangs must not outlive the lease."""
-    import redis
-
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
-    )
 
 
 def build_standby(
