@@ -25,6 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -530,3 +531,41 @@ def test_absence_rules_follow_the_leader_and_stand_still_on_a_standby(redis: Red
         fired = [n["event"] for n in read_jsonl(tmp_path / "a-alerts.jsonl")]
         assert fired == ["rule.firing"], "the leader measures progress by the shared watermark"
         assert read_jsonl(tmp_path / "b-alerts.jsonl") == [], "the standby's absence rule stood still"
+
+
+@pytest.mark.parametrize("standby_lookback", ["10m", "2m"])
+def test_a_standby_with_other_poll_ages_leaves_the_leaders_sweeps_alone(
+    redis: RedisServer, tmp_path: Path, standby_lookback: str
+) -> None:
+    """A replica that only waits must not rewrite the shared sweep watermarks: in a rolling deploy that shortens
+    `lookback`, the new standby's start used to drop the leader's 10m sweep, which then restarted at the head and
+    never read a record that became visible five minutes late."""
+    clock = Clock()
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+
+        def start(name: str, lookback: str) -> Any:
+            config = make_config(
+                fake,
+                tmp_path / name,
+                poll={"lookback": lookback},
+                queue={"backend": "redis", "url": redis.url, "name": QUEUE, "standby": True, "replica": name},
+            )
+            return stack.enter_context(runtime_for(config, clock))
+
+        a = start("a", "10m")
+        assert a.replica is not None
+        a.replica.tick()
+        assert a.replica.role == "leader"
+        for _ in range(3):
+            clock.advance(60)
+            assert not a.poller.poll_once().errors
+        late = fake.add_trace(start_time=datetime.fromtimestamp(clock.now - 30, UTC), visible_after=300)
+        late_id = f"trace.created:{late[0]['traceId']}"
+        b = start("b", standby_lookback)
+        assert b.replica is not None
+        b.replica.tick()
+        assert b.replica.role == "standby"
+        for _ in range(12):
+            clock.advance(60)
+            assert not a.poller.poll_once().errors
+        assert late_id in jobs_in(redis), "the leader's 10m sweep never read the late record"
