@@ -569,3 +569,32 @@ def test_a_standby_with_other_poll_ages_leaves_the_leaders_sweeps_alone(
             clock.advance(60)
             assert not a.poller.poll_once().errors
         assert late_id in jobs_in(redis), "the leader's 10m sweep never read the late record"
+
+
+def test_silence_commands_with_a_wrong_redis_password_fail_with_a_message(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+) -> None:
+    wrong = RedisServer(locked_redis.directory, durable=False, password="not-" + PASSWORD)
+    wrong.port = locked_redis.port
+    path = standby_config(tmp_path, langfuse, wrong, "a")
+    for args in (("list",), ("add", "--rule", "all", "--for", "1h"), ("expire", "1")):
+        result = cli("silence", *args, "--config", path)
+        assert result.returncode == 1, str(result)
+        assert "Traceback" not in result.stderr and "error:" in result.stderr, result.stderr
+        assert PASSWORD not in result.stderr + result.stdout
+
+
+def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
+    locked_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a wrong password (or any refusal) makes every try to take the lease fail: the replica must not look like a
+    # healthy standby that waits for a leader, which may not exist
+    wrong_url = locked_redis.url.replace(PASSWORD, "not-" + PASSWORD)
+    replica = Replica(sync_client(wrong_url, 1.0), PollerKeys(QUEUE), "r0", 3.0, PollCancel(threading.Event()))
+    with caplog.at_level("DEBUG"):
+        for _ in range(3):
+            replica.tick()
+    assert replica.role == "standby"
+    loud = [r for r in caplog.records if r.levelno >= 30]
+    assert loud, "only debug lines: " + "; ".join(r.getMessage() for r in caplog.records)
+    assert all(PASSWORD not in r.getMessage() for r in caplog.records)
