@@ -598,3 +598,23 @@ def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
     loud = [r for r in caplog.records if r.levelno >= 30]
     assert loud, "only debug lines: " + "; ".join(r.getMessage() for r in caplog.records)
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+
+
+def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: RedisServer, tmp_path: Path) -> None:
+    # a pauses past its lease mid-page; b takes over (token 2) and stops; a wakes, its lease thread steps down and
+    # takes the lease again at once (token 3) and clears the cancel, all in one tick, before the poll thread looks.
+    # The page a read under token 1 must not be committed under token 3: b moved the dedup keys meanwhile
+    with members(redis, tmp_path, 2) as (a, b):
+        a.replica.tick()
+        a.state.ensure_stream("scores", 100.0, [60.0])
+        with pytest.raises(Deposed), a.state.write() as tx:
+            tx.remember("scores", [synthesis("s:1", version="1")])
+            tx.set_head("scores", 200.0)
+            sync_client(redis.url, 1.0).delete(PollerKeys(QUEUE).lease)
+            b.replica.tick()
+            with b.state.write() as newer:
+                newer.remember("scores", [synthesis("s:1", version="2")])
+            b.replica.close()
+            a.replica.tick()
+            assert a.replica.token() == 3 and not a.replica.cancel.is_set()
+        assert b.state.seen_states(["s:1"]) == {"s:1": Seen("2")}, "the stale page overwrote the newer dedup key"
