@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .durations import format_duration
+from .errors import StateError
 from .store import StreamState
 
 if TYPE_CHECKING:
@@ -95,8 +96,8 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
                 for s in silence_book(config, store).list(now=now)
                 if s.active(now)
             ]
-        except Exception as exc:  # Redis unreachable: the rest of the report still stands
-            report["silences_error"] = f"cannot read the silences from {config.queue.display_url}: {exc}"
+        except StateError as exc:  # Redis unreachable (the error names its redacted URL): the rest still stands
+            report["silences_error"] = str(exc)
         by_target = store.pending_by_target()
         report["queue"] = {"pending": sum(by_target.values()), "by_target": by_target}
         report["dead_letters"] = store.dead_letter_count()

@@ -576,3 +576,67 @@ def test_a_nodejs_bullmq_worker_consumes_the_jobs_unchanged(
         assert job["dataId"] == job["id"] and job["name"] == job["event"] == job["id"].split(":")[0]
         assert job["projectId"] == PROJECT_ID
     assert {job["state"] for job in jobs_in(redis).values()} == {"completed"}
+
+
+def test_a_retried_job_counts_its_silenced_match_once(redis: RedisServer) -> None:
+    # one event, a silenced rule and a notifier that fails twice: BullMQ runs the job three times, and the silence
+    # silenced one match, not three
+    from langfuse_poller.alerting.silences import Silences, add_silence, silence_book
+    from langfuse_poller.queue_worker import Dispatcher, JobProcessor, TargetFailed
+
+    config = parse_config(
+        {
+            **KEYS,
+            "queue": {"backend": "redis", "url": redis.url},
+            "rules": [
+                {"name": "noisy", "events": ["trace.*"], "notify": ["muted"]},
+                {"name": "archive", "events": ["trace.*"], "notify": ["flaky"]},
+            ],
+            "notifiers": {
+                "muted": {"type": "webhook", "url": "http://127.0.0.1:9/muted"},
+                "flaky": {"type": "webhook", "url": "http://127.0.0.1:9/flaky"},
+            },
+        },
+        "t",
+    )
+    book = silence_book(config, None)
+    add_silence(book, "noisy", duration=3600, now=time.time())
+    silences = Silences(book)
+    router = Router(config.rules, Registry(), "t", silences=silences)
+
+    class Flaky:
+        concurrent = True
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def send(self, event: Event) -> None:
+            self.calls += 1
+            if self.calls < 3:
+                raise DeliveryError("503 from the receiver")
+
+        def close(self) -> None:
+            pass
+
+    flaky = Flaky()
+    processor = JobProcessor(router, Dispatcher({"notifier:flaky": flaky}))  # type: ignore[dict-item]
+    event = make_test_event("trace.created")
+
+    class Job:
+        id = event.id
+        data = event.envelope()
+        progress: Any = 0
+
+        async def updateProgress(self, progress: Any) -> None:
+            self.progress = progress
+
+    job = Job()
+    for _attempt in range(3):
+        try:
+            asyncio.run(processor(job, "token"))
+        except TargetFailed:
+            continue
+    assert flaky.calls == 3
+    silences.flush_counts()
+    (silence,) = book.list()
+    assert silence.matched == 1, f"one event silenced, counted {silence.matched} times"

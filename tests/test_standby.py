@@ -25,6 +25,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -530,3 +531,90 @@ def test_absence_rules_follow_the_leader_and_stand_still_on_a_standby(redis: Red
         fired = [n["event"] for n in read_jsonl(tmp_path / "a-alerts.jsonl")]
         assert fired == ["rule.firing"], "the leader measures progress by the shared watermark"
         assert read_jsonl(tmp_path / "b-alerts.jsonl") == [], "the standby's absence rule stood still"
+
+
+@pytest.mark.parametrize("standby_lookback", ["10m", "2m"])
+def test_a_standby_with_other_poll_ages_leaves_the_leaders_sweeps_alone(
+    redis: RedisServer, tmp_path: Path, standby_lookback: str
+) -> None:
+    """A replica that only waits must not rewrite the shared sweep watermarks: in a rolling deploy that shortens
+    `lookback`, the new standby's start used to drop the leader's 10m sweep, which then restarted at the head and
+    never read a record that became visible five minutes late."""
+    clock = Clock()
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+
+        def start(name: str, lookback: str) -> Any:
+            config = make_config(
+                fake,
+                tmp_path / name,
+                poll={"lookback": lookback},
+                queue={"backend": "redis", "url": redis.url, "name": QUEUE, "standby": True, "replica": name},
+            )
+            return stack.enter_context(runtime_for(config, clock))
+
+        a = start("a", "10m")
+        assert a.replica is not None
+        a.replica.tick()
+        assert a.replica.role == "leader"
+        for _ in range(3):
+            clock.advance(60)
+            assert not a.poller.poll_once().errors
+        late = fake.add_trace(start_time=datetime.fromtimestamp(clock.now - 30, UTC), visible_after=300)
+        late_id = f"trace.created:{late[0]['traceId']}"
+        b = start("b", standby_lookback)
+        assert b.replica is not None
+        b.replica.tick()
+        assert b.replica.role == "standby"
+        for _ in range(12):
+            clock.advance(60)
+            assert not a.poller.poll_once().errors
+        assert late_id in jobs_in(redis), "the leader's 10m sweep never read the late record"
+
+
+def test_silence_commands_with_a_wrong_redis_password_fail_with_a_message(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+) -> None:
+    wrong = RedisServer(locked_redis.directory, durable=False, password="not-" + PASSWORD)
+    wrong.port = locked_redis.port
+    path = standby_config(tmp_path, langfuse, wrong, "a")
+    for args in (("list",), ("add", "--rule", "all", "--for", "1h"), ("expire", "1")):
+        result = cli("silence", *args, "--config", path)
+        assert result.returncode == 1, str(result)
+        assert "Traceback" not in result.stderr and "error:" in result.stderr, result.stderr
+        assert PASSWORD not in result.stderr + result.stdout
+
+
+def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
+    locked_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a wrong password (or any refusal) makes every try to take the lease fail: the replica must not look like a
+    # healthy standby that waits for a leader, which may not exist
+    wrong_url = locked_redis.url.replace(PASSWORD, "not-" + PASSWORD)
+    replica = Replica(sync_client(wrong_url, 1.0), PollerKeys(QUEUE), "r0", 3.0, PollCancel(threading.Event()))
+    with caplog.at_level("DEBUG"):
+        for _ in range(3):
+            replica.tick()
+    assert replica.role == "standby"
+    loud = [r for r in caplog.records if r.levelno >= 30]
+    assert loud, "only debug lines: " + "; ".join(r.getMessage() for r in caplog.records)
+    assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+
+
+def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: RedisServer, tmp_path: Path) -> None:
+    # a pauses past its lease mid-page; b takes over (token 2) and stops; a wakes, its lease thread steps down and
+    # takes the lease again at once (token 3) and clears the cancel, all in one tick, before the poll thread looks.
+    # The page a read under token 1 must not be committed under token 3: b moved the dedup keys meanwhile
+    with members(redis, tmp_path, 2) as (a, b):
+        a.replica.tick()
+        a.state.ensure_stream("scores", 100.0, [60.0])
+        with pytest.raises(Deposed), a.state.write() as tx:
+            tx.remember("scores", [synthesis("s:1", version="1")])
+            tx.set_head("scores", 200.0)
+            sync_client(redis.url, 1.0).delete(PollerKeys(QUEUE).lease)
+            b.replica.tick()
+            with b.state.write() as newer:
+                newer.remember("scores", [synthesis("s:1", version="2")])
+            b.replica.close()
+            a.replica.tick()
+            assert a.replica.token() == 3 and not a.replica.cancel.is_set()
+        assert b.state.seen_states(["s:1"]) == {"s:1": Seen("2")}, "the stale page overwrote the newer dedup key"

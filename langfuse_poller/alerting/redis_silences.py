@@ -9,11 +9,13 @@ Silences that ended more than `KEEP_ENDED` ago are dropped when the list is read
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any
 
 from ..config import QueueConfig
+from ..errors import StateError
 from ..redis_queue import sync_client
 from .silences import Silence
 
@@ -26,42 +28,56 @@ class RedisSilenceBook:
     def __init__(self, queue: QueueConfig, timeout: float) -> None:
         self.client = sync_client(queue.url, timeout)
         self.key = f"{queue.name}:silences"
+        self.where = queue.display_url
+
+    @contextmanager
+    def _redis(self, what: str) -> Iterator[None]:
+        """A Redis error as a StateError: `silence` prints it as a one-line error, not a traceback."""
+        try:
+            yield
+        except Exception as exc:
+            raise StateError(
+                f"cannot {what} the silences in Redis at {self.where}: {exc or type(exc).__name__}"
+            ) from None
 
     def add(self, silence: Silence) -> Silence:
-        silence = replace(silence, id=int(self.client.incr(f"{self.key}:id")), matched=0)
-        fields = asdict(silence)
-        del fields["id"], fields["matched"]
-        self.client.hset(self.key, str(silence.id), json.dumps(fields))
-        return silence
+        with self._redis("keep"):
+            silence = replace(silence, id=int(self.client.incr(f"{self.key}:id")), matched=0)
+            fields = asdict(silence)
+            del fields["id"], fields["matched"]
+            self.client.hset(self.key, str(silence.id), json.dumps(fields))
+            return silence
 
     def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
-        stored: dict[str, str] = self.client.hgetall(self.key)
-        matched: dict[str, str] = self.client.hgetall(f"{self.key}:matched")
-        found = []
-        for key, text in stored.items():
-            fields: dict[str, Any] = json.loads(text)
-            silence = Silence(id=int(key), matched=int(matched.get(key, 0)), **fields)
-            if now is not None and silence.ends_at < now - KEEP_ENDED:
-                self.client.hdel(self.key, key)
-                self.client.hdel(f"{self.key}:matched", key)
-                continue
-            if (now is None or silence.ends_at > now) and (ids is None or silence.id in ids):
-                found.append(silence)
-        return sorted(found, key=lambda s: s.id)
+        with self._redis("read"):
+            stored: dict[str, str] = self.client.hgetall(self.key)
+            matched: dict[str, str] = self.client.hgetall(f"{self.key}:matched")
+            found = []
+            for key, text in stored.items():
+                fields: dict[str, Any] = json.loads(text)
+                silence = Silence(id=int(key), matched=int(matched.get(key, 0)), **fields)
+                if now is not None and silence.ends_at < now - KEEP_ENDED:
+                    self.client.hdel(self.key, key)
+                    self.client.hdel(f"{self.key}:matched", key)
+                    continue
+                if (now is None or silence.ends_at > now) and (ids is None or silence.id in ids):
+                    found.append(silence)
+            return sorted(found, key=lambda s: s.id)
 
     def expire(self, silence_id: int, now: float) -> bool:
-        text = self.client.hget(self.key, str(silence_id))
-        if text is None:
-            return False
-        fields = json.loads(text)
-        if fields["ends_at"] <= now:
-            return False
-        # a silence is written by one command at a time: a lost race between two expires ends it twice, harmlessly
-        self.client.hset(self.key, str(silence_id), json.dumps({**fields, "ends_at": now}))
-        return True
+        with self._redis("expire one of"):
+            text = self.client.hget(self.key, str(silence_id))
+            if text is None:
+                return False
+            fields = json.loads(text)
+            if fields["ends_at"] <= now:
+                return False
+            # a silence is written by one command at a time: a lost race between two expires ends it twice, harmlessly
+            self.client.hset(self.key, str(silence_id), json.dumps({**fields, "ends_at": now}))
+            return True
 
     def count(self, matched: Mapping[int, int]) -> None:
-        with self.client.pipeline(transaction=False) as pipe:
+        with self._redis("count the matches of"), self.client.pipeline(transaction=False) as pipe:
             for silence_id, count in matched.items():
                 pipe.hincrby(f"{self.key}:matched", str(silence_id), count)
             pipe.execute()

@@ -94,6 +94,7 @@ class Lease:
         # until when this process may act as the holder, by its own clock: from the moment it *sent* the last
         # successful acquire or renew, so that Redis's expiry (counted from when it received it) is later still
         self._valid_until = 0.0
+        self._unanswered = False  # the last acquire failed: the next failure is not worth a warning again
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
@@ -116,8 +117,15 @@ class Lease:
         try:
             token, value, ttl = self._acquire(keys=[self.keys.lease, self.keys.token], args=[self.replica, self._ms])
         except Exception as exc:
-            log.debug("lease: Redis did not answer the acquire: %s", exc)
+            # said once per outage, not every tick: a replica Redis refuses (a wrong password) can never take over,
+            # and must not pass for a standby that waits on purpose
+            level = logging.DEBUG if self._unanswered else logging.WARNING
+            log.log(level, "lease: Redis did not answer the acquire, this replica cannot take over: %s", exc)
+            self._unanswered = True
             return None
+        if self._unanswered:
+            log.info("lease: Redis answers again")
+            self._unanswered = False
         token = int(token)
         if token == 0:
             return parse_holder(str(value), int(ttl))
