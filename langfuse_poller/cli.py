@@ -206,10 +206,11 @@ def cmd_once(args: argparse.Namespace) -> int:
                 return EXIT_FAILED
             # a long catch-up outlives the lease: renew it meanwhile, until `close` sets `cancel`
             runtime.replica.start(runtime.cancel)
-        runtime.poller.start_streams()
-        runtime.alerter.start()
         try:
-            result = runtime.poller.poll_once(force_sweeps=True)
+            with runtime.term():
+                runtime.poller.start_streams()
+                runtime.alerter.start()
+                result = runtime.poller.poll_once(force_sweeps=True)
         except Cancelled:
             # only a lost lease cancels a poll here; what this one committed stays, for whoever leads next
             print("error: the poller lease was lost mid-poll (taken over, or not renewed in time)", file=sys.stderr)

@@ -44,6 +44,8 @@ class Daemon:
         self.runtime = runtime
         self.stopping = threading.Event()
         self._poll_done = threading.Event()
+        # the leadership term (token) the shared streams were last shaped in; None: no standby, streams made at run
+        self._streams_term: int | None = None
         self._poll_done.set()
         self._reload = threading.Event()
         self._scheduler: Any = None
@@ -62,7 +64,12 @@ class Daemon:
         result: PollResult | None = None
         failure: str | None = None
         try:
-            result = self.runtime.poller.poll_once()
+            with self.runtime.term() as term:
+                if term != self._streams_term:
+                    # a new leader shapes the shared streams (their sweep tiers) by its config, under its token
+                    self.runtime.poller.start_streams()
+                    self._streams_term = term
+                result = self.runtime.poller.poll_once()
         except Cancelled:
             return
         except Exception as exc:
@@ -125,12 +132,13 @@ class Daemon:
         if runtime.config.webhook.enabled:
             runtime.start_receiver()  # first: a port in use stops the start before anything runs
         try:
+            # a standby only seeds its local copy of the heads: the shared streams are the leader's to shape, at
+            # its first poll (poll_job)
             runtime.poller.start_streams()
         except LangfusePollerError as exc:
             if runtime.replica is None:
                 raise
-            # shared state in a Redis that is not up yet: the first poll as leader creates it
-            log.warning("the shared poll state could not be created yet: %s", exc)
+            log.warning("the shared poll state could not be read yet: %s", exc)
         runtime.alerter.start()
         scheduler = BackgroundScheduler(
             timezone=UTC,

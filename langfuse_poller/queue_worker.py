@@ -104,19 +104,25 @@ def _delivered_before(progress: Any) -> set[str]:
 class JobProcessor:
     """The bullmq processor: one job, one event, its handler and notifier targets."""
 
-    def __init__(self, router: Router, dispatcher: Dispatcher) -> None:
+    def __init__(self, router: Router, dispatcher: Dispatcher, concurrency: int = 1) -> None:
         self.router = router
         self.dispatcher = dispatcher
         self.processed = 0
+        # a thread per job in flight, of its own: asyncio's default pool (cpu_count + 4 threads) would cap
+        # --concurrency at 6 on 2 cores, and Redis's host lookups, which use that pool, would wait behind jobs
+        self.threads = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job")
 
     async def __call__(self, job: Any, token: str) -> dict[str, Any]:
         from bullmq.custom_errors import UnrecoverableError
 
         event = Event.from_envelope(job.data)
         done = _delivered_before(job.progress)
-        wanted = [name for name in self.router.direct_targets(event) if name not in done]
+        # a retry's silenced matches were counted at the first attempt
+        targets = self.router.direct_targets(event, count_silenced=not job.attemptsMade)
+        wanted = [name for name in targets if name not in done]
         # handlers and notifiers block (HTTP, files, user code): off the loop, so that locks are renewed meanwhile
-        outcomes = await asyncio.to_thread(self.dispatcher.deliver, event, wanted)
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(self.threads, self.dispatcher.deliver, event, wanted)
         done.update(name for name, error in outcomes.items() if error is None)
         failures = {name: error for name, error in outcomes.items() if error is not None}
         self.processed += 1
@@ -186,10 +192,7 @@ async def _work(
             loop.add_signal_handler(signum, stopping.set)
     if stop is not None:
         threading.Thread(target=lambda: (stop.wait(), loop.call_soon_threadsafe(stopping.set)), daemon=True).start()
-    # jobs run their targets in threads: one per job in flight (asyncio's default pool is cpu_count + 4, which
-    # would cap --concurrency at 6 on a 2-core machine)
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="job"))
-    processor = JobProcessor(router, dispatcher)
+    processor = JobProcessor(router, dispatcher, concurrency)
     worker = Worker(
         config.queue.name,
         processor,
@@ -217,5 +220,6 @@ async def _work(
     await _flush_silence_counts(router, stopping)
     log.info("stopping: finishing the jobs in flight")
     await worker.close()
+    processor.threads.shutdown(wait=True)
     log.info("stopped after %d jobs", processor.processed)
     return 0

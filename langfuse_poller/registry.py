@@ -130,6 +130,8 @@ class SilenceCheck(Protocol):
 
     def match(self, rule: str, envelope: Mapping[str, Any]) -> object: ...
 
+    def covers(self, rule: str, envelope: Mapping[str, Any]) -> bool: ...
+
 
 class Router:
     """Routes events to targets: matching handlers of a registry, and the notifiers or alert groups of matching
@@ -170,11 +172,13 @@ class Router:
             return [*alerts, self.queue]
         return ordered
 
-    def direct_targets(self, event: Event) -> list[str]:
-        """The handlers and notifiers of one event, without alert groups: what a queue worker delivers."""
-        return self._route(event)[1]
+    def direct_targets(self, event: Event, *, count_silenced: bool = True) -> list[str]:
+        """The handlers and notifiers of one event, without alert groups: what a queue worker delivers. A retry
+        of the same delivery routes with `count_silenced=False`: its silenced matches were counted the first
+        time."""
+        return self._route(event, count_silenced)[1]
 
-    def _route(self, event: Event) -> tuple[list[str], list[str], list[str]]:
+    def _route(self, event: Event, count_silenced: bool = True) -> tuple[list[str], list[str], list[str]]:
         """(all targets in rule order, handler and notifier targets, alert group targets) of one event, each once."""
         handlers, rules = self._candidates(event.type)
         ordered = list(handlers)
@@ -195,7 +199,8 @@ class Router:
                 continue
             if self.silences is not None and self.silences.mutes(rule.name):
                 envelope = envelope or event.envelope()
-                if self.silences.match(rule.name, envelope):
+                silence = self.silences.match if count_silenced else self.silences.covers
+                if silence(rule.name, envelope):
                     continue
             notifiers = [f"notifier:{name}" for name in rule.notify]
             direct.extend(notifiers)

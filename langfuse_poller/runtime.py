@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -118,6 +119,10 @@ class Runtime:
             on_commit=on_commit or worker.kick,
         )
         return cls(config, store, router, reader, poller, worker, alerter, cancel, None, replica, shared, jobs)
+
+    def term(self) -> AbstractContextManager[int | None]:
+        """Around one poll: with standby pollers, pins the fencing token the poll runs under (None without)."""
+        return self.shared.term() if self.shared is not None else nullcontext()
 
     def start_receiver(self) -> WebhookReceiver:
         """Receive Langfuse's webhooks (`[webhook]`) into this store and router, in the background; `close`

@@ -618,3 +618,39 @@ def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: Re
             a.replica.tick()
             assert a.replica.token() == 3 and not a.replica.cancel.is_set()
         assert b.state.seen_states(["s:1"]) == {"s:1": Seen("2")}, "the stale page overwrote the newer dedup key"
+
+
+def test_a_redis_that_lost_the_poll_state_resumes_from_the_leaders_last_head(
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Redis restarted without its data: starting again at `[poll] start` ("now") would skip what came meanwhile
+    clock = Clock()
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        config = make_config(
+            fake,
+            tmp_path / "a",
+            queue={"backend": "redis", "url": redis.url, "name": QUEUE, "standby": True, "replica": "a"},
+            notifiers={"file": {"type": "jsonl", "path": str(tmp_path / "events.jsonl")}},
+            rules=[{"name": "all", "events": ["trace.*"], "notify": ["file"]}],
+        )
+        a = stack.enter_context(runtime_for(config, clock))
+        assert a.replica is not None and a.shared is not None
+        a.replica.tick()
+        clock.advance(60)
+        with a.term():
+            a.poller.start_streams()
+            assert not a.poller.poll_once().errors
+        head = a.shared.stream("observations")
+        assert head is not None and abs(head.head - clock.now) < 0.001
+        assert "has no poll state" not in caplog.text, "a first start is no loss"
+        sync_client(redis.url, 1.0).flushall()
+        clock.advance(60)
+        (late,) = fake.add_trace(start_time=datetime.fromtimestamp(clock.now - 30, UTC))
+        a.replica.tick()  # the lease went with the data: lost, then taken again
+        assert a.replica.role == "leader"
+        with a.term():
+            a.poller.start_streams()
+            assert not a.poller.poll_once().errors
+        assert "has no poll state for observations" in caplog.text
+        jobs = list(jobs_in(redis))
+        assert f"trace.created:{late['traceId']}" in jobs, f"the trace that came meanwhile was read: {jobs}"

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import StateError
@@ -76,14 +77,17 @@ for _, op in ipairs(cjson.decode(ARGV[3])) do
 end
 return {1, current}
 """
-# KEYS: streams set, stream hash, sweeps hash; ARGV: stream, start, ages... Creates what is missing, drops
-# tiers no longer configured; a new tier starts at the head (it re-reads what comes from now on).
+# KEYS: streams set, stream hash, sweeps hash, token; ARGV: stream, start, our token, ages... Creates what is
+# missing, drops tiers no longer configured; a new tier starts at the head (it re-reads what comes from now on).
+# Fenced like a commit (0 when a later token was issued): the tiers are the leader's, whose config they follow;
+# a standby with other ages must not drop a tier the leader still reads.
 ENSURE = """
+if redis.call('GET', KEYS[4]) ~= ARGV[3] then return 0 end
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('HSETNX', KEYS[2], 'head', ARGV[2])
 local head = redis.call('HGET', KEYS[2], 'head')
 local wanted = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   wanted[ARGV[i]] = true
   redis.call('HSETNX', KEYS[3], ARGV[i], head)
 end
@@ -221,6 +225,8 @@ class SharedPollState:
         self.on_deposed = on_deposed
         self.clock = clock
         self.where = where
+        # the token a poll began under (`term`): its pages commit under that token or not at all
+        self._term: int | None = None
         self._commit = client.register_script(COMMIT)
         self._ensure = client.register_script(ENSURE)
         self._prune = client.register_script(PRUNE)
@@ -276,9 +282,33 @@ class SharedPollState:
     # writes that need no fencing: they only create, or only drop what every watermark has passed
 
     def ensure_stream(self, name: str, start: float, ages: Sequence[float]) -> None:
-        keys = [self.keys.streams, self.keys.stream(name), self.keys.sweeps(name)]
-        args = [name, number(start), *(age_field(age) for age in ages)]
-        self._call("create the stream state", self._ensure, keys=keys, args=args)
+        """As the leader: create the shared stream and shape its sweep tiers by this config, under the token. As a
+        standby: only seed the local copy of the head (the alert groups' progress), and leave the shared state
+        alone, whose tiers follow the leader's config."""
+        try:
+            token = self._check_token()
+        except Deposed:
+            if self.local is not None:
+                state = self.stream(name)
+                self.local.ensure_stream(name, state.head if state is not None else start, ages)
+            return
+        local = self.local.stream(name) if self.local is not None else None
+        if local is not None and local.last_poll_at is not None and self.stream(name) is None:
+            # this replica polled the stream before (as leader, or on the SQLite backend), yet Redis has no state
+            # for it: Redis lost its data, or the state moves there now. Going on from the head this replica last
+            # committed re-reads rather than skips; starting at `[poll] start` could skip records or repeat all
+            log.error(
+                "%s has no poll state for %s, which this replica last committed up to %s: going on from there",
+                self.where,
+                name,
+                datetime.fromtimestamp(local.head, UTC).isoformat(),
+            )
+            start = local.head
+        keys = [self.keys.streams, self.keys.stream(name), self.keys.sweeps(name), self.keys.token]
+        args = [name, number(start), token, *(age_field(age) for age in ages)]
+        if not int(self._call("create the stream state", self._ensure, keys=keys, args=args)):
+            self.on_deposed(token)
+            raise Deposed()
         state = self.stream(name)
         if self.local is not None and state is not None:
             self.local.ensure_stream(name, state.head, ages)
@@ -312,11 +342,25 @@ class SharedPollState:
             self.local.record_poll(stream, error=error, now=now)
 
     @contextmanager
+    def term(self) -> Iterator[int]:
+        """Pin the token this replica leads under for one poll: what the poll read (dedup keys, watermarks)
+        belongs to that term, so if the replica loses the lease and takes it again meanwhile (a new token), the
+        rest of the poll is refused rather than committed under the new token over another leader's writes."""
+        self._term = self._check_token()
+        try:
+            yield self._term
+        finally:
+            self._term = None
+
+    @contextmanager
     def write(self, now: float | None = None) -> Iterator[SharedTransaction]:
         """Collect a page's writes; on a clean exit, commit them in the order of the module docstring."""
+        opened_under = self._check_token()
         tx = SharedTransaction(self, self.clock() if now is None else now)
         yield tx
-        self._check_token()  # a cheap refusal before anything is written on behalf of a deposed leader
+        # a cheap refusal before anything is written on behalf of a deposed leader, or of an older term
+        if self._check_token() != opened_under:
+            raise Deposed()
         if tx.local or tx.bad:
             if self.local is None:
                 raise StateError("this shared poll state is read-only: it has no local outbox")
@@ -357,7 +401,7 @@ class SharedPollState:
 
     def _check_token(self) -> int:
         token = self.token()
-        if token is None:
+        if token is None or (self._term is not None and token != self._term):
             raise Deposed()
         return token
 
