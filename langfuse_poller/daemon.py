@@ -163,7 +163,6 @@ class Daemon:
             # its own thread, not a scheduler job: a reload pauses the jobs, and a lease must never wait for it
             runtime.replica.on_acquired = self._poll_now
             runtime.replica.start(self.stopping)
-        if runtime.replica is not None:
             log.info(
                 "replica %s: standby poller sharing the lease at %s (queue %s, lease %s)",
                 runtime.replica.name,

@@ -643,3 +643,21 @@ def test_a_retried_job_counts_its_silenced_match_once(redis: RedisServer) -> Non
     silences.flush_counts()
     (silence,) = book.list()
     assert silence.matched == 1, f"one event silenced, counted {silence.matched} times"
+
+
+def test_redis_silences_that_ended_a_week_ago_are_dropped_when_one_is_added(redis: RedisServer) -> None:
+    from langfuse_poller.alerting.redis_silences import KEEP_ENDED, RedisSilenceBook
+    from langfuse_poller.alerting.silences import add_silence
+
+    book = RedisSilenceBook(QueueConfig(backend="redis", url=redis.url), 2.0)
+    try:
+        now = time.time()
+        old = add_silence(book, "noisy", duration=60, now=now - KEEP_ENDED - 120)
+        recent = add_silence(book, "noisy", duration=60, now=now - 3600)
+        book.count({old.id: 2, recent.id: 3})
+        assert [s.id for s in book.list()] == [old.id, recent.id], "kept until the next add"
+        assert book.list(now=now) == [], "both ended"
+        current = add_silence(book, "noisy", duration=60, now=now)
+        assert [(s.id, s.matched) for s in book.list()] == [(recent.id, 3), (current.id, 0)]
+    finally:
+        book.close()

@@ -3,7 +3,8 @@ same ones, and `silence add` on any machine with the config reaches them all.
 
 Keys beside the queue's: `<queue>:silences` (hash: id -> the silence as JSON), `<queue>:silences:id` (the last
 id given, INCR) and `<queue>:silences:matched` (hash: id -> matches silenced, HINCRBY from every process).
-Silences that ended more than `KEEP_ENDED` ago are dropped when the list is read.
+Silences that ended more than `KEEP_ENDED` ago are dropped when one is added (not when the list is read, which
+every process does each second).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class RedisSilenceBook:
             fields = asdict(silence)
             del fields["id"], fields["matched"]
             self.client.hset(self.key, str(silence.id), json.dumps(fields))
+            old = [str(s.id) for s in self.list() if s.ends_at < silence.created_at - KEEP_ENDED]
+            if old:
+                self.client.hdel(self.key, *old)
+                self.client.hdel(f"{self.key}:matched", *old)
             return silence
 
     def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
@@ -56,10 +61,6 @@ class RedisSilenceBook:
             for key, text in stored.items():
                 fields: dict[str, Any] = json.loads(text)
                 silence = Silence(id=int(key), matched=int(matched.get(key, 0)), **fields)
-                if now is not None and silence.ends_at < now - KEEP_ENDED:
-                    self.client.hdel(self.key, key)
-                    self.client.hdel(f"{self.key}:matched", key)
-                    continue
                 if (now is None or silence.ends_at > now) and (ids is None or silence.id in ids):
                     found.append(silence)
             return sorted(found, key=lambda s: s.id)
