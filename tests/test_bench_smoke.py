@@ -131,9 +131,9 @@ def test_redis_workers() -> None:
         pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
     redis_workers = load("redis_workers")
     f = redis_workers.main(
-        ["--events", "300", "--webhook-events", "40", "--workers", "1,2", "--webhook-concurrency", "1"]
+        ["--events", "300", "--webhook-events", "40", "--workers", "2", "--webhook-concurrency", "2"]
     )
-    assert len(f.rows) == 4
+    assert len(f.rows) == 2
     for row in f.rows:
         assert row.completed == row.events and row.exactly_once, row
         assert row.rate > 0 and row.worker_cpu > 0, row
