@@ -47,9 +47,9 @@ class Event:
         return {
             "id": self.id,
             "event": self.type,
-            "timestamp": format_time(self.timestamp),
+            "timestamp": _format_utc(self.timestamp),
             "source": self.source,
-            "data": dict(self.data),
+            "data": self.data if type(self.data) is dict else dict(self.data),
         }
 
     def to_json(self) -> str:
@@ -75,6 +75,23 @@ class Event:
         event = cls.from_envelope(orjson.loads(text))
         object.__setattr__(event, "json_text", text)
         return event
+
+
+def _parse_utc(text: str) -> datetime:
+    """parse_time, with a fast path for the form the API sends ("...Z"): a catch-up parses two per record."""
+    if text[-1:] == "Z":
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass
+    return parse_time(text)
+
+
+def _format_utc(moment: datetime) -> str:
+    """format_time, about a third cheaper: every event's envelope has one."""
+    if moment.tzinfo is not UTC:
+        return format_time(moment)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class MalformedRecord(ValueError):
@@ -105,7 +122,7 @@ def record_version(record: Mapping[str, Any]) -> str:
     if not isinstance(stamp, str):
         return "0"
     try:
-        return str(int(parse_time(stamp).timestamp() * 1000))
+        return str(int(_parse_utc(stamp).timestamp() * 1000))
     except ValueError:
         return "0"
 
@@ -130,7 +147,7 @@ def _required_time(record: Mapping[str, Any], field: str) -> datetime:
     if not isinstance(value, str):
         raise MalformedRecord(f"field {field!r} must be an RFC 3339 time, found {value!r}")
     try:
-        return parse_time(value)
+        return _parse_utc(value)
     except ValueError:
         raise MalformedRecord(f"field {field!r} must be an RFC 3339 time, found {value!r}") from None
 
