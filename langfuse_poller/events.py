@@ -197,10 +197,19 @@ class EventFactory:
         start = _required_time(record, "startTime")
         level = record.get("level") or "DEFAULT"
         version = record_version(record)
-        url = self.trace_url(project_id, trace_id)
         is_root = bool(record.get("isRootObservation")) or (
             record.get("isRootObservation") is None and not record.get("parentObservationId")
         )
+        # an error or warning yields one update when first seen at that level; a root yields one per new version
+        became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
+        root_moved = is_root and previous is not None and version != previous.version
+        created = previous is None and (is_root or obs_type == "GENERATION" or self.observation_created())
+        if not (created or became_error or root_moved):
+            # most observations of a trace are spans that yield nothing: only what the dedup key needs
+            return Synthesis(
+                key=KEY_PREFIXES["observations"] + obs_id, timestamp=start, seen=Seen(version, level), events=()
+            )
+        url = self.trace_url(project_id, trace_id)
         common = {
             "projectId": project_id,
             "traceId": trace_id,
@@ -252,9 +261,6 @@ class EventFactory:
                     f"observation.created:{obs_id}",
                     {**common, "type": obs_type, "parentObservationId": record.get("parentObservationId")},
                 )
-        # an error or warning yields one update when first seen at that level; a root yields one per new version
-        became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
-        root_moved = is_root and previous is not None and version != previous.version
         if became_error or root_moved:
             add(
                 "trace.updated",

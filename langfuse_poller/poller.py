@@ -314,6 +314,10 @@ class Poller:
         keep_keys = state is None or any(
             _moved(tier, watermark, start, end, read_at, age) < end for tier, watermark in state.sweeps.items()
         )
+        # nor, when no key lies in the slice (its first read: no earlier read of it kept any), does it need to
+        # look keys up. A store without `any_seen` (it is optional) is always asked
+        any_seen = getattr(self.store, "any_seen", None)
+        look_up = keep_keys or any_seen is None or bool(any_seen(stream, start, end))
         pages = 0
         # consecutive pages share a write transaction, up to COMMIT_PAGES pages or COMMIT_SECONDS: each commit
         # writes every B-tree page its inserts touched, and the event ids land at random places in their index,
@@ -323,7 +327,7 @@ class Poller:
         try:
             for page in self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end)):
                 pages += 1
-                prepared = self._prepare_page(stream, page, keep_keys=keep_keys)
+                prepared = self._prepare_page(stream, page, keep_keys=keep_keys, look_up=look_up)
                 if group is None:
                     group = contextlib.ExitStack()
                     tx = group.enter_context(self.store.write())
@@ -351,12 +355,12 @@ class Poller:
         pages = self.reader.observations(start, end) if stream == "observations" else self.reader.scores(start, end)
         return prefetched(pages)
 
-    def _prepare_page(self, stream: str, page: Page, *, keep_keys: bool = True) -> PreparedPage:
+    def _prepare_page(self, stream: str, page: Page, *, keep_keys: bool = True, look_up: bool = True) -> PreparedPage:
         """The events of a page and their targets, what to remember (when `keep_keys`), and what cannot be
-        parsed."""
+        parsed. `look_up` False: no record of the page has a dedup key."""
         keys = [record_key(stream, record) for record in page.records]
-        # a read outside the write transaction is safe: only this poller writes `seen`, one page at a time
-        previous = self.store.seen_states([key for key in keys if key])
+        # only this poller writes `seen`: what it reads is what its own transaction (if one is open) wrote
+        previous = self.store.seen_states([key for key in keys if key]) if look_up else {}
         prepared = PreparedPage()
         for record, key in zip(page.records, keys, strict=True):
             try:

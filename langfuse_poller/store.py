@@ -496,6 +496,15 @@ class Store:
         rows = self._conn().execute("SELECT key, value, updated_at FROM facts WHERE key LIKE ?", (READ_PATH_KEY + "%",))
         return {key.removeprefix(READ_PATH_KEY): (path, since) for key, path, since in rows}
 
+    def any_seen(self, stream: str, start: float, end: float) -> bool:
+        """Whether any dedup key of `stream` lies in [start, end) (a read, outside any write transaction)."""
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM seen WHERE stream = ? AND ts >= ? AND ts < ? LIMIT 1", (stream, start, end))
+            .fetchone()
+        )
+        return row is not None
+
     def prune_seen(self, stream: str, before: float) -> int:
         """Forget dedup keys of records older than any window will read again."""
         with self.write() as tx:
