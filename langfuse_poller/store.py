@@ -25,6 +25,8 @@ from .events import Event, Seen, Synthesis
 
 # the `facts` table holds what the state knows besides records, such as the read path each stream found
 READ_PATH_KEY = "read-path:"
+# rows per multi-row INSERT: 6 parameters each stays far below SQLite's limit on host parameters
+ROWS_PER_INSERT = 500
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema
@@ -248,23 +250,47 @@ class Transaction:
         return self.enqueue_many([(event, list(targets))]) == 1
 
     def enqueue_many(self, routed: Sequence[tuple[Event, Sequence[str]]]) -> int:
-        """Store events, each with one pending delivery per target, in two statements; how many were new.
+        """Store events, each with one pending delivery per target, in a few statements; how many were new.
 
         An event id already stored is not stored again, and gets no delivery it already has.
         """
-        before = self.conn.total_changes
+        stored: dict[str, int] = {}
+        for start in range(0, len(routed), ROWS_PER_INSERT):
+            chunk = routed[start : start + ROWS_PER_INSERT]
+            # RETURNING hands back the seq of each new event: its deliveries need no lookup by id
+            rows = self.conn.execute(
+                "INSERT OR IGNORE INTO events (id, type, ts, source, body, created_at) VALUES "
+                + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+                + " RETURNING id, seq",
+                [
+                    value
+                    for e, _ in chunk
+                    for value in (e.id, e.type, e.timestamp.timestamp(), e.source, e.to_json(), self.now)
+                ],
+            ).fetchall()
+            stored.update(rows)
         self.conn.executemany(
-            "INSERT OR IGNORE INTO events (id, type, ts, source, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.id, e.type, e.timestamp.timestamp(), e.source, e.to_json(), self.now) for e, _ in routed],
+            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [
+                (seq, target, self.now, e.timestamp.timestamp(), self.now)
+                for e, targets in routed
+                if (seq := stored.get(e.id)) is not None
+                for target in dict.fromkeys(targets)
+            ],
         )
-        added = self.conn.total_changes - before
+        # an event stored before (a re-read, a replay) may lack a delivery to a target added since
         self.conn.executemany(
             "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) "
             "SELECT seq, ?, ?, ts, ? FROM events WHERE id = ?",
-            [(target, self.now, self.now, e.id) for e, targets in routed for target in dict.fromkeys(targets)],
+            [
+                (target, self.now, self.now, e.id)
+                for e, targets in routed
+                if e.id not in stored
+                for target in dict.fromkeys(targets)
+            ],
         )
-        self.enqueued += added
-        return added
+        self.enqueued += len(stored)
+        return len(stored)
 
     def mark_done(self, ids: Sequence[int]) -> None:
         """Record deliveries as done, in one statement per 500."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from langfuse_poller import events
 from langfuse_poller.store import MIGRATIONS, Store
 
 
@@ -55,3 +56,25 @@ def test_migration_3_swaps_the_delivery_state_index_on_an_existing_state(tmp_pat
         store.close()
     # opening it again applies nothing twice
     Store(path).close()
+
+
+def test_enqueue_many_stores_each_event_once_and_adds_only_missing_deliveries(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    first = events.test_event("trace.created")
+    second = events.test_event("score.created")
+    try:
+        with store.write() as tx:
+            # the same event twice in one call: stored once, one delivery per target
+            assert tx.enqueue_many([(first, ["a"]), (second, ["a", "a"]), (first, ["a"])]) == 2
+        with store.write() as tx:
+            # a re-read: nothing new, but a target added since gets its delivery
+            assert tx.enqueue_many([(first, ["a", "b"]), (second, ["a"])]) == 0
+        assert sorted((target, state) for target, state, _, _ in store.deliveries_of(first.id)) == [
+            ("a", "pending"),
+            ("b", "pending"),
+        ]
+        assert [target for target, *_ in store.deliveries_of(second.id)] == ["a"]
+        stored = store.event(first.id)
+        assert stored is not None and stored.to_json() == first.to_json()
+    finally:
+        store.close()
