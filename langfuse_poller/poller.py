@@ -58,18 +58,22 @@ MAX_SLICE = 86400.0
 # how many pages of a slice, at most, one write transaction holds, and for how long
 COMMIT_PAGES = 10
 COMMIT_SECONDS = 0.5
+# how long a slice's open transaction waits for the next page before it commits
+PAGE_WAIT = 0.05
 # a stream whose head reads found at most this many records since the oldest due sweep's watermark is quiet:
 # its head and due sweeps are read with one request (half the smallest page, 100 scores or legacy records)
 QUIET_RECORDS = 50
 RECENT_READS = 1000
 
 
-def prefetched(pages: Iterator[Page]) -> Iterator[Page]:
+def prefetched(pages: Iterator[Page], on_wait: Callable[[], None] | None = None) -> Iterator[Page]:
     """The same pages, the next one requested while the current one is committed.
 
     The server's time to answer (and the network's) then overlaps the work on the page before, which in a
     catch-up is a third of the run. Errors arrive in order, after the pages before them; a consumer that stops
-    early stops the reading at the next page.
+    early stops the reading at the next page. `on_wait` is called (in the consumer's thread) when the next
+    page is not there within PAGE_WAIT: the consumer commits what it holds instead of keeping the write lock
+    through a slow answer or a rate-limit pause.
     """
     slots: queue.Queue[tuple[Page | None, BaseException | None]] = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -93,7 +97,12 @@ def prefetched(pages: Iterator[Page]) -> Iterator[Page]:
     reader.start()
     try:
         while True:
-            page, error = slots.get()
+            try:
+                page, error = slots.get(timeout=PAGE_WAIT)
+            except queue.Empty:
+                if on_wait is not None:
+                    on_wait()
+                page, error = slots.get()
             if error is not None:
                 raise error
             if page is None:
@@ -156,6 +165,56 @@ class PreparedPage:
     changed: list[Synthesis] = field(default_factory=list)
     routed: list[tuple[Event, Sequence[str]]] = field(default_factory=list)
     bad: list[tuple[Any, Exception]] = field(default_factory=list)
+
+
+class PageGroup:
+    """Consecutive pages of a slice written in one transaction, opened by the first of them.
+
+    Each commit writes every B-tree page its inserts touched, and the event ids land at random places in
+    their unique index: one commit per page rewrote most of that index's touched pages once per page. The
+    slice's watermark still moves with its last page, so what a crash loses is the same.
+    """
+
+    def __init__(self, store: Store, on_commit: Callable[[], None]) -> None:
+        self.store = store
+        self.on_commit = on_commit
+        self._open: contextlib.ExitStack | None = None
+        self._tx: Transaction | None = None
+        self._opened = 0.0
+        self._pages = 0
+        self._made = 0
+
+    def transaction(self) -> Transaction:
+        """The open transaction, opened now if there is none."""
+        if self._open is None or self._tx is None:
+            self._open = contextlib.ExitStack()
+            self._tx = self._open.enter_context(self.store.write())
+            self._opened, self._pages, self._made = time.monotonic(), 0, 0
+        return self._tx
+
+    def added(self, made: int) -> None:
+        """Count a page written into the open transaction, which made `made` new events."""
+        self._pages += 1
+        self._made += made
+
+    def full(self) -> bool:
+        return self._pages >= COMMIT_PAGES or time.monotonic() - self._opened >= COMMIT_SECONDS
+
+    def commit(self) -> None:
+        """Commit the open transaction, if any, and tell the delivery of new events."""
+        if self._open is None:
+            return
+        group, self._open, self._tx = self._open, None, None
+        group.close()
+        if self._made:
+            self.on_commit()
+
+    def abort(self) -> None:
+        """Roll the open transaction back (the slice failed; its re-read comes later)."""
+        if self._open is None:
+            return
+        group, self._open, self._tx = self._open, None, None
+        group.__exit__(*sys.exc_info())
 
 
 class Poller:
@@ -319,41 +378,34 @@ class Poller:
         any_seen = getattr(self.store, "any_seen", None)
         look_up = keep_keys or any_seen is None or bool(any_seen(stream, start, end))
         pages = 0
-        # consecutive pages share a write transaction, up to COMMIT_PAGES pages or COMMIT_SECONDS: each commit
-        # writes every B-tree page its inserts touched, and the event ids land at random places in their index,
-        # so one commit per page rewrote most of that index's touched pages once per page. Safety is the same:
-        # the watermark moves with the slice's last page, so a crash re-reads the slice either way
-        group: contextlib.ExitStack | None = None
+        # consecutive pages share a write transaction (see PageGroup); it is committed when the slice ends, when
+        # it holds COMMIT_PAGES pages or is COMMIT_SECONDS old, and before a wait for the next page
+        group = PageGroup(self.store, self.on_commit)
         try:
-            for page in self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end)):
+            pages_read = self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end), group.commit)
+            for page in pages_read:
                 pages += 1
                 prepared = self._prepare_page(stream, page, keep_keys=keep_keys, look_up=look_up)
-                if group is None:
-                    group = contextlib.ExitStack()
-                    tx = group.enter_context(self.store.write())
-                    opened, grouped, made_in_group = time.monotonic(), 0, 0
+                tx = group.transaction()
                 made = self._commit_page(tx, stream, prepared, end)
                 result.records += len(page.records)
                 result.events += made
                 if page.cursor is None:
                     self._advance(tx, stream, start, end, read_at, head=head, age=age)
                 tx.count_poll(stream, 1, len(page.records), made)
-                grouped += 1
-                made_in_group += made
-                if page.cursor is None or grouped >= COMMIT_PAGES or time.monotonic() - opened >= COMMIT_SECONDS:
-                    group.close()
-                    group = None
-                    if made_in_group:
-                        self.on_commit()
+                group.added(made)
+                if page.cursor is None or group.full():
+                    group.commit()
         except BaseException:
-            if group is not None:
-                group.__exit__(*sys.exc_info())
+            group.abort()
             raise
         return pages
 
-    def _pages(self, stream: str, start: datetime, end: datetime) -> Iterator[Page]:
+    def _pages(
+        self, stream: str, start: datetime, end: datetime, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[Page]:
         pages = self.reader.observations(start, end) if stream == "observations" else self.reader.scores(start, end)
-        return prefetched(pages)
+        return prefetched(pages, on_wait)
 
     def _prepare_page(self, stream: str, page: Page, *, keep_keys: bool = True, look_up: bool = True) -> PreparedPage:
         """The events of a page and their targets, what to remember (when `keep_keys`), and what cannot be

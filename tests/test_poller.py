@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from langfuse_poller.api import Page
+from langfuse_poller.poller import prefetched
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
 from .conftest import Clock, at, delivered, make_config, poll, runtime_for
@@ -317,3 +321,17 @@ def test_wrong_keys_say_which_host_rejected_which_key(fake: FakeLangfuse, clock:
     assert "127.0.0.1" in message and "pk-lf-wrong" in message and "rejected" in message
     assert "sk-lf-wrong" not in message
     assert state is not None and state.last_error and "rejected" in state.last_error
+
+
+def test_prefetched_tells_the_consumer_before_it_waits_for_a_page() -> None:
+    # the consumer commits its open transaction then, instead of holding the write lock through a slow answer
+    waited = threading.Event()
+
+    def pages() -> Iterator[Page]:
+        yield Page([{"id": "a"}], "next")
+        # the second page is not there until the consumer was told it waits for it
+        assert waited.wait(timeout=10)
+        yield Page([{"id": "b"}], None)
+
+    got = [page.records[0]["id"] for page in prefetched(pages(), on_wait=waited.set)]
+    assert got == ["a", "b"]
