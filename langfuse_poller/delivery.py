@@ -27,6 +27,9 @@ from .store import Due, Store, Transaction
 log = logging.getLogger(__name__)
 
 BATCH = 500
+# targets that take a whole batch at once (a file, an in-process target): a catch-up hands them thousands of
+# events, and each batch costs a query, a write transaction and, for the jsonl file, an fsync
+BULK_BATCH = 2000
 SHORT_REST = 1.0
 FORGOTTEN_TARGET_CHECK = 60.0
 # `once` waits for retries due within this long; later ones stay pending for the next run
@@ -166,7 +169,8 @@ class DeliveryWorker:
                 if self.clock is time.time and rest <= SHORT_REST and not self.cancel.wait(rest):
                     continue
                 break
-            batch = self.store.due(name, now, BATCH)
+            bulk = isinstance(target, InProcessTarget | BatchNotifier | RawBatchNotifier)
+            batch = self.store.due(name, now, BULK_BATCH if bulk else BATCH)
             if not batch:
                 break
             if isinstance(target, InProcessTarget):

@@ -47,9 +47,9 @@ class Event:
         return {
             "id": self.id,
             "event": self.type,
-            "timestamp": format_time(self.timestamp),
+            "timestamp": _format_utc(self.timestamp),
             "source": self.source,
-            "data": dict(self.data),
+            "data": self.data if type(self.data) is dict else dict(self.data),
         }
 
     def to_json(self) -> str:
@@ -75,6 +75,23 @@ class Event:
         event = cls.from_envelope(orjson.loads(text))
         object.__setattr__(event, "json_text", text)
         return event
+
+
+def _parse_utc(text: str) -> datetime:
+    """parse_time, with a fast path for the form the API sends ("...Z"): a catch-up parses two per record."""
+    if text[-1:] == "Z":
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass
+    return parse_time(text)
+
+
+def _format_utc(moment: datetime) -> str:
+    """format_time, about a third cheaper: every event's envelope has one."""
+    if moment.tzinfo is not UTC:
+        return format_time(moment)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class MalformedRecord(ValueError):
@@ -105,7 +122,7 @@ def record_version(record: Mapping[str, Any]) -> str:
     if not isinstance(stamp, str):
         return "0"
     try:
-        return str(int(parse_time(stamp).timestamp() * 1000))
+        return str(int(_parse_utc(stamp).timestamp() * 1000))
     except ValueError:
         return "0"
 
@@ -130,7 +147,7 @@ def _required_time(record: Mapping[str, Any], field: str) -> datetime:
     if not isinstance(value, str):
         raise MalformedRecord(f"field {field!r} must be an RFC 3339 time, found {value!r}")
     try:
-        return parse_time(value)
+        return _parse_utc(value)
     except ValueError:
         raise MalformedRecord(f"field {field!r} must be an RFC 3339 time, found {value!r}") from None
 
@@ -180,10 +197,19 @@ class EventFactory:
         start = _required_time(record, "startTime")
         level = record.get("level") or "DEFAULT"
         version = record_version(record)
-        url = self.trace_url(project_id, trace_id)
         is_root = bool(record.get("isRootObservation")) or (
             record.get("isRootObservation") is None and not record.get("parentObservationId")
         )
+        # an error or warning yields one update when first seen at that level; a root yields one per new version
+        became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
+        root_moved = is_root and previous is not None and version != previous.version
+        created = previous is None and (is_root or obs_type == "GENERATION" or self.observation_created())
+        if not (created or became_error or root_moved):
+            # most observations of a trace are spans that yield nothing: only what the dedup key needs
+            return Synthesis(
+                key=KEY_PREFIXES["observations"] + obs_id, timestamp=start, seen=Seen(version, level), events=()
+            )
+        url = self.trace_url(project_id, trace_id)
         common = {
             "projectId": project_id,
             "traceId": trace_id,
@@ -235,9 +261,6 @@ class EventFactory:
                     f"observation.created:{obs_id}",
                     {**common, "type": obs_type, "parentObservationId": record.get("parentObservationId")},
                 )
-        # an error or warning yields one update when first seen at that level; a root yields one per new version
-        became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
-        root_moved = is_root and previous is not None and version != previous.version
         if became_error or root_moved:
             add(
                 "trace.updated",

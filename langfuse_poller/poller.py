@@ -8,14 +8,18 @@ can appear late inside a window already read. Each stream therefore keeps, in SQ
   [W_A, min(H, now - A)) and moves W_A to its end. Every instant is thus read by the head and once more at
   each age, so a record that becomes visible up to `lookback` late is still read, and the API cost of the
   re-reads is one extra pass over the data per age, with full pages, however busy the project is. Sweeps run
-  every `sweep_interval`, not every poll, so an idle poll costs one request per stream.
-* dedup keys (record id, version, level) for every record inside the re-read range, so a record read twice
-  yields its events once; they are pruned once every watermark has passed them.
+  every `sweep_interval`, not every poll. On a quiet stream (recent head reads found well under a page) the
+  head's read starts at the oldest due sweep's watermark instead, so one request serves the head and the due
+  sweeps, and an idle poll costs one request per stream.
+* dedup keys (record id, version, level) for every record that a later read can read again, so a record read
+  twice yields its events once; they are pruned once every watermark has passed them. A slice that every
+  watermark passes once it is read (a catch-up, the lookback sweep) needs none.
 
-A window is read in slices (oldest first, sized to about 20 pages), each page committed with its events and
-dedup keys in one transaction, the slice's last page together with the new watermark. A crash therefore
-loses at most the slice in flight, whose re-read the dedup keys make harmless, and memory holds one page.
-A slice read long after its end (a catch-up) also moves the sweep watermarks it makes redundant.
+A window is read in slices (oldest first, sized to about 20 pages), its pages committed with their events and
+dedup keys a few at a time, the slice's last page together with the new watermark. A crash therefore loses at
+most the slice in flight, whose re-read the event ids (unique in the outbox) and the dedup keys make harmless,
+and memory holds one page. A slice read long after its end (a catch-up) also moves the sweep watermarks it
+makes redundant.
 
 The reader serves each stream from its read path (api.py): the cursor lists of `/v2/observations` and
 `/v3/scores`, or the page-based lists of self-hosted Langfuse v3 (legacy.py, which explains how a fixed upper
@@ -25,12 +29,14 @@ records, so the windows, watermarks and dedup keys here do not depend on the pat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
 import math
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,21 +48,32 @@ from .api import Cancelled, LangfuseReader, Page, utc_from_timestamp
 from .config import PollConfig
 from .errors import LangfusePollerError
 from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis, record_key
-from .store import Store, Transaction
+from .store import Store, StreamState, Transaction
 
 log = logging.getLogger(__name__)
 
 TARGET_PAGES_PER_SLICE = 20
 MIN_SLICE = 1.0
 MAX_SLICE = 86400.0
+# how many pages of a slice, at most, one write transaction holds, and for how long
+COMMIT_PAGES = 10
+COMMIT_SECONDS = 0.5
+# how long a slice's open transaction waits for the next page before it commits
+PAGE_WAIT = 0.05
+# a stream whose head reads found at most this many records since the oldest due sweep's watermark is quiet:
+# its head and due sweeps are read with one request (half the smallest page, 100 scores or legacy records)
+QUIET_RECORDS = 50
+RECENT_READS = 1000
 
 
-def prefetched(pages: Iterator[Page]) -> Iterator[Page]:
+def prefetched(pages: Iterator[Page], on_wait: Callable[[], None] | None = None) -> Iterator[Page]:
     """The same pages, the next one requested while the current one is committed.
 
     The server's time to answer (and the network's) then overlaps the work on the page before, which in a
     catch-up is a third of the run. Errors arrive in order, after the pages before them; a consumer that stops
-    early stops the reading at the next page.
+    early stops the reading at the next page. `on_wait` is called (in the consumer's thread) when the next
+    page is not there within PAGE_WAIT: the consumer commits what it holds instead of keeping the write lock
+    through a slow answer or a rate-limit pause.
     """
     slots: queue.Queue[tuple[Page | None, BaseException | None]] = queue.Queue(maxsize=1)
     stop = threading.Event()
@@ -80,7 +97,12 @@ def prefetched(pages: Iterator[Page]) -> Iterator[Page]:
     reader.start()
     try:
         while True:
-            page, error = slots.get()
+            try:
+                page, error = slots.get(timeout=PAGE_WAIT)
+            except queue.Empty:
+                if on_wait is not None:
+                    on_wait()
+                page, error = slots.get()
             if error is not None:
                 raise error
             if page is None:
@@ -145,6 +167,56 @@ class PreparedPage:
     bad: list[tuple[Any, Exception]] = field(default_factory=list)
 
 
+class PageGroup:
+    """Consecutive pages of a slice written in one transaction, opened by the first of them.
+
+    Each commit writes every B-tree page its inserts touched, and the event ids land at random places in
+    their unique index: one commit per page rewrote most of that index's touched pages once per page. The
+    slice's watermark still moves with its last page, so what a crash loses is the same.
+    """
+
+    def __init__(self, store: Store, on_commit: Callable[[], None]) -> None:
+        self.store = store
+        self.on_commit = on_commit
+        self._open: contextlib.ExitStack | None = None
+        self._tx: Transaction | None = None
+        self._opened = 0.0
+        self._pages = 0
+        self._made = 0
+
+    def transaction(self) -> Transaction:
+        """The open transaction, opened now if there is none."""
+        if self._open is None or self._tx is None:
+            self._open = contextlib.ExitStack()
+            self._tx = self._open.enter_context(self.store.write())
+            self._opened, self._pages, self._made = time.monotonic(), 0, 0
+        return self._tx
+
+    def added(self, made: int) -> None:
+        """Count a page written into the open transaction, which made `made` new events."""
+        self._pages += 1
+        self._made += made
+
+    def full(self) -> bool:
+        return self._pages >= COMMIT_PAGES or time.monotonic() - self._opened >= COMMIT_SECONDS
+
+    def commit(self) -> None:
+        """Commit the open transaction, if any, and tell the delivery of new events."""
+        if self._open is None:
+            return
+        group, self._open, self._tx = self._open, None, None
+        group.close()
+        if self._made:
+            self.on_commit()
+
+    def abort(self) -> None:
+        """Roll the open transaction back (the slice failed; its re-read comes later)."""
+        if self._open is None:
+            return
+        group, self._open, self._tx = self._open, None, None
+        group.__exit__(*sys.exc_info())
+
+
 class Poller:
     """Reads every configured stream into the store; see the module docstring for the design."""
 
@@ -168,6 +240,8 @@ class Poller:
         self.on_commit = on_commit
         self.ages = tuple(age.total_seconds() for age in poll.sweep_ages)
         self._slice = {stream: poll.catchup_slice.total_seconds() for stream in poll.streams}
+        # (start, end, records) of each stream's recent head reads, oldest first
+        self._recent_reads: dict[str, collections.deque[tuple[float, float, int]]] = {}
 
     def start_streams(self, now: float | None = None) -> None:
         """Create the state of streams seen for the first time, starting where the config says."""
@@ -203,23 +277,60 @@ class Poller:
             self.start_streams(now)
             state = self.store.stream(stream)
             assert state is not None
+        due = [age for age in self.ages if force_sweeps or self._sweep_due(stream, age, now)]
         head_end = quantize(now - self.poll.settle.total_seconds())
-        if head_end > state.head:
-            self.read_window(stream, state.head, head_end, result, head=True)
-        for age in self.ages:
-            last_run = self.store.sweep_last_run(stream, age)
-            if force_sweeps or last_run is None or now - last_run >= self.poll.sweep_interval.total_seconds():
-                state = self.store.stream(stream)
-                assert state is not None
-                start = state.sweeps.get(age, state.head)
-                end = quantize(min(state.head, now - age))
-                if end > start:
-                    self.read_window(stream, start, end, result, head=False, age=age)
-                else:
-                    with self.store.write() as tx:
-                        tx.set_sweep(stream, age, start, ran=True)
+        start = self._merged_start(stream, state, due, head_end)
+        if head_end > start:
+            before = result.records
+            self.read_window(stream, start, head_end, result, head=True)
+            self._note_head_read(stream, start, head_end, result.records - before)
+        for age in due:
+            state = self.store.stream(stream)
+            assert state is not None
+            start = state.sweeps.get(age, state.head)
+            end = quantize(min(state.head, now - age))
+            if end > start:
+                self.read_window(stream, start, end, result, head=False, age=age)
+            else:
+                # nothing left to re-read, for instance because the head's read covered this tier's window
+                with self.store.write() as tx:
+                    tx.set_sweep(stream, age, start, ran=True)
         floor = min([state.head, *state.sweeps.values()]) if (state := self.store.stream(stream)) else now
         self.store.prune_seen(stream, floor)
+
+    def _sweep_due(self, stream: str, age: float, now: float) -> bool:
+        last_run = self.store.sweep_last_run(stream, age)
+        return last_run is None or now - last_run >= self.poll.sweep_interval.total_seconds()
+
+    def _merged_start(self, stream: str, state: StreamState, due: Sequence[float], head_end: float) -> float:
+        """Where the head read starts: at the head, or, on a quiet stream, at the oldest due sweep's watermark.
+
+        On a stream that recent head reads found nearly empty, the due sweeps' windows and the head's fit one
+        page together: one request from the oldest due watermark to the head's end reads all of them, and
+        `_advance` moves the sweep watermarks it covered, so the sweeps then find nothing left to read. An idle
+        project thus costs one request per stream per poll. On a busier stream the windows stay apart: merged,
+        they would re-read the sweeps' older pages at every poll instead of every `sweep_interval`.
+        """
+        if not due or head_end <= state.head:
+            return state.head
+        start = min(state.sweeps.get(age, state.head) for age in due)
+        recent = self._recent_reads.get(stream)
+        if start >= state.head or not recent or recent[0][0] > start or head_end - start > self._slice[stream]:
+            # nothing to merge, or no head reads known back to `start` (a fresh start): read apart
+            return state.head
+        found = sum(records for _, end, records in recent if end > start)
+        return start if found <= QUIET_RECORDS else state.head
+
+    def _note_head_read(self, stream: str, start: float, end: float, records: int) -> None:
+        """Remember what a head read of [start, end) found, for `_merged_start`, as long as a sweep can need it."""
+        recent = self._recent_reads.setdefault(stream, collections.deque(maxlen=RECENT_READS))
+        if recent and recent[-1][1] != start:
+            recent.clear()  # a read that failed half way: what came before no longer adjoins
+        recent.append((start, end, records))
+        state = self.store.stream(stream)
+        oldest = min(state.sweeps.values(), default=end) if state is not None else end
+        while len(recent) > 1 and recent[1][0] <= oldest:
+            recent.popleft()
 
     def read_window(
         self,
@@ -253,32 +364,55 @@ class Poller:
         self, stream: str, start: float, end: float, result: StreamResult, *, head: bool, age: float | None
     ) -> int:
         read_at = self.clock()
+        state = self.store.stream(stream)
+        # a slice that every tier will have passed once it is read (a catch-up, the lookback sweep) is never
+        # read again, so its records need no dedup keys: they would only be written to be pruned. Should the
+        # slice be cut short (a crash, an error), its re-read makes the same created events, which the outbox
+        # ignores by id, and a record changed in between is missed as it would be without the crash: no read
+        # of this slice comes after it
+        keep_keys = state is None or any(
+            _moved(tier, watermark, start, end, read_at, age) < end for tier, watermark in state.sweeps.items()
+        )
+        # nor, when no key lies in the slice (its first read: no earlier read of it kept any), does it need to
+        # look keys up. A store without `any_seen` (it is optional) is always asked
+        any_seen = getattr(self.store, "any_seen", None)
+        look_up = keep_keys or any_seen is None or bool(any_seen(stream, start, end))
         pages = 0
-        for page in self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end)):
-            pages += 1
-            # the events are made before the write transaction opens: the delivery threads, which need the
-            # write lock to record what they sent, wait only for the SQL
-            prepared = self._prepare_page(stream, page)
-            with self.store.write() as tx:
+        # consecutive pages share a write transaction (see PageGroup); it is committed when the slice ends, when
+        # it holds COMMIT_PAGES pages or is COMMIT_SECONDS old, and before a wait for the next page
+        group = PageGroup(self.store, self.on_commit)
+        try:
+            pages_read = self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end), group.commit)
+            for page in pages_read:
+                pages += 1
+                prepared = self._prepare_page(stream, page, keep_keys=keep_keys, look_up=look_up)
+                tx = group.transaction()
                 made = self._commit_page(tx, stream, prepared, end)
                 result.records += len(page.records)
                 result.events += made
                 if page.cursor is None:
                     self._advance(tx, stream, start, end, read_at, head=head, age=age)
                 tx.count_poll(stream, 1, len(page.records), made)
-            if made:
-                self.on_commit()
+                group.added(made)
+                if page.cursor is None or group.full():
+                    group.commit()
+        except BaseException:
+            group.abort()
+            raise
         return pages
 
-    def _pages(self, stream: str, start: datetime, end: datetime) -> Iterator[Page]:
+    def _pages(
+        self, stream: str, start: datetime, end: datetime, on_wait: Callable[[], None] | None = None
+    ) -> Iterator[Page]:
         pages = self.reader.observations(start, end) if stream == "observations" else self.reader.scores(start, end)
-        return prefetched(pages)
+        return prefetched(pages, on_wait)
 
-    def _prepare_page(self, stream: str, page: Page) -> PreparedPage:
-        """The events of a page and their targets, what to remember, and what cannot be parsed."""
+    def _prepare_page(self, stream: str, page: Page, *, keep_keys: bool = True, look_up: bool = True) -> PreparedPage:
+        """The events of a page and their targets, what to remember (when `keep_keys`), and what cannot be
+        parsed. `look_up` False: no record of the page has a dedup key."""
         keys = [record_key(stream, record) for record in page.records]
-        # a read outside the write transaction is safe: only this poller writes `seen`, one page at a time
-        previous = self.store.seen_states([key for key in keys if key])
+        # only this poller writes `seen`: what it reads is what its own transaction (if one is open) wrote
+        previous = self.store.seen_states([key for key in keys if key]) if look_up else {}
         prepared = PreparedPage()
         for record, key in zip(page.records, keys, strict=True):
             try:
@@ -289,7 +423,7 @@ class Poller:
                 prepared.bad.append((record, exc))
                 continue
             # a record that yields events always comes with a new version or level: one check covers both
-            if previous.get(key) != synthesis.seen:
+            if keep_keys and previous.get(key) != synthesis.seen:
                 prepared.changed.append(synthesis)
             for event in synthesis.events:
                 targets = self.router(event)
@@ -301,7 +435,8 @@ class Poller:
         for record, exc in prepared.bad:
             self._keep_bad_record(tx, stream, record, exc, window_end)
         # one statement per table and page: per-row statements cost more than everything else in a catch-up
-        tx.remember(stream, prepared.changed)
+        if prepared.changed:
+            tx.remember(stream, prepared.changed)
         return tx.enqueue_many(prepared.routed)
 
     def _keep_bad_record(self, tx: Transaction, stream: str, record: Any, exc: Exception, window_end: float) -> None:
@@ -331,8 +466,16 @@ class Poller:
         for tier_age, watermark in tx.sweep_watermarks(stream).items():
             if tier_age == age:
                 tx.set_sweep(stream, tier_age, end, ran=True)
-            elif watermark >= start:
-                # this read already saw [start, end) at an age beyond the tier's: no need to read it again
-                reach = min(end, quantize(read_at - tier_age))
-                if reach > watermark:
-                    tx.set_sweep(stream, tier_age, reach)
+            elif (reach := _moved(tier_age, watermark, start, end, read_at, age)) > watermark:
+                tx.set_sweep(stream, tier_age, reach)
+
+
+def _moved(tier_age: float, watermark: float, start: float, end: float, read_at: float, age: float | None) -> float:
+    """Where a read of [start, end) at `read_at` (by the sweep tier `age`, or the head) leaves the watermark of
+    the sweep tier `tier_age`."""
+    if tier_age == age:
+        return max(watermark, end)
+    if watermark >= start:
+        # this read already saw [start, end) at an age beyond the tier's: no need to read it again
+        return max(watermark, min(end, quantize(read_at - tier_age)))
+    return watermark

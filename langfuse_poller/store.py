@@ -25,6 +25,8 @@ from .events import Event, Seen, Synthesis
 
 # the `facts` table holds what the state knows besides records, such as the read path each stream found
 READ_PATH_KEY = "read-path:"
+# rows per multi-row INSERT: 6 parameters each stays far below SQLite's limit on host parameters
+ROWS_PER_INSERT = 500
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema
@@ -127,6 +129,13 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL,
         matched INTEGER NOT NULL DEFAULT 0
     );
+    """,
+    # 3: the index that prune_delivered reads holds only the finished deliveries it looks for. Over every
+    # delivery, (state, updated_at) cost an insert when an event was queued and a move when it was delivered;
+    # the partial index costs one insert, on delivery (a catch-up: 10-14% of the SQLite time, BENCHMARKS.md)
+    """
+    DROP INDEX IF EXISTS deliveries_by_state;
+    CREATE INDEX deliveries_done ON deliveries (updated_at) WHERE state = 'done';
     """,
 )
 
@@ -241,31 +250,57 @@ class Transaction:
         return self.enqueue_many([(event, list(targets))]) == 1
 
     def enqueue_many(self, routed: Sequence[tuple[Event, Sequence[str]]]) -> int:
-        """Store events, each with one pending delivery per target, in two statements; how many were new.
+        """Store events, each with one pending delivery per target, in a few statements; how many were new.
 
         An event id already stored is not stored again, and gets no delivery it already has.
         """
-        before = self.conn.total_changes
+        stored: dict[str, int] = {}
+        for start in range(0, len(routed), ROWS_PER_INSERT):
+            chunk = routed[start : start + ROWS_PER_INSERT]
+            # RETURNING hands back the seq of each new event: its deliveries need no lookup by id
+            rows = self.conn.execute(
+                "INSERT OR IGNORE INTO events (id, type, ts, source, body, created_at) VALUES "
+                + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
+                + " RETURNING id, seq",
+                [
+                    value
+                    for e, _ in chunk
+                    for value in (e.id, e.type, e.timestamp.timestamp(), e.source, e.to_json(), self.now)
+                ],
+            ).fetchall()
+            stored.update(rows)
         self.conn.executemany(
-            "INSERT OR IGNORE INTO events (id, type, ts, source, body, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.id, e.type, e.timestamp.timestamp(), e.source, e.to_json(), self.now) for e, _ in routed],
+            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [
+                (seq, target, self.now, e.timestamp.timestamp(), self.now)
+                for e, targets in routed
+                if (seq := stored.get(e.id)) is not None
+                for target in dict.fromkeys(targets)
+            ],
         )
-        added = self.conn.total_changes - before
+        # an event stored before (a re-read, a replay) may lack a delivery to a target added since
         self.conn.executemany(
             "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) "
             "SELECT seq, ?, ?, ts, ? FROM events WHERE id = ?",
-            [(target, self.now, self.now, e.id) for e, targets in routed for target in dict.fromkeys(targets)],
+            [
+                (target, self.now, self.now, e.id)
+                for e, targets in routed
+                if e.id not in stored
+                for target in dict.fromkeys(targets)
+            ],
         )
-        self.enqueued += added
-        return added
+        self.enqueued += len(stored)
+        return len(stored)
 
     def mark_done(self, ids: Sequence[int]) -> None:
-        """Record deliveries as done."""
-        self.conn.executemany(
-            "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, last_error = NULL "
-            "WHERE id = ?",
-            [(self.now, delivery_id) for delivery_id in ids],
-        )
+        """Record deliveries as done, in one statement per 500."""
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            self.conn.execute(
+                "UPDATE deliveries SET state = 'done', attempts = attempts + 1, updated_at = ?, last_error = NULL "
+                f"WHERE id IN ({','.join('?' * len(chunk))})",
+                (self.now, *chunk),
+            )
 
     def add_bad_record(self, stream: str, raw: Any, error: str) -> None:
         """Keep a record that could not be turned into events, with its raw JSON, as a dead letter."""
@@ -493,6 +528,15 @@ class Store:
         """The read path of each stream that has one, and when it was found: {stream: (path, since)}."""
         rows = self._conn().execute("SELECT key, value, updated_at FROM facts WHERE key LIKE ?", (READ_PATH_KEY + "%",))
         return {key.removeprefix(READ_PATH_KEY): (path, since) for key, path, since in rows}
+
+    def any_seen(self, stream: str, start: float, end: float) -> bool:
+        """Whether any dedup key of `stream` lies in [start, end) (a read, outside any write transaction)."""
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM seen WHERE stream = ? AND ts >= ? AND ts < ? LIMIT 1", (stream, start, end))
+            .fetchone()
+        )
+        return row is not None
 
     def prune_seen(self, stream: str, before: float) -> int:
         """Forget dedup keys of records older than any window will read again."""

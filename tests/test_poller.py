@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from langfuse_poller.api import Page
+from langfuse_poller.poller import prefetched
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
 from .conftest import Clock, at, delivered, make_config, poll, runtime_for
@@ -104,6 +108,50 @@ def test_idle_poll_costs_one_request_per_stream(fake: FakeLangfuse, clock: Clock
     assert fake.count("/v2/observations") + fake.count("/v3/scores") <= 29 * 2 + 2 * 2
 
 
+def test_quiet_stream_reads_its_due_sweeps_with_the_head(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+    config = make_config(fake, tmp_path, poll={"interval": "10s", "sweep_interval": "2m", "settle": "2s"})
+    with runtime_for(config, clock) as runtime:
+        for _ in range(72):  # twelve minutes: head reads known back to every sweep watermark
+            clock.advance(10)
+            poll(runtime)
+        fake.reset_requests()
+        expected = set()
+        for index in range(60):
+            clock.advance(10)
+            if index % 15 == 0:
+                # a trace that becomes readable 5 minutes after it started: only a sweep can find it
+                records = fake.add_trace(start_time=at(clock, 1), observations=1, visible_after=300)
+                expected |= {f"trace.created:{records[0]['traceId']}", f"generation.created:{records[1]['id']}"}
+            poll(runtime)
+        requests = fake.count("/v2/observations") + fake.count("/v3/scores")
+        for _ in range(72):  # until the lookback tier has passed the last of them
+            clock.advance(10)
+            poll(runtime)
+    # one request per stream per poll: the head's read starts at the due sweeps' watermarks
+    assert requests == 60 * 2
+    seen = delivered(tmp_path)
+    assert set(seen) == expected and max(seen.values()) == 1
+
+
+def test_busy_stream_keeps_its_sweeps_apart(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+    config = make_config(fake, tmp_path, poll={"interval": "10s", "sweep_interval": "2m", "settle": "0s"})
+    with runtime_for(config, clock) as runtime:
+        for _ in range(90):
+            clock.advance(10)
+            for _ in range(2):
+                fake.add_trace(start_time=at(clock, 5), observations=1)
+            poll(runtime)
+        fake.reset_requests()
+        for _ in range(12):
+            clock.advance(10)
+            for _ in range(2):
+                fake.add_trace(start_time=at(clock, 5), observations=1)
+            poll(runtime)
+    # 288 observations a tier's window would merge with the head's: read apart, each tier once in 12 polls
+    assert fake.count("/v2/observations") == 12 + 2
+    assert max(delivered(tmp_path).values()) == 1
+
+
 def test_catch_up_from_seven_days_in_bounded_slices(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
     config = make_config(fake, tmp_path, poll={"start": "-7d"})
     with runtime_for(config, clock) as runtime:
@@ -151,6 +199,8 @@ def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: 
         assert fake.count("/v2/observations") > fake_requests_before
         state = runtime.store.stream("observations")
         assert state is not None and state.head < clock.now - 3000
+        # the slice is older than every re-read age: no sweep reads it again, so its records got no dedup keys
+        assert runtime.store.connection().execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
         fake.clear_faults()
         poll(runtime)
     seen = delivered(tmp_path)
@@ -271,3 +321,17 @@ def test_wrong_keys_say_which_host_rejected_which_key(fake: FakeLangfuse, clock:
     assert "127.0.0.1" in message and "pk-lf-wrong" in message and "rejected" in message
     assert "sk-lf-wrong" not in message
     assert state is not None and state.last_error and "rejected" in state.last_error
+
+
+def test_prefetched_tells_the_consumer_before_it_waits_for_a_page() -> None:
+    # the consumer commits its open transaction then, instead of holding the write lock through a slow answer
+    waited = threading.Event()
+
+    def pages() -> Iterator[Page]:
+        yield Page([{"id": "a"}], "next")
+        # the second page is not there until the consumer was told it waits for it
+        assert waited.wait(timeout=10)
+        yield Page([{"id": "b"}], None)
+
+    got = [page.records[0]["id"] for page in prefetched(pages(), on_wait=waited.set)]
+    assert got == ["a", "b"]
