@@ -23,7 +23,7 @@ from typing import Any
 from .alerting.silences import Silences, silence_book
 from .config import Config
 from .delivery import HandlerTarget
-from .errors import DeliveryError
+from .errors import DeliveryError, StateError
 from .events import Event
 from .notifiers import Notifier, build_notifier
 from .registry import Registry, Router, import_handler_modules, registry
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 # how long a job stays locked by a worker that stopped renewing it (crashed) before another worker takes it
 LOCK_DURATION_MS = 30_000
-# how often the matches a worker silenced are added to the silences' counts (`silence list`)
-SILENCE_COUNT_INTERVAL = 5.0
+# how often the matches a worker silenced are added to the silences' counts (`silence list`), and Redis checked
+WATCH_INTERVAL = 5.0
 
 
 class TargetFailed(Exception):
@@ -137,12 +137,50 @@ class JobProcessor:
         raise TargetFailed(message)
 
 
-async def _flush_silence_counts(router: Router, stopping: asyncio.Event) -> None:
-    """Until the stop: every few seconds, add the matches silenced here to the silences' counts in Redis."""
+class RedisCheck:
+    """Whether Redis answers, said once per change: bullmq's worker waits for a lost Redis without a word, so a
+    worker whose Redis is down, or refuses its password, would look idle rather than broken."""
+
+    def __init__(self, config: Config) -> None:
+        from .redis_queue import sync_client
+
+        self.where = config.queue.display_url
+        self.client = sync_client(config.queue.url, config.delivery.timeout.total_seconds())
+        self.failing = False
+
+    def first(self) -> None:
+        """At the start: a Redis that does not answer, or refuses, stops the worker with a one-line error."""
+        try:
+            self.client.ping()
+        except Exception as exc:
+            self.client.close()
+            raise StateError(f"Redis at {self.where} did not let the worker in: {_reason(exc)}") from None
+
+    def again(self) -> None:
+        try:
+            self.client.ping()
+        except Exception as exc:
+            if not self.failing:
+                log.error("Redis at %s does not answer: %s; jobs wait until it does", self.where, _reason(exc))
+            self.failing = True
+            return
+        if self.failing:
+            log.info("Redis at %s answers again", self.where)
+        self.failing = False
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def _keep_watch(router: Router, redis: RedisCheck, stopping: asyncio.Event) -> None:
+    """Until the stop, every few seconds: add the matches silenced here to the silences' counts in Redis, and
+    say when Redis stops (or starts again) answering."""
     while not stopping.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), SILENCE_COUNT_INTERVAL)
-        if isinstance(router.silences, Silences):
+            await asyncio.wait_for(stopping.wait(), WATCH_INTERVAL)
+        await asyncio.to_thread(redis.again)
+        if isinstance(router.silences, Silences) and not redis.failing:
             await asyncio.to_thread(router.silences.flush_counts)
 
 
@@ -162,22 +200,26 @@ def run_worker(
     """Process the queue's jobs until SIGTERM/SIGINT (or `stop`), then finish the jobs in flight and return 0."""
     handlers = handlers or registry
     import_handler_modules(config.handler_modules, config.source)
+    redis = RedisCheck(config)
+    redis.first()
     # the silences of forwarding rules apply here, where the notifiers are: they are read from Redis, where
     # `silence add` keeps them with this backend
     silences = Silences(silence_book(config, None))
     router = Router(config.rules, handlers, config.source, silences=silences)
     dispatcher = build_dispatcher(config, handlers)
     try:
-        return asyncio.run(_work(config, router, dispatcher, concurrency, stop, install_signals, on_ready))
+        return asyncio.run(_work(config, router, dispatcher, redis, concurrency, stop, install_signals, on_ready))
     finally:
         dispatcher.close()
         silences.flush_counts()
+        redis.client.close()
 
 
 async def _work(
     config: Config,
     router: Router,
     dispatcher: Dispatcher,
+    redis: RedisCheck,
     concurrency: int,
     stop: threading.Event | None,
     install_signals: bool,
@@ -217,7 +259,7 @@ async def _work(
     )
     if on_ready is not None:
         on_ready()
-    await _flush_silence_counts(router, stopping)
+    await _keep_watch(router, redis, stopping)
     log.info("stopping: finishing the jobs in flight")
     await worker.close()
     processor.threads.shutdown(wait=True)

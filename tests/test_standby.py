@@ -654,3 +654,42 @@ def test_a_redis_that_lost_the_poll_state_resumes_from_the_leaders_last_head(
         assert "has no poll state for observations" in caplog.text
         jobs = list(jobs_in(redis))
         assert f"trace.created:{late['traceId']}" in jobs, f"the trace that came meanwhile was read: {jobs}"
+
+
+def test_a_worker_that_redis_refuses_stops_with_a_message(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+) -> None:
+    # bullmq would wait for a Redis that refuses it without a word: the worker looked idle, not broken
+    wrong = RedisServer(locked_redis.directory, durable=False, password="not-" + PASSWORD)
+    wrong.port = locked_redis.port
+    path = standby_config(tmp_path, langfuse, wrong, "a")
+    result = cli("worker", "--config", path)
+    assert result.returncode == 1, str(result)
+    assert "did not let the worker in" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert PASSWORD not in result.stderr + result.stdout and "***" in result.stderr
+
+
+def test_a_worker_says_when_redis_goes_away_and_comes_back(
+    tmp_path: Path, redis: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from langfuse_poller import queue_worker
+
+    monkeypatch.setattr(queue_worker, "WATCH_INTERVAL", 0.2)
+    config = parse_config({**KEYS, "queue": {"backend": "redis", "url": redis.url}}, "t")
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=queue_worker.run_worker, args=(config,), kwargs={"stop": stop, "install_signals": False}
+    )
+    with caplog.at_level("INFO"):
+        worker.start()
+        try:
+            assert wait_for(lambda: "langfuse-poller worker on queue" in caplog.text, 10)
+            redis.kill()
+            assert wait_for(lambda: "does not answer" in caplog.text, 10), caplog.text
+            redis.start()
+            assert wait_for(lambda: "answers again" in caplog.text, 10), caplog.text
+        finally:
+            stop.set()
+            worker.join(15)
+    assert not worker.is_alive()
+    assert caplog.text.count("does not answer") == 1, "said once per outage"
