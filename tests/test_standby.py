@@ -310,18 +310,27 @@ def took_over_within(proc: Proc, since: float, bound: float) -> float:
     return took
 
 
+def leader_standby_and_worker(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, procs: list[Proc]
+) -> tuple[Proc, Proc, Proc]:
+    """Replica a, once it leads; replica b, standing by; a worker writing the events to a jsonl file. Each is
+    added to `procs` as it starts, for the caller to stop."""
+    a = replica(cli, tmp_path, langfuse, redis, "a")
+    procs.append(a)
+    assert wait_for(lambda: leads(a), 15), a.text()
+    b = replica(cli, tmp_path, langfuse, redis, "b")
+    worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "a.toml"))
+    procs += [b, worker]
+    assert wait_for(lambda: "standby poller" in b.text() and "concurrency" in worker.text(), 15)
+    return a, b, worker
+
+
 def test_kill_9_of_the_leader_while_events_flow_loses_nothing(
     cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
 ) -> None:
     procs: list[Proc] = []
     try:
-        a = replica(cli, tmp_path, langfuse, redis, "a")
-        procs.append(a)
-        assert wait_for(lambda: leads(a), 15), a.text()
-        b = replica(cli, tmp_path, langfuse, redis, "b")
-        worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "a.toml"))
-        procs += [b, worker]
-        assert wait_for(lambda: "standby poller" in b.text() and "concurrency" in worker.text(), 15)
+        a, b, _worker = leader_standby_and_worker(cli, tmp_path, langfuse, redis, procs)
         kills = 0
         with Traffic(langfuse) as traffic:
             time.sleep(1.5)
@@ -358,13 +367,7 @@ def test_a_paused_leader_is_fenced_off_when_it_wakes(
 ) -> None:
     procs: list[Proc] = []
     try:
-        a = replica(cli, tmp_path, langfuse, redis, "a")
-        procs.append(a)
-        assert wait_for(lambda: leads(a), 15), a.text()
-        b = replica(cli, tmp_path, langfuse, redis, "b")
-        worker = Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "a.toml"))
-        procs += [b, worker]
-        assert wait_for(lambda: "standby poller" in b.text() and "concurrency" in worker.text(), 15)
+        a, b, _worker = leader_standby_and_worker(cli, tmp_path, langfuse, redis, procs)
         with Traffic(langfuse) as traffic:
             time.sleep(1.0)
             a.proc.send_signal(signal.SIGSTOP)
