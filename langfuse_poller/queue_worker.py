@@ -211,7 +211,7 @@ def run_worker(
         return asyncio.run(_work(config, router, dispatcher, redis, concurrency, stop, install_signals, on_ready))
     finally:
         dispatcher.close()
-        silences.flush_counts()
+        silences.close()
         redis.client.close()
 
 

@@ -112,6 +112,7 @@ def build(runtime: Runtime, prepared: Prepared) -> Routing:
 def swap(runtime: Runtime, prepared: Prepared, routing: Routing) -> None:
     """Put the new routing in place; only while nothing polls or delivers. Closes the old targets."""
     old_targets = runtime.worker.replace_targets(routing.targets, prepared.config.delivery)
+    old_silences = runtime.alerter.silences
     runtime.config = prepared.config
     runtime.router = routing.router
     runtime.alerter = routing.alerter
@@ -121,6 +122,8 @@ def swap(runtime: Runtime, prepared: Prepared, routing: Routing) -> None:
     # groups of rules that are gone are dropped; absence rules that are new start watching
     routing.alerter.start()
     _close_all(old_targets)
+    # the new routing has a silence book of its own (a Redis connection with the Redis backend)
+    old_silences.close()
 
 
 def rewire_listeners(runtime: Runtime) -> None:

@@ -151,4 +151,5 @@ class Runtime:
             self.jobs.close()
         self.worker.close()
         self.reader.close()
+        self.alerter.silences.close()
         self.store.close()

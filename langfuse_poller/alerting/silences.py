@@ -76,6 +76,10 @@ class SilenceBook(Protocol):
         """Add to the `matched` count of silences."""
         ...
 
+    def close(self) -> None:
+        """Release the connection, if the book has one of its own."""
+        ...
+
 
 class SqliteSilenceBook:
     """Silences in the state file's `silences` table."""
@@ -120,6 +124,9 @@ class SqliteSilenceBook:
                 "UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now)
             )
             return cursor.rowcount > 0
+
+    def close(self) -> None:
+        pass  # the store is the runtime's, closed with it
 
     def count(self, matched: Mapping[int, int]) -> None:
         with self.store.write() as tx:
@@ -221,6 +228,11 @@ class Silences:
                     continue
             return silence
         return None
+
+    def close(self) -> None:
+        """Count what is left, and release the book."""
+        self.flush_counts()
+        self.book.close()
 
     def flush_counts(self) -> None:
         """Add what was silenced since the last flush to each silence's `matched`."""
