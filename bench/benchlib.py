@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -97,11 +96,6 @@ class Traffic:
             for event_id in ids:
                 self.visible_at[event_id] = visible
         return records
-
-
-def repeats(counts: Counter[str]) -> int:
-    """Deliveries beyond the first, summed over ids."""
-    return sum(n - 1 for n in counts.values() if n > 1)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -194,22 +188,6 @@ def write_config(
         lines.extend(f"{k} = {toml(v)}" for k, v in settings.items())
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-def read_jsonl(path: Path) -> tuple[Counter[str], int]:
-    """Event ids in a jsonl archive with their number of lines, and the number of torn lines."""
-    ids: Counter[str] = Counter()
-    torn = 0
-    if not path.exists():
-        return ids, torn
-    for line in path.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        try:
-            ids[json.loads(line)["id"]] += 1
-        except (ValueError, KeyError, TypeError):
-            torn += 1
-    return ids, torn
 
 
 def status(config: Path) -> dict[str, Any]:

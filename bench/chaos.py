@@ -43,18 +43,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import (
-    Traffic,
-    child_env,
-    command,
-    machine,
-    read_jsonl,
-    repeats,
-    status,
-    table,
-    write_config,
-)
+from benchlib import Traffic, child_env, command, machine, status, table, write_config
 
+from langfuse_poller.testing.archive import read_archive, repeats
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from langfuse_poller.testing.loopback_webhook import LoopbackWebhook
 
@@ -192,7 +183,7 @@ def chaos(args: argparse.Namespace) -> tuple[Figures, set[str]]:
         try:
             deadline = time.monotonic() + args.final_timeout
             while time.monotonic() < deadline and proc.poll() is None and len(completed) < 2:
-                for name, got in (("hook", inbox.snapshot()), ("archive", read_jsonl(tmp / "events.jsonl")[0])):
+                for name, got in (("hook", inbox.snapshot()), ("archive", read_archive(tmp / "events.jsonl")[0])):
                     if name not in completed and expected <= set(got):
                         completed[name] = time.monotonic() - final_began
                 time.sleep(0.1)
@@ -209,7 +200,7 @@ def chaos(args: argparse.Namespace) -> tuple[Figures, set[str]]:
         rate_waits = sum(path.read_text(errors="replace").count("Langfuse rate limit") for path in tmp.glob("*.log"))
         clean_exit = code == 0 and "Traceback" not in final_log
         report = status(config)
-        archive, torn = read_jsonl(tmp / "events.jsonl")
+        archive, torn = read_archive(tmp / "events.jsonl")
         statuses = Counter(r.status for r in list(fake.requests) if r.path.endswith(("/v2/observations", "/v3/scores")))
         with inbox.lock:
             hook = Counter(inbox.accepted)

@@ -42,8 +42,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import child_env, command, machine, percentile, read_jsonl, repeats, table, wait_for_output
+from benchlib import child_env, command, machine, percentile, table, wait_for_output
 
+from langfuse_poller.testing.archive import read_archive, repeats
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
 QUEUE = "failover-bench"
@@ -259,9 +260,9 @@ def failover(args: argparse.Namespace, directory: Path) -> Figures:
             feeder.join(5)
             expected = set(ids)
             archive = directory / "archive.jsonl"
-            wait(lambda: read_jsonl(archive)[0].keys() >= expected, 60, step=0.2)
+            wait(lambda: read_archive(archive)[0].keys() >= expected, 60, step=0.2)
             time.sleep(1.0)  # a late repeat would land now
-            got, _ = read_jsonl(archive)
+            got, _ = read_archive(archive)
             figures.expected = len(expected)
             figures.delivered = len(expected & set(got))
             figures.repeats = repeats(got)

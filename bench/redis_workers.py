@@ -52,11 +52,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import child_env, machine, read_jsonl, table, write_config
+from benchlib import child_env, machine, table, write_config
 
 from langfuse_poller.config import DeliveryConfig, QueueConfig
 from langfuse_poller.delivery import BATCH
 from langfuse_poller.redis_queue import RedisQueueTarget
+from langfuse_poller.testing.archive import read_archive
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from langfuse_poller.testing.loopback_webhook import Inbox, LoopbackWebhook
 
@@ -311,7 +312,7 @@ def measure(kind: str, workers: int, concurrency: int, fake: FakeLangfuse, expec
                 stop_workers(procs)
                 probe.close()
         if kind == "jsonl":
-            seen, torn = read_jsonl(archive)
+            seen, torn = read_archive(archive)
             if torn:
                 raise RuntimeError(f"{torn} torn lines in the jsonl archive")
         else:

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from langfuse_poller.testing.archive import read_archive, repeats
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
 from langfuse_poller.testing.loopback_webhook import Inbox, LoopbackWebhook
 
@@ -150,27 +151,6 @@ def expected_ids(held: Held) -> set[str]:
     return ids
 
 
-def read_jsonl(path: Path) -> tuple[Counter[str], int]:
-    """Event ids in the jsonl archive with their number of lines, and the number of torn lines."""
-    ids: Counter[str] = Counter()
-    torn = 0
-    if not path.exists():
-        return ids, torn
-    for line in path.read_bytes().splitlines():
-        if not line.strip():
-            continue
-        try:
-            ids[json.loads(line)["id"]] += 1
-        except (ValueError, KeyError, TypeError):
-            torn += 1
-    return ids, torn
-
-
-def repeats(counts: Counter[str]) -> int:
-    """Deliveries beyond the first, summed over ids."""
-    return sum(n - 1 for n in counts.values() if n > 1)
-
-
 def describe(ids: set[str], limit: int = 5) -> str:
     return f"{len(ids)} ids, e.g. {sorted(ids)[:limit]}"
 
@@ -287,7 +267,7 @@ def assert_everything_delivered(tmp_path: Path, inbox: Inbox, held: Held, max_re
     """Every expected id reached the receiver and the archive, nothing else did, repeats within bounds."""
     expected = expected_ids(held)
     hook = inbox.snapshot()
-    archive, torn = read_jsonl(tmp_path / "events.jsonl")
+    archive, torn = read_archive(tmp_path / "events.jsonl")
     assert inbox.problems == [], inbox.problems[:5]
     for name, got in (("webhook receiver", hook), ("jsonl archive", archive)):
         missing = expected - set(got)
@@ -357,7 +337,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_repeats_at_most_once_per_ki
         stop_live.set()
         adder.join(timeout=10)
     hook_before_final = sum(inbox.snapshot().values())
-    archive_before_final = sum(read_jsonl(tmp_path / "events.jsonl")[0].values())
+    archive_before_final = sum(read_archive(tmp_path / "events.jsonl")[0].values())
     assert hook_before_final > 0 and archive_before_final > 0, "the daemon delivered nothing between the kills"
     # every record is visible by now; a late one is read by the `lookback` sweep once it is that old
     time.sleep(max(0.0, live_until + LOOKBACK + 1.0 - time.time()))
@@ -533,7 +513,7 @@ def test_429_storm_and_5xx_bursts_everything_arrives(
 
     expected = expected_ids(held)
     wait_for(
-        lambda: set(inbox.snapshot()) == expected and set(read_jsonl(tmp_path / "events.jsonl")[0]) == expected,
+        lambda: set(inbox.snapshot()) == expected and set(read_archive(tmp_path / "events.jsonl")[0]) == expected,
         30,
         "the daemon to deliver everything after the storm",
     )

@@ -39,6 +39,7 @@ from langfuse_poller.standby.lease import Deposed
 from langfuse_poller.standby.replica import PollCancel, Replica
 from langfuse_poller.standby.shared_state import SharedPollState
 from langfuse_poller.store import Store
+from langfuse_poller.testing.archive import read_archive
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.conftest import Clock, make_config, runtime_for
 from tests.test_cli import Cli, cli, jsonl, langfuse, q, read_jsonl, rule, wait_for, write_config  # noqa: F401
@@ -296,10 +297,7 @@ class Traffic:
 
 def delivered(tmp_path: Path) -> Counter[str]:
     """Event ids the worker wrote so far; a line it is still writing (no newline yet) is left for later."""
-    path = tmp_path / "archive.jsonl"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    complete = text[: text.rfind("\n") + 1]
-    return Counter(json.loads(line)["id"] for line in complete.splitlines() if line.strip())
+    return read_archive(tmp_path / "archive.jsonl")[0]
 
 
 def took_over_within(proc: Proc, since: float, bound: float) -> float:

@@ -6,6 +6,8 @@
   events your handlers and rules got.
 - `loopback_webhook.LoopbackWebhook`: a webhook endpoint that fails on purpose (`fail_rate`, `delay`) and
   records what arrived, for delivery tests.
+- `archive.read_archive`: the event ids a jsonl notifier wrote, with their counts and the torn lines, and
+  `archive.repeats` of those counts: "nothing lost, repeats within the contract" in a crash test.
 """
 
 from .fake_langfuse import FakeLangfuse
