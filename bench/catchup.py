@@ -2,7 +2,8 @@
 
     python bench/catchup.py --observations 10000
 
-Prints events per second, API requests against the minimum, peak RSS of the `once` process, state size.
+Prints events per second, the CPU time of the `once` process, API requests against the minimum, its peak RSS,
+state size.
 """
 
 from __future__ import annotations
@@ -57,9 +58,10 @@ path = "{tmp}/events.jsonl"
         # the child reports its own high-water mark: ru_maxrss of children would count the fork of this
         # process (which holds the whole backlog in its stand-in server) before the exec
         probe = (
-            "import atexit, runpy, sys; "
+            "import atexit, os, runpy, sys; "
             "atexit.register(lambda: print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0],"
             " file=sys.stderr)); "
+            "atexit.register(lambda: print('CPU', sum(os.times()[:2]), file=sys.stderr)); "
             "sys.argv = ['langfuse-poller', *sys.argv[1:]]; runpy.run_module('langfuse_poller', run_name='__main__')"
         )
         if args.profile:
@@ -80,12 +82,16 @@ path = "{tmp}/events.jsonl"
         minimum = math.ceil(traces * 5 / 1000) + math.ceil(traces / 100)
         hwm = [line for line in done.stderr.splitlines() if line.startswith("VmHWM")]
         peak_mb = int(hwm[-1].split()[1]) / 1024 if hwm else float("nan")
+        # `once` is bound to one core by the GIL, so its CPU time is close to its wall time on a quiet machine;
+        # on a busy one, the CPU time still compares two runs fairly
+        cpu = [float(line.split()[1]) for line in done.stderr.splitlines() if line.startswith("CPU ")]
         size_mb = sum(p.stat().st_size for p in Path(tmp).glob("state.db*")) / 1e6
         print(f"observations      {traces * 5}")
         print(f"scores            {traces}")
         print(f"events delivered  {events}")
         print(f"wall time         {elapsed:.1f} s (including process start)")
         print(f"events/s          {events / elapsed:.0f}")
+        print(f"CPU time          {cpu[-1] if cpu else float('nan'):.1f} s (the `once` process, all threads)")
         print(f"API requests      {observations + scores} ({observations} observations, {scores} scores)")
         print(f"minimum requests  {minimum}  (ratio {(observations + scores) / minimum:.2f})")
         print(f"peak RSS          {peak_mb:.0f} MB")

@@ -170,8 +170,8 @@ class PreparedPage:
 class PageGroup:
     """Consecutive pages of a slice written in one transaction, opened by the first of them.
 
-    Each commit writes every B-tree page its inserts touched, and the event ids land at random places in
-    their unique index: one commit per page rewrote most of that index's touched pages once per page. The
+    Each commit writes every B-tree page its inserts touched, and the event ids (by their hash) land at random
+    places in their index: one commit per page rewrote most of that index's touched pages once per page. The
     slice's watermark still moves with its last page, so what a crash loses is the same.
     """
 

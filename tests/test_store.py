@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 from langfuse_poller import events
-from langfuse_poller.store import MIGRATIONS, Store
+from langfuse_poller.store import MIGRATIONS, Store, event_id_hash
 
 
 def _old_state(path: Path, version: int) -> None:
@@ -40,7 +40,9 @@ def test_migration_3_swaps_the_delivery_state_index_on_an_existing_state(tmp_pat
         conn = store.connection()
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "deliveries_done" in indexes and "deliveries_by_state" not in indexes
-        assert {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} == {1, 2, 3}
+        assert {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} == set(
+            range(1, len(MIGRATIONS) + 1)
+        )
         plan = " ".join(
             str(row[-1])
             for row in conn.execute(
@@ -56,6 +58,74 @@ def test_migration_3_swaps_the_delivery_state_index_on_an_existing_state(tmp_pat
         store.close()
     # opening it again applies nothing twice
     Store(path).close()
+
+
+def test_migration_4_finds_events_by_id_hash_and_keeps_every_event_delivery_and_seq(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    _old_state(path, 3)
+    conn = sqlite3.connect(path, isolation_level=None)
+    # the newest event was pruned: its seq must still never be handed out again
+    conn.execute(
+        "INSERT INTO events (seq, id, type, ts, source, body, created_at) VALUES (3, 'gone', 'x', 0, 'poll', '{}', 0)"
+    )
+    conn.execute("DELETE FROM events WHERE seq = 3")
+    conn.close()
+    store = Store(path)
+    try:
+        conn = store.connection()
+        # dropping the old table did not cascade to the deliveries that refer to its rows
+        assert conn.execute("SELECT event_seq, state FROM deliveries ORDER BY event_seq").fetchall() == [
+            (1, "done"),
+            (2, "pending"),
+        ]
+        assert conn.execute("SELECT seq, id FROM events ORDER BY seq").fetchall() == [
+            (1, "trace.created:t1"),
+            (2, "trace.created:t2"),
+        ]
+        assert conn.execute("PRAGMA foreign_keys").fetchone() == (1,)
+        assert store.deliveries_of("trace.created:t2") == [("notifier:file", "pending", 0, None)]
+        plan = " ".join(
+            str(row[-1])
+            for row in conn.execute("EXPLAIN QUERY PLAN SELECT seq FROM events WHERE id_hash = ? AND id = ?", (1, "x"))
+        )
+        assert "events_by_id_hash" in plan
+        fresh = events.test_event("trace.created")
+        with store.write() as tx:
+            # an event stored before the migration is found by its id, and gets only the delivery it lacks
+            old = events.Event("trace.created:t2", "trace.created", fresh.timestamp, "poll", {})
+            assert tx.enqueue_many([(old, ["notifier:file", "notifier:other"]), (fresh, ["notifier:file"])]) == 1
+        assert conn.execute("SELECT seq FROM events WHERE id = ?", (fresh.id,)).fetchone() == (4,)
+        assert [target for target, *_ in store.deliveries_of("trace.created:t2")] == [
+            "notifier:file",
+            "notifier:other",
+        ]
+        # the rows of events with one id can be deleted, as pruning does, without touching the others
+        assert store.prune_delivered(20) == 1
+    finally:
+        store.close()
+
+
+def test_events_whose_ids_share_a_hash_are_told_apart(tmp_path: Path) -> None:
+    # two ids with one CRC-32, found by a birthday search over random ids (one in ~77,000 pairs collides)
+    first, second = "trace.created:2030cfcdb5dd0392", "trace.created:a6bf2b6f29e82cf4"
+    assert event_id_hash(first) == event_id_hash(second)
+    store = Store(tmp_path / "state.db")
+    template = events.test_event("trace.created")
+    a = events.Event(first, template.type, template.timestamp, "poll", {"n": 1})
+    b = events.Event(second, template.type, template.timestamp, "poll", {"n": 2})
+    try:
+        with store.write() as tx:
+            assert tx.enqueue_many([(a, ["t"])]) == 1
+        with store.write() as tx:
+            # b shares a's hash but not its id: it is new; a again is not
+            assert tx.enqueue_many([(b, ["t"]), (a, ["t", "u"])]) == 1
+        stored_a, stored_b = store.event(first), store.event(second)
+        assert stored_a is not None and stored_a.data == {"n": 1}
+        assert stored_b is not None and stored_b.data == {"n": 2}
+        assert [target for target, *_ in store.deliveries_of(first)] == ["t", "u"]
+        assert [target for target, *_ in store.deliveries_of(second)] == ["t"]
+    finally:
+        store.close()
 
 
 def test_enqueue_many_stores_each_event_once_and_adds_only_missing_deliveries(tmp_path: Path) -> None:
