@@ -106,3 +106,9 @@ def test_envelope_round_trip() -> None:
     again = Event.from_json(event.to_json())
     assert again == event
     assert set(event.envelope()) == {"id", "event", "timestamp", "source", "data"}
+
+
+def test_seen_compares_by_version_and_level() -> None:
+    assert Seen("1", "ERROR") == Seen("1", "ERROR")
+    assert Seen("1", "ERROR") != Seen("1") and Seen("1") != Seen("2") and Seen("1") is not None
+    assert Seen("bad").level == ""
