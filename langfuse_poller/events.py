@@ -188,20 +188,22 @@ class EventFactory:
 
     def events_of(self, stream: str, record: Any, previous: Seen | None) -> tuple[Event, ...]:
         """The events of `from_record`, the record checked the same way, for a read that remembers nothing of it
-        (a slice that keeps no dedup keys): an observation that yields no event then costs no time parse."""
+        (a slice that keeps no dedup keys): an observation then costs no time parse of its version, unless an
+        event's id needs it."""
         if stream == "observations":
-            synthesis = self._observation(record, previous, remember=False)
-            return () if synthesis is None else synthesis.events
+            return self._observation(record, previous, remember=False)[0]
         return self.from_score(record, previous).events
 
     def from_observation(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
         """Events for an observation seen for the first time (`previous` None) or seen again."""
-        synthesis = self._observation(record, previous, remember=True)
-        assert synthesis is not None  # only a record not to remember can come without one
+        synthesis = self._observation(record, previous, remember=True)[1]
+        assert synthesis is not None  # made whenever the record is to be remembered
         return synthesis
 
-    def _observation(self, record: Mapping[str, Any], previous: Seen | None, *, remember: bool) -> Synthesis | None:
-        """from_observation; None for a record that yields no event when it is not to be remembered."""
+    def _observation(
+        self, record: Mapping[str, Any], previous: Seen | None, *, remember: bool
+    ) -> tuple[tuple[Event, ...], Synthesis | None]:
+        """The events of an observation, and, when it is to be remembered, its Synthesis."""
         if not isinstance(record, Mapping):
             raise MalformedRecord(f"an observation must be a JSON object, found {type(record).__name__}")
         obs_id = _required_str(record, "id")
@@ -213,20 +215,18 @@ class EventFactory:
         is_root = bool(record.get("isRootObservation")) or (
             record.get("isRootObservation") is None and not record.get("parentObservationId")
         )
-        # the version is a time parse: a record that yields no event needs it only to be remembered, or, a root
-        # seen before, to tell whether it moved
-        version = record_version(record) if remember or (is_root and previous is not None) else None
         # an error or warning yields one update when first seen at that level; a root yields one per new version
         became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
+        # the version is a time parse, needed only to be remembered, to tell whether a root seen before moved, and
+        # for the id of trace.updated: most records of a slice that keeps no dedup keys need none
+        version = record_version(record) if remember or became_error or (is_root and previous is not None) else ""
         root_moved = is_root and previous is not None and version != previous.version
         created = previous is None and (is_root or obs_type == "GENERATION" or self.observation_created())
         if not (created or became_error or root_moved):
-            if version is None:  # not to be remembered
-                return None
             # most observations of a trace are spans that yield nothing: only what the dedup key needs
-            return Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), ())
-        if version is None:
-            version = record_version(record)
+            if not remember:
+                return (), None
+            return (), Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), ())
         url = self.trace_url(project_id, trace_id)
         common = {
             "projectId": project_id,
@@ -293,7 +293,10 @@ class EventFactory:
                     "isRootObservation": is_root,
                 },
             )
-        return Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), tuple(events))
+        made = tuple(events)
+        if not remember:
+            return made, None
+        return made, Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), made)
 
     def from_score(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
         """score.created for a score seen for the first time, score.updated when its updatedAt moved."""
