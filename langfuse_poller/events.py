@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -98,16 +98,16 @@ class MalformedRecord(ValueError):
     """Raised when a record from the API lacks what an event needs; it becomes a dead letter with its raw JSON."""
 
 
-@dataclass(frozen=True)
-class Seen:
+# Seen and Synthesis are named tuples rather than frozen dataclasses: a catch-up makes one of each per record,
+# and a named tuple costs half as much to make. Only Seen is compared, always with another Seen.
+class Seen(NamedTuple):
     """What the store remembers of a record it has turned into events: its version, and its level."""
 
     version: str
     level: str = ""
 
 
-@dataclass(frozen=True)
-class Synthesis:
+class Synthesis(NamedTuple):
     """The events made from one record, and what to remember of the record from now on."""
 
     key: str
@@ -186,8 +186,24 @@ class EventFactory:
             return self.from_observation(record, previous)
         return self.from_score(record, previous)
 
+    def events_of(self, stream: str, record: Any, previous: Seen | None) -> tuple[Event, ...]:
+        """The events of `from_record`, the record checked the same way, for a read that remembers nothing of it
+        (a slice that keeps no dedup keys): an observation then costs no time parse of its version, unless an
+        event's id needs it."""
+        if stream == "observations":
+            return self._observation(record, previous, remember=False)[0]
+        return self.from_score(record, previous).events
+
     def from_observation(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
         """Events for an observation seen for the first time (`previous` None) or seen again."""
+        synthesis = self._observation(record, previous, remember=True)[1]
+        assert synthesis is not None  # made whenever the record is to be remembered
+        return synthesis
+
+    def _observation(
+        self, record: Mapping[str, Any], previous: Seen | None, *, remember: bool
+    ) -> tuple[tuple[Event, ...], Synthesis | None]:
+        """The events of an observation, and, when it is to be remembered, its Synthesis."""
         if not isinstance(record, Mapping):
             raise MalformedRecord(f"an observation must be a JSON object, found {type(record).__name__}")
         obs_id = _required_str(record, "id")
@@ -196,19 +212,21 @@ class EventFactory:
         obs_type = _required_str(record, "type")
         start = _required_time(record, "startTime")
         level = record.get("level") or "DEFAULT"
-        version = record_version(record)
         is_root = bool(record.get("isRootObservation")) or (
             record.get("isRootObservation") is None and not record.get("parentObservationId")
         )
         # an error or warning yields one update when first seen at that level; a root yields one per new version
         became_error = level in ERROR_LEVELS and (previous is None or previous.level != level)
+        # the version is a time parse, needed only to be remembered, to tell whether a root seen before moved, and
+        # for the id of trace.updated: most records of a slice that keeps no dedup keys need none
+        version = record_version(record) if remember or became_error or (is_root and previous is not None) else ""
         root_moved = is_root and previous is not None and version != previous.version
         created = previous is None and (is_root or obs_type == "GENERATION" or self.observation_created())
         if not (created or became_error or root_moved):
             # most observations of a trace are spans that yield nothing: only what the dedup key needs
-            return Synthesis(
-                key=KEY_PREFIXES["observations"] + obs_id, timestamp=start, seen=Seen(version, level), events=()
-            )
+            if not remember:
+                return (), None
+            return (), Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), ())
         url = self.trace_url(project_id, trace_id)
         common = {
             "projectId": project_id,
@@ -275,9 +293,10 @@ class EventFactory:
                     "isRootObservation": is_root,
                 },
             )
-        return Synthesis(
-            key=KEY_PREFIXES["observations"] + obs_id, timestamp=start, seen=Seen(version, level), events=tuple(events)
-        )
+        made = tuple(events)
+        if not remember:
+            return made, None
+        return made, Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), made)
 
     def from_score(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
         """score.created for a score seen for the first time, score.updated when its updatedAt moved."""
@@ -289,7 +308,7 @@ class EventFactory:
         timestamp = _required_time(record, "timestamp")
         version = record_version(record)
         if previous is not None and previous.version == version:
-            return Synthesis(key=KEY_PREFIXES["scores"] + score_id, timestamp=timestamp, seen=previous, events=())
+            return Synthesis(KEY_PREFIXES["scores"] + score_id, timestamp, previous, ())
         raw_subject = record.get("subject")
         subject: Mapping[str, Any] = raw_subject if isinstance(raw_subject, Mapping) else {}
         kind = subject.get("kind")
@@ -326,9 +345,7 @@ class EventFactory:
             event = Event(f"score.created:{score_id}", "score.created", timestamp, "poll", data)
         else:
             event = Event(f"score.updated:{score_id}:{version}", "score.updated", timestamp, "poll", data)
-        return Synthesis(
-            key=KEY_PREFIXES["scores"] + score_id, timestamp=timestamp, seen=Seen(version), events=(event,)
-        )
+        return Synthesis(KEY_PREFIXES["scores"] + score_id, timestamp, Seen(version), (event,))
 
 
 def test_event(event_type: str = "trace.created", *, base_url: str = "https://cloud.langfuse.com") -> Event:

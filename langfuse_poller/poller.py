@@ -414,19 +414,26 @@ class Poller:
         # only this poller writes `seen`: what it reads is what its own transaction (if one is open) wrote
         previous = self.store.seen_states([key for key in keys if key]) if look_up else {}
         prepared = PreparedPage()
+        factory, router = self.factory, self.router
         for record, key in zip(page.records, keys, strict=True):
             try:
                 if key is None:
                     raise MalformedRecord("the record has no string 'id'")
-                synthesis = self.factory.from_record(stream, record, previous.get(key))
+                seen = previous.get(key)
+                if keep_keys:
+                    synthesis = factory.from_record(stream, record, seen)
+                    # a record that yields events always comes with a new version or level: one check covers both
+                    if seen != synthesis.seen:
+                        prepared.changed.append(synthesis)
+                    events = synthesis.events
+                else:
+                    # nothing of the record is remembered: most observations then cost no parse of their version
+                    events = factory.events_of(stream, record, seen)
             except (MalformedRecord, TypeError, ValueError, KeyError, AttributeError) as exc:
                 prepared.bad.append((record, exc))
                 continue
-            # a record that yields events always comes with a new version or level: one check covers both
-            if keep_keys and previous.get(key) != synthesis.seen:
-                prepared.changed.append(synthesis)
-            for event in synthesis.events:
-                targets = self.router(event)
+            for event in events:
+                targets = router(event)
                 if targets:
                     prepared.routed.append((event, targets))
         return prepared

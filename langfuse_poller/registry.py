@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from .errors import ConfigError
 from .events import Event
@@ -123,6 +123,21 @@ class CompiledRule:
             return False
 
 
+# (all targets in rule order, handler and notifier targets, alert group targets)
+Targets = tuple[list[str], list[str], list[str]]
+
+
+class _Candidates(NamedTuple):
+    """What routes an event of one type, whatever the event."""
+
+    handlers: list[str]
+    rules: list[CompiledRule]
+    # no rule has a condition: only silences can make the targets of two events of this type differ
+    unconditional: bool
+    # the rules a silence here can mute: the forwarding ones (the alerter applies an alerting rule's silences)
+    silenceable: tuple[str, ...]
+
+
 class SilenceCheck(Protocol):
     """What the router asks of the silences (alerting.silences.Silences) for a forwarded match."""
 
@@ -149,20 +164,28 @@ class Router:
         self.silences = silences
         # set by the Redis backend: handlers and notifiers become one delivery to this target
         self.queue: str | None = None
-        self._by_type: dict[str, tuple[list[str], list[CompiledRule]]] = {}
+        self._by_type: dict[str, _Candidates] = {}
+        # by event type, the targets of an event (as _walk finds them) when no rule has a condition and no silence
+        # mutes one: they are the same for every event of the type
+        self._fixed: dict[str, Targets] = {}
 
-    def _candidates(self, event_type: str) -> tuple[list[str], list[CompiledRule]]:
+    def _candidates(self, event_type: str) -> _Candidates:
         found = self._by_type.get(event_type)
         if found is None:
             handlers = [f"handler:{h.name}" for h in self.registry.handlers.values() if matches(h.patterns, event_type)]
             rules = [r for r in self.rules if matches(r.rule.events, event_type)]
-            found = self._by_type[event_type] = (handlers, rules)
+            found = self._by_type[event_type] = _Candidates(
+                handlers,
+                rules,
+                all(r.program is None for r in rules),
+                tuple(r.rule.name for r in rules if r.rule.grouping is None),
+            )
         return found
 
     def subscribes(self, event_type: str) -> bool:
         """Whether any handler or rule could want events of this type."""
-        handlers, rules = self._candidates(event_type)
-        return bool(handlers or rules)
+        found = self._candidates(event_type)
+        return bool(found.handlers or found.rules)
 
     def targets(self, event: Event) -> list[str]:
         """The delivery targets of one event, each once. With a `queue` target (the Redis backend), the handlers
@@ -178,9 +201,24 @@ class Router:
         time."""
         return self._route(event, count_silenced)[1]
 
-    def _route(self, event: Event, count_silenced: bool = True) -> tuple[list[str], list[str], list[str]]:
+    def _route(self, event: Event, count_silenced: bool = True) -> Targets:
         """(all targets in rule order, handler and notifier targets, alert group targets) of one event, each once."""
-        handlers, rules = self._candidates(event.type)
+        found = self._candidates(event.type)
+        if not found.unconditional or self._muted(found.silenceable):
+            return self._walk(event, found, self.silences, count_silenced)
+        fixed = self._fixed.get(event.type)
+        if fixed is None:
+            fixed = self._fixed[event.type] = self._walk(event, found, None, count_silenced)
+        # copies: the caller owns what it is given
+        return list(fixed[0]), list(fixed[1]), list(fixed[2])
+
+    def _muted(self, rules: Sequence[str]) -> bool:
+        """Whether a silence mutes any of these rules now; silences come and go, so this is asked every time."""
+        return self.silences is not None and any(map(self.silences.mutes, rules))
+
+    def _walk(self, event: Event, found: _Candidates, silences: SilenceCheck | None, count_silenced: bool) -> Targets:
+        """_route, rule by rule: conditions evaluated, and `silences` (if any) applied to forwarded matches."""
+        handlers, rules = found.handlers, found.rules
         ordered = list(handlers)
         direct = list(handlers)
         alerts: list[str] = []
@@ -197,9 +235,9 @@ class Router:
                 alerts.append(rule.target)
                 ordered.append(rule.target)
                 continue
-            if self.silences is not None and self.silences.mutes(rule.name):
+            if silences is not None and silences.mutes(rule.name):
                 envelope = envelope or event.envelope()
-                silence = self.silences.match if count_silenced else self.silences.covers
+                silence = silences.match if count_silenced else silences.covers
                 if silence(rule.name, envelope):
                     continue
             notifiers = [f"notifier:{name}" for name in rule.notify]

@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 
 from langfuse_poller.alerting.groups import PROGRESS_RECHECK
-from langfuse_poller.alerting.silences import SqliteSilenceBook, add_silence
+from langfuse_poller.alerting.silences import REFRESH, Silences, SqliteSilenceBook, add_silence
 from langfuse_poller.config import Config, parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Event
-from langfuse_poller.registry import Registry
+from langfuse_poller.registry import Registry, Router
+from langfuse_poller.rules import Rule
 from langfuse_poller.runtime import Runtime
+from langfuse_poller.store import Store
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
 from .conftest import Clock, make_config
@@ -504,3 +506,20 @@ def test_messages_name_the_trace_and_the_observation(tmp_path: Path) -> None:
             "test",
         )
     assert caught.value.key == "notifiers.slack.channel"
+
+
+def test_a_silence_added_after_events_of_its_rule_were_routed_mutes_the_next_ones(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    store = Store(tmp_path / "state.db")
+    rules = [Rule("archive", ("trace.*",), None, ("archive",)), Rule("copy", ("trace.updated",), None, ("copy",))]
+    router = Router(rules, Registry(), silences=Silences(SqliteSilenceBook(store), clock=clock))
+    assert router.targets(error(1, clock)) == ["notifier:archive", "notifier:copy"]
+    # what a caller gets is its own: changing it changes no later route
+    router.targets(error(2, clock)).append("notifier:other")
+    assert router.direct_targets(error(2, clock)) == ["notifier:archive", "notifier:copy"]
+    add_silence(SqliteSilenceBook(store), "copy", duration=60, now=T0)
+    clock.now = T0 + REFRESH  # silences are read again at most every REFRESH seconds
+    assert router.targets(error(3, clock)) == ["notifier:archive"]
+    clock.now = T0 + 60  # the silence ended
+    assert router.targets(error(4, clock)) == ["notifier:archive", "notifier:copy"]
+    store.close()

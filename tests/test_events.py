@@ -106,3 +106,47 @@ def test_envelope_round_trip() -> None:
     again = Event.from_json(event.to_json())
     assert again == event
     assert set(event.envelope()) == {"id", "event", "timestamp", "source", "data"}
+
+
+ROOT = {"isRootObservation": True, "parentObservationId": None}
+RECORDS = [
+    obs(),
+    obs(level="ERROR"),
+    obs(level="WARNING", updatedAt=None),
+    obs(type="GENERATION", usageDetails={"input": 3}),
+    obs(**ROOT),
+    obs(**ROOT, level="ERROR", updatedAt="2026-11-27T08:00:00.000Z"),
+    obs(**ROOT, updatedAt="not a time"),
+    obs(isRootObservation=None, parentObservationId=None),
+]
+PREVIOUS = [None, Seen("1795765037000", "DEFAULT"), Seen("1795765037000", "ERROR"), Seen("0", "WARNING")]
+
+
+@pytest.mark.parametrize("observation_created", [True, False])
+def test_events_of_a_record_not_remembered_are_those_of_from_record(observation_created: bool) -> None:
+    factory = EventFactory("https://cloud.langfuse.com/", lambda: observation_created)
+    score = {"id": "s1", "projectId": "p1", "name": "q", "value": 1, "timestamp": "2026-11-27T07:37:16.522Z"}
+    cases = [("observations", r) for r in RECORDS] + [("scores", score), ("scores", {**score, "updatedAt": "x"})]
+    for stream, record in cases:
+        for previous in [*PREVIOUS, Seen("0")]:
+            made = factory.from_record(stream, record, previous).events
+            assert factory.events_of(stream, record, previous) == made
+            assert [e.to_json() for e in factory.events_of(stream, record, previous)] == [e.to_json() for e in made]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [obs(traceId=None), obs(startTime="yesterday"), obs(id=""), obs(projectId=3), ["not", "an", "object"], None],
+)
+def test_a_record_not_remembered_is_checked_the_same(broken: object) -> None:
+    with pytest.raises(MalformedRecord) as remembered:
+        FACTORY.from_record("observations", broken, None)
+    with pytest.raises(MalformedRecord) as not_remembered:
+        FACTORY.events_of("observations", broken, None)
+    assert str(not_remembered.value) == str(remembered.value)
+
+
+def test_seen_compares_by_version_and_level() -> None:
+    assert Seen("1", "ERROR") == Seen("1", "ERROR")
+    assert Seen("1", "ERROR") != Seen("1") and Seen("1") != Seen("2") and Seen("1") is not None
+    assert Seen("bad").level == ""

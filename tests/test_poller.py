@@ -335,3 +335,23 @@ def test_prefetched_tells_the_consumer_before_it_waits_for_a_page() -> None:
 
     got = [page.records[0]["id"] for page in prefetched(pages(), on_wait=waited.set)]
     assert got == ["a", "b"]
+
+
+def test_a_page_read_without_dedup_keys_makes_the_same_events_and_dead_letters(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+) -> None:
+    config = make_config(fake, tmp_path)
+    with runtime_for(config, clock) as runtime:
+        records: list[Any] = []
+        for n in range(20):
+            records.extend(
+                fake.add_trace(start_time=at(clock, 100 - n), observations=3, level="ERROR" if n % 3 else "DEFAULT")
+            )
+        records += [{"id": "no-trace", "type": "SPAN"}, {"id": 7}, "not an object", {**records[1], "startTime": "x"}]
+        page = Page(records, None)
+        kept = runtime.poller._prepare_page("observations", page)
+        not_kept = runtime.poller._prepare_page("observations", page, keep_keys=False, look_up=False)
+        assert [(e.to_json(), list(t)) for e, t in not_kept.routed] == [(e.to_json(), list(t)) for e, t in kept.routed]
+        assert [(r, repr(x)) for r, x in not_kept.bad] == [(r, repr(x)) for r, x in kept.bad]
+        assert len(kept.bad) == 4 and len(kept.changed) == len(records) - 4 and not_kept.changed == []
+        assert len(kept.routed) >= 20 + 13  # a trace.created per trace, a trace.updated per error

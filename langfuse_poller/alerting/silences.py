@@ -207,7 +207,9 @@ class Silences:
             with self._lock:
                 self._refresh(now)
         # the dict is replaced whole on refresh, never changed in place: reading it needs no lock
-        return any(silence.active(now) for silence, _ in self._active.get(rule, ()))
+        silences = self._active.get(rule)
+        # most rules have no silence: they cost no generator (every forwarded match asks)
+        return silences is not None and any(silence.active(now) for silence, _ in silences)
 
     def covers(self, rule: str, envelope: Mapping[str, Any], now: float | None = None) -> bool:
         """Whether an active silence of `rule` covers this envelope (a group's latest match), not counting it."""
