@@ -31,7 +31,12 @@ def parse_time(text: str) -> datetime:
     parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        # "0001-01-01T00:00:00+01:00" is valid ISO 8601 but before year 1 in UTC: a bad time like any other, so
+        # that a record holding one becomes a dead letter instead of failing its whole poll
+        raise ValueError(f"{text!r} is out of the range of dates") from None
 
 
 def parse_start(value: object, now: datetime) -> datetime:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from langfuse_poller.events import Event, EventFactory, MalformedRecord, Seen
+from langfuse_poller.events import Event, EventFactory, MalformedRecord, Seen, record_version
 
 FACTORY = EventFactory("https://cloud.langfuse.com/", lambda: True)
 
@@ -94,11 +94,22 @@ def test_scores_created_and_updated() -> None:
 
 @pytest.mark.parametrize(
     "broken",
-    [obs(traceId=None), obs(startTime="yesterday"), obs(id=""), obs(projectId=3), ["not", "an", "object"]],
+    [
+        obs(traceId=None),
+        obs(startTime="yesterday"),
+        obs(startTime="0001-01-01T00:00:00+01:00"),
+        obs(id=""),
+        obs(projectId=3),
+        ["not", "an", "object"],
+    ],
 )
 def test_malformed_records_raise(broken: object) -> None:
     with pytest.raises(MalformedRecord):
         FACTORY.from_observation(broken, None)  # type: ignore[arg-type]
+
+
+def test_a_version_out_of_the_range_of_dates_is_no_version() -> None:
+    assert record_version({"updatedAt": "9999-12-31T23:59:59-01:00"}) == "0"
 
 
 def test_envelope_round_trip() -> None:

@@ -236,6 +236,9 @@ def test_malformed_record_is_a_dead_letter_and_the_watermark_moves(
         clock.advance(1)
         bad = {"id": "bad-1", "type": "SPAN", "startTime": at(clock, 0.5).isoformat(), "projectId": "proj-test"}
         fake.add_raw_observation(bad, start_time=at(clock, 0.5))
+        # valid ISO 8601, but before year 1 in UTC
+        early = {**bad, "id": "bad-2", "traceId": "t-2", "startTime": "0001-01-01T00:00:00+01:00"}
+        fake.add_raw_observation(early, start_time=at(clock, 0.45))
         fake.add_trace(start_time=at(clock, 0.4), observations=0)
         clock.advance(1)
         poll(runtime, force_sweeps=True)
@@ -243,10 +246,13 @@ def test_malformed_record_is_a_dead_letter_and_the_watermark_moves(
         poll(runtime, force_sweeps=True)  # re-read by every sweep: still one dead letter
         letters = runtime.store.dead_letters()
         state = runtime.store.stream("observations")
-    assert len(letters) == 1
-    assert letters[0].kind == "record" and letters[0].stream == "observations"
-    assert json.loads(letters[0].raw or "{}")["id"] == "bad-1"
-    assert "traceId" in letters[0].error
+    assert len(letters) == 2
+    by_id = {json.loads(letter.raw or "{}")["id"]: letter for letter in letters}
+    assert {letter.kind for letter in letters} == {"record"} and {letter.stream for letter in letters} == {
+        "observations"
+    }
+    assert "traceId" in by_id["bad-1"].error
+    assert "startTime" in by_id["bad-2"].error
     assert state is not None and state.head >= clock.now - 1
     assert sum(1 for k in delivered(tmp_path) if k.startswith("trace.created")) == 1
 
