@@ -401,11 +401,11 @@ class Store:
                 # rolls back the watermark together with its events, so nothing is lost, only re-read
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute("PRAGMA foreign_keys = ON")
-                # a catch-up writes tens of thousands of index entries per minute: a page cache above the default
-                # 2 MB and fewer, larger checkpoints cut the time spent in SQLite. 8 MB per connection: with pages
-                # committed in groups, 32 MB was no faster, and it made the peak RSS grow with the backlog until
-                # the caches filled (98 MB at 100k observations, 134 MB at 1M; see BENCHMARKS.md)
-                conn.execute("PRAGMA cache_size = -8192")
+                # the page cache stays at SQLite's default 2 MB: a connection drops its whole cache whenever another
+                # one has committed since its last read, and the poller and the delivery threads commit in turns.
+                # A larger cache was only refilled, and it made the peak RSS grow with the backlog (8 MB: 10,300 /
+                # 10,700 events/s and 74-79 / 84-85 MB at 100k / 1M observations; 2 MB: 11,100-12,200 events/s,
+                # 69-70 / 72-74 MB; BENCHMARKS.md). Fewer, larger checkpoints do pay in a catch-up
                 conn.execute("PRAGMA wal_autocheckpoint = 4000")
                 conn.execute("PRAGMA busy_timeout = 30000")
             except sqlite3.Error as exc:
