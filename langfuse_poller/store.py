@@ -294,7 +294,8 @@ class Transaction:
         for start in range(0, len(routed), ROWS_PER_INSERT):
             fresh: dict[str, tuple[int, Event]] = {}
             for event, _ in routed[start : start + ROWS_PER_INSERT]:
-                if event.id not in stored and event.id not in earlier:
+                # the first of two events with one id is the one stored, as an insert that ignores conflicts would
+                if event.id not in stored and event.id not in earlier and event.id not in fresh:
                     fresh[event.id] = (event_id_hash(event.id), event)
             if not fresh:
                 continue

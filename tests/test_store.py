@@ -115,7 +115,9 @@ def test_events_whose_ids_share_a_hash_are_told_apart(tmp_path: Path) -> None:
     b = events.Event(second, template.type, template.timestamp, "poll", {"n": 2})
     try:
         with store.write() as tx:
-            assert tx.enqueue_many([(a, ["t"])]) == 1
+            # two events with one id in one call: the first is stored
+            again = events.Event(first, template.type, template.timestamp, "poll", {"n": 9})
+            assert tx.enqueue_many([(a, ["t"]), (again, ["t"])]) == 1
         with store.write() as tx:
             # b shares a's hash but not its id: it is new; a again is not
             assert tx.enqueue_many([(b, ["t"]), (a, ["t", "u"])]) == 1
