@@ -161,7 +161,10 @@ class Service:
             log.warning("polling is alive again")
             self._hang_reported = False
         if not self.ready and (result is not None or failure is not None):
-            self._ready(("first poll: " if result is not None else "") + self.status_text())
+            # a standby's empty poll is no first poll: its status says what it waits for
+            replica = self.runtime.replica
+            first = result is not None and (replica is None or replica.may_poll())
+            self._ready(("first poll: " if first else "") + self.status_text())
 
     def _on_request(self, path: str, outcome: str) -> None:
         self._last_life = self.clock()
@@ -240,7 +243,11 @@ class Service:
         if self.hung():
             parts.append(f"hung: no sign of life from polling for {format_duration(self.stalled())}")
         result, failure = self._last_result, self._last_failure
-        if failure is not None:
+        replica = self.runtime.replica
+        if replica is not None and not replica.may_poll():
+            # a standby's polls are empty on purpose: say whom it waits for, or why it cannot take over
+            parts.append(replica.standing_by())
+        elif failure is not None:
             parts.append(f"last poll failed: {failure}")
         elif result is not None and result.errors:
             parts.append("last poll failed: " + "; ".join(result.errors))

@@ -596,9 +596,41 @@ def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
         for _ in range(3):
             replica.tick()
     assert replica.role == "standby"
+    assert replica.standing_by().startswith("standby that cannot take over: Redis did not answer")
     loud = [r for r in caplog.records if r.levelno >= 30]
     assert loud, "only debug lines: " + "; ".join(r.getMessage() for r in caplog.records)
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+
+
+def test_a_standby_says_in_its_service_status_whom_it_waits_for_or_why_it_cannot_take_over(
+    cli: Cli, langfuse: FakeLangfuse, locked_redis: RedisServer, tmp_path: Path
+) -> None:
+    from tests.test_service import NotifySocket
+
+    sockets = [NotifySocket(str(tmp_path / f"notify-{name}.sock")) for name in ("b", "c")]
+    refused = standby_config(tmp_path, langfuse, locked_redis, "c")
+    refused.write_text(refused.read_text().replace(PASSWORD, "not-" + PASSWORD))
+    procs = [replica(cli, tmp_path, langfuse, locked_redis, "a")]
+    try:
+        assert wait_for(lambda: leads(procs[0])), procs[0].text()
+        configs = [standby_config(tmp_path, langfuse, locked_redis, "b"), refused]
+        for notify, config in zip(sockets, configs, strict=True):
+            env = Cli({**cli.env, "NOTIFY_SOCKET": notify.address})
+            procs.append(Proc(env, tmp_path, config.stem, "run", "--config", str(config)))
+        # READY=1 comes with the first (empty) poll of a standby; its STATUS says what the standby is doing
+        for notify in sockets:
+            ready = notify.wait_for("READY").fields["STATUS"]
+            assert ready.startswith("standby") and "last poll ok" not in ready, ready
+        waiting = sockets[0].wait_for("STATUS", where=lambda n: "leads" in n.fields["STATUS"]).fields["STATUS"]
+        assert waiting.startswith("standby: replica a leads (token "), waiting
+        stuck = sockets[1].wait_for("STATUS", where=lambda n: "cannot" in n.fields["STATUS"]).fields["STATUS"]
+        assert stuck.startswith("standby that cannot take over: Redis did not answer ("), stuck
+        assert all(PASSWORD not in n.fields.get("STATUS", "") for notify in sockets for n in notify.notices())
+    finally:
+        for proc in procs:
+            proc.stop()
+        for notify in sockets:
+            notify.close()
 
 
 def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: RedisServer, tmp_path: Path) -> None:

@@ -94,7 +94,9 @@ class Lease:
         # until when this process may act as the holder, by its own clock: from the moment it *sent* the last
         # successful acquire or renew, so that Redis's expiry (counted from when it received it) is later still
         self._valid_until = 0.0
-        self._unanswered = False  # the last acquire failed: the next failure is not worth a warning again
+        # why the last acquire failed (Redis did not answer, or refused), None when it was answered: the next
+        # failure is not worth a warning again, and a standby's status says why it cannot take over
+        self.unanswered: str | None = None
         self._acquire = client.register_script(ACQUIRE)
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
@@ -119,13 +121,13 @@ class Lease:
         except Exception as exc:
             # said once per outage, not every tick: a replica Redis refuses (a wrong password) can never take over,
             # and must not pass for a standby that waits on purpose
-            level = logging.DEBUG if self._unanswered else logging.WARNING
+            level = logging.DEBUG if self.unanswered is not None else logging.WARNING
             log.log(level, "lease: Redis did not answer the acquire, this replica cannot take over: %s", exc)
-            self._unanswered = True
+            self.unanswered = str(exc) or type(exc).__name__
             return None
-        if self._unanswered:
+        if self.unanswered is not None:
             log.info("lease: Redis answers again")
-            self._unanswered = False
+            self.unanswered = None
         token = int(token)
         if token == 0:
             return parse_holder(str(value), int(ttl))

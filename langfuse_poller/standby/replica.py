@@ -88,6 +88,8 @@ class Replica:
         self.takeovers = 0
         # seconds until the lease another replica holds runs out, as this standby last read it (None: unknown)
         self.holder_expires_in: float | None = None
+        # the replica that held the lease when this standby last tried to take it
+        self.last_holder: LeaseHolder | None = None
         self._lock = threading.Lock()
         self._leading = False
         self._ticks = 0
@@ -158,6 +160,7 @@ class Replica:
         holder = self.lease.try_acquire()
         if holder is None or holder.replica != self.name or not self.lease.held():
             self.holder_expires_in = None if holder is None else holder.expires_in
+            self.last_holder = holder
             return
         self.holder_expires_in = None
         self._leading = True
@@ -178,6 +181,16 @@ class Replica:
 
     def holder(self) -> LeaseHolder | None:
         return self.lease.holder()
+
+    def standing_by(self) -> str:
+        """What this replica does while it does not poll, for the service status (asks Redis nothing): whom it
+        waits for, or why it cannot take over."""
+        if self.lease.unanswered is not None:
+            return f"standby that cannot take over: Redis did not answer ({self.lease.unanswered})"
+        holder = self.last_holder
+        if holder is None:
+            return "standby: waiting for the poller lease"
+        return f"standby: replica {holder.replica} leads (token {holder.token})"
 
     def describe_holder(self) -> str:
         """Who holds the lease, in words for a message; never raises."""
