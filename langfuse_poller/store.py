@@ -143,7 +143,9 @@ MIGRATIONS: tuple[str, ...] = (
     # index outgrew the page cache, every commit wrote thousands of its pages to the WAL (the 620,000 events of
     # a 1M-observation catch-up, their inserts alone: 18.7 s with the text index, 12.3-13.8 s with this one).
     # SQLite cannot drop a column's UNIQUE, so the table is rebuilt, with its seq and its AUTOINCREMENT counter
-    # kept (deliveries refer to seq)
+    # kept (deliveries refer to seq). created_at becomes stored_at so that an older release still writing to the
+    # file fails on the column it names: its INSERT OR IGNORE, without id_hash, would skip every event (NOT NULL)
+    # and still commit the poll's watermark. (A trigger that refuses a missing id_hash costs 2-3 us per event.)
     """
     CREATE TABLE events_v4 (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -153,9 +155,9 @@ MIGRATIONS: tuple[str, ...] = (
         ts REAL NOT NULL,
         source TEXT NOT NULL,
         body TEXT NOT NULL,
-        created_at REAL NOT NULL
+        stored_at REAL NOT NULL
     );
-    INSERT INTO events_v4 (seq, id, id_hash, type, ts, source, body, created_at)
+    INSERT INTO events_v4 (seq, id, id_hash, type, ts, source, body, stored_at)
         SELECT seq, id, event_id_hash(id), type, ts, source, body, created_at FROM events;
     DELETE FROM sqlite_sequence WHERE name = 'events_v4';
     INSERT INTO sqlite_sequence (name, seq) SELECT 'events_v4', seq FROM sqlite_sequence WHERE name = 'events';
@@ -309,7 +311,7 @@ class Transaction:
                 continue
             # RETURNING hands back the seq of each new event: its deliveries need no lookup by id
             rows = self.conn.execute(
-                "INSERT INTO events (id, id_hash, type, ts, source, body, created_at) VALUES "
+                "INSERT INTO events (id, id_hash, type, ts, source, body, stored_at) VALUES "
                 + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(fresh))
                 + " RETURNING id, seq",
                 [
@@ -464,22 +466,30 @@ class Store:
             )
         if len(applied) == len(MIGRATIONS):
             return
+        fd: int | None = None
         if applied:
+            # an existing state is updated only under its lock: a langfuse-poller of the older release still
+            # running on it would go on writing the old schema into the new one
+            fd = self._take_lock(f"and this release must update it (schema {max(applied)} to {len(MIGRATIONS)})")
             # a rebuild of a large outbox takes a while (migration 4: about 7 s for 600,000 events)
             logging.getLogger(__name__).info(
                 "updating the state in %s from schema %d to %d", self.path, max(applied), len(MIGRATIONS)
             )
-        conn.create_function("event_id_hash", 1, event_id_hash, deterministic=True)
-        # a migration may rebuild a table that others refer to: with foreign keys enforced, dropping the old
-        # table would cascade to the rows that refer to it (SQLite's documented way: enforcement off meanwhile,
-        # and a foreign key check before each commit). The pragma cannot change inside a transaction
-        conn.execute("PRAGMA foreign_keys = OFF")
         try:
-            for version, script in enumerate(MIGRATIONS, start=1):
-                if version not in applied:
-                    self._apply(conn, version, script)
+            conn.create_function("event_id_hash", 1, event_id_hash, deterministic=True)
+            # a migration may rebuild a table that others refer to: with foreign keys enforced, dropping the old
+            # table would cascade to the rows that refer to it (SQLite's documented way: enforcement off meanwhile,
+            # and a foreign key check before each commit). The pragma cannot change inside a transaction
+            conn.execute("PRAGMA foreign_keys = OFF")
+            try:
+                for version, script in enumerate(MIGRATIONS, start=1):
+                    if version not in applied:
+                        self._apply(conn, version, script)
+            finally:
+                conn.execute("PRAGMA foreign_keys = ON")
         finally:
-            conn.execute("PRAGMA foreign_keys = ON")
+            if fd is not None:
+                os.close(fd)
 
     def _apply(self, conn: sqlite3.Connection, version: int, script: str) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -495,13 +505,16 @@ class Store:
             if broken:
                 raise StateError(f"migration {version} of {self.path} broke {len(broken)} references: {broken[:3]}")
             conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, self.clock()))
-        except BaseException:
+        except BaseException as exc:
             conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StateError(f"cannot update the state in {self.path} to schema {version}: {exc}") from None
             raise
         conn.execute("COMMIT")
 
-    def lock(self) -> None:
-        """Take the state's exclusive lock: two pollers on one state would deliver everything twice."""
+    def _take_lock(self, why: str = "") -> int:
+        """The state's exclusive lock (an flock on `<path>.lock`, which holds the holder's pid): its descriptor.
+        Raises StateError naming the process that holds it."""
         import fcntl
 
         lock_path = self.path.with_name(self.path.name + ".lock")
@@ -512,9 +525,14 @@ class Store:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise StateError(
-                f"another langfuse-poller (pid {holder}) is using {self.path}; stop it first, "
-                "or give this one its own [state] path"
+                f"another langfuse-poller (pid {holder}) is using {self.path}{' ' + why if why else ''}; stop it "
+                "first, or give this one its own [state] path"
             ) from None
+        return fd
+
+    def lock(self) -> None:
+        """Take the state's exclusive lock: two pollers on one state would deliver everything twice."""
+        fd = self._take_lock()
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
@@ -704,7 +722,7 @@ class Store:
         with self.write() as tx:
             tx.conn.execute("DELETE FROM deliveries WHERE state = 'done' AND updated_at < ?", (before,))
             return tx.conn.execute(
-                "DELETE FROM events WHERE created_at < ? AND NOT EXISTS "
+                "DELETE FROM events WHERE stored_at < ? AND NOT EXISTS "
                 "(SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
                 (before,),
             ).rowcount

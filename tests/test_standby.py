@@ -182,6 +182,12 @@ def test_a_clean_stop_hands_the_lease_over_at_once(redis: RedisServer, tmp_path:
         assert b.replica.role == "standby"
         # the standby knows when the holder's lease runs out: the daemon tries again right then
         assert b.replica.holder_expires_in is not None and 29 < b.replica.holder_expires_in <= 30
+        assert b.replica.standing_by() == "standby: replica r0 leads (token 1)"
+        # a restart of r0 under its fixed name, while its previous run's lease lasts
+        again = Replica(sync_client(redis.url, 1.0), PollerKeys(QUEUE), "r0", 30.0, PollCancel(threading.Event()))
+        again.tick()
+        assert again.role == "standby"
+        assert again.standing_by().startswith("standby: this replica's previous run still holds the lease (token 1)")
         a.replica.close()
         b.replica.tick()
         assert b.replica.role == "leader", "no wait for the 30 s lease to expire"
@@ -596,7 +602,7 @@ def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
         for _ in range(3):
             replica.tick()
     assert replica.role == "standby"
-    assert replica.standing_by().startswith("standby that cannot take over: Redis did not answer")
+    assert replica.standing_by().startswith("standby that cannot take over: Redis failed")
     loud = [r for r in caplog.records if r.levelno >= 30]
     assert loud, "only debug lines: " + "; ".join(r.getMessage() for r in caplog.records)
     assert all(PASSWORD not in r.getMessage() for r in caplog.records)
@@ -624,7 +630,7 @@ def test_a_standby_says_in_its_service_status_whom_it_waits_for_or_why_it_cannot
         waiting = sockets[0].wait_for("STATUS", where=lambda n: "leads" in n.fields["STATUS"]).fields["STATUS"]
         assert waiting.startswith("standby: replica a leads (token "), waiting
         stuck = sockets[1].wait_for("STATUS", where=lambda n: "cannot" in n.fields["STATUS"]).fields["STATUS"]
-        assert stuck.startswith("standby that cannot take over: Redis did not answer ("), stuck
+        assert stuck.startswith("standby that cannot take over: Redis failed ("), stuck
         assert all(PASSWORD not in n.fields.get("STATUS", "") for notify in sockets for n in notify.notices())
     finally:
         for proc in procs:

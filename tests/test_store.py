@@ -5,7 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from langfuse_poller import events
+from langfuse_poller.errors import StateError
 from langfuse_poller.store import MIGRATIONS, Store, event_id_hash
 
 
@@ -103,6 +106,45 @@ def test_migration_4_finds_events_by_id_hash_and_keeps_every_event_delivery_and_
         assert store.prune_delivered(20) == 1
     finally:
         store.close()
+
+
+def test_a_state_in_use_by_a_running_older_release_is_not_updated_under_it(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    path = tmp_path / "state.db"
+    _old_state(path, 3)
+    # the older release's daemon holds the state's lock, as `run` does
+    fd = os.open(tmp_path / "state.db.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242")
+    try:
+        with pytest.raises(StateError, match=r"pid 4242.*must update it \(schema 3 to \d+\)"):
+            Store(path)
+    finally:
+        os.close(fd)
+    conn = sqlite3.connect(path)
+    assert max(row[0] for row in conn.execute("SELECT version FROM schema_migrations")) == 3
+    conn.close()
+    # once it stopped, the update goes through
+    Store(path).close()
+
+
+def test_an_older_release_that_still_writes_after_the_update_fails_instead_of_dropping_events(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    _old_state(path, 3)
+    Store(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    # the insert of the releases before migration 4: OR IGNORE would skip the row (id_hash NOT NULL), and the
+    # watermark of its poll would commit without the event. It names a column that is gone, and fails
+    with pytest.raises(sqlite3.OperationalError, match="no column named created_at"):
+        conn.execute(
+            "INSERT OR IGNORE INTO events (id, type, ts, source, body, created_at) "
+            "VALUES ('trace.created:t9', 'trace.created', 0, 'poll', '{}', 0)"
+        )
+    conn.close()
 
 
 def test_events_whose_ids_share_a_hash_are_told_apart(tmp_path: Path) -> None:

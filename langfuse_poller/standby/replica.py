@@ -163,6 +163,7 @@ class Replica:
             self.last_holder = holder
             return
         self.holder_expires_in = None
+        self.last_holder = None
         self._leading = True
         self.acquired_at = self.clock()
         self.takeovers += 1
@@ -175,6 +176,8 @@ class Replica:
 
     def _step_down(self, why: str) -> None:
         self._leading = False
+        # whoever took over is known at the next try, not before
+        self.last_holder = None
         self.cancel.deposed.set()  # the poll in flight stops at its next request or wait
         self.lease.forget()
         log.warning("stepping down to standby: %s; polling stops", why)
@@ -185,11 +188,15 @@ class Replica:
     def standing_by(self) -> str:
         """What this replica does while it does not poll, for the service status (asks Redis nothing): whom it
         waits for, or why it cannot take over."""
-        if self.lease.unanswered is not None:
-            return f"standby that cannot take over: Redis did not answer ({self.lease.unanswered})"
-        holder = self.last_holder
+        # one read of each: the lease thread may change them meanwhile
+        problem, holder = self.lease.unanswered, self.last_holder
+        if problem is not None:
+            return f"standby that cannot take over: Redis failed ({problem})"
         if holder is None:
             return "standby: waiting for the poller lease"
+        if holder.replica == self.name:
+            # a restart under a fixed `replica` name finds the lease of its previous run until it expires
+            return f"standby: this replica's previous run still holds the lease (token {holder.token}) until it expires"
         return f"standby: replica {holder.replica} leads (token {holder.token})"
 
     def describe_holder(self) -> str:
