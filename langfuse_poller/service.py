@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .poller import PollResult
     from .runtime import Runtime
+    from .standby.replica import Replica
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ class Service:
             self._hang_reported = False
         if not self.ready and (result is not None or failure is not None):
             # a standby's empty poll is no first poll: its status says what it waits for
-            replica = self.runtime.replica
-            first = result is not None and (replica is None or replica.may_poll())
+            first = result is not None and self._standby() is None
             self._ready(("first poll: " if first else "") + self.status_text())
 
     def _on_request(self, path: str, outcome: str) -> None:
@@ -230,6 +230,11 @@ class Service:
         log.error("%s for %s; %s", what, stalled, consequence)
         self.manager.status(f"hung: {what} for {stalled}")
 
+    def _standby(self) -> Replica | None:
+        """This process's replica while it stands by (another one leads, or none can now), else None."""
+        replica = self.runtime.replica
+        return replica if replica is not None and not replica.may_poll() else None
+
     def _ready(self, status: str) -> None:
         self.ready = True
         self._status_sent = status
@@ -243,10 +248,10 @@ class Service:
         if self.hung():
             parts.append(f"hung: no sign of life from polling for {format_duration(self.stalled())}")
         result, failure = self._last_result, self._last_failure
-        replica = self.runtime.replica
-        if replica is not None and not replica.may_poll():
+        standby = self._standby()
+        if standby is not None:
             # a standby's polls are empty on purpose: say whom it waits for, or why it cannot take over
-            parts.append(replica.standing_by())
+            parts.append(standby.standing_by())
         elif failure is not None:
             parts.append(f"last poll failed: {failure}")
         elif result is not None and result.errors:

@@ -86,14 +86,18 @@ class Replica:
         self.on_acquired: Callable[[], None] = lambda: None
         self.acquired_at: float | None = None
         self.takeovers = 0
-        # seconds until the lease another replica holds runs out, as this standby last read it (None: unknown)
-        self.holder_expires_in: float | None = None
         # the replica that held the lease when this standby last tried to take it
         self.last_holder: LeaseHolder | None = None
         self._lock = threading.Lock()
         self._leading = False
         self._ticks = 0
         self._thread: threading.Thread | None = None
+
+    @property
+    def holder_expires_in(self) -> float | None:
+        """Seconds until the lease another replica holds runs out, as this standby last read it (None: unknown)."""
+        holder = self.last_holder
+        return None if holder is None else holder.expires_in
 
     @property
     def role(self) -> str:
@@ -159,10 +163,8 @@ class Replica:
     def _try_lead(self) -> None:
         holder = self.lease.try_acquire()
         if holder is None or holder.replica != self.name or not self.lease.held():
-            self.holder_expires_in = None if holder is None else holder.expires_in
             self.last_holder = holder
             return
-        self.holder_expires_in = None
         self.last_holder = None
         self._leading = True
         self.acquired_at = self.clock()
