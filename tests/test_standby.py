@@ -550,28 +550,27 @@ def test_a_standby_with_other_poll_ages_leaves_the_leaders_sweeps_alone(
     clock = Clock()
     with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
 
-        def start(name: str, lookback: str) -> Any:
+        def start(name: str, lookback: str, role: str) -> Any:
+            """A replica's runtime after its first lease tick, which gave it `role`."""
             config = make_config(
                 fake,
                 tmp_path / name,
                 poll={"lookback": lookback},
                 queue={"backend": "redis", "url": redis.url, "name": QUEUE, "standby": True, "replica": name},
             )
-            return stack.enter_context(runtime_for(config, clock))
+            runtime = stack.enter_context(runtime_for(config, clock))
+            assert runtime.replica is not None
+            runtime.replica.tick()
+            assert runtime.replica.role == role
+            return runtime
 
-        a = start("a", "10m")
-        assert a.replica is not None
-        a.replica.tick()
-        assert a.replica.role == "leader"
+        a = start("a", "10m", "leader")
         for _ in range(3):
             clock.advance(60)
             assert not a.poller.poll_once().errors
         late = fake.add_trace(start_time=datetime.fromtimestamp(clock.now - 30, UTC), visible_after=300)
         late_id = f"trace.created:{late[0]['traceId']}"
-        b = start("b", standby_lookback)
-        assert b.replica is not None
-        b.replica.tick()
-        assert b.replica.role == "standby"
+        start("b", standby_lookback, "standby")
         for _ in range(12):
             clock.advance(60)
             assert not a.poller.poll_once().errors
