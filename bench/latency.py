@@ -46,9 +46,9 @@ from benchlib import (
     write_config,
 )
 
-from langfuse_poller.durations import parse_duration
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
 from langfuse_poller.testing.loopback_webhook import LoopbackWebhook
+from langfuse_poller.util.durations import parse_duration
 
 SCORE_EVERY = 10
 

@@ -56,7 +56,7 @@ from benchlib import child_env, machine, table, write_config
 
 from langfuse_poller.config import DeliveryConfig, QueueConfig
 from langfuse_poller.delivery import BATCH
-from langfuse_poller.redis_queue import RedisQueueTarget
+from langfuse_poller.redis.queue import RedisQueueTarget
 from langfuse_poller.testing.archive import read_archive
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from langfuse_poller.testing.loopback_webhook import Inbox, LoopbackWebhook

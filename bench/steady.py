@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import ROUTED, Clock, Traffic, machine, table
 
 from langfuse_poller.config import parse_config
-from langfuse_poller.durations import parse_duration
 from langfuse_poller.events import Event
 from langfuse_poller.registry import Registry
 from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
+from langfuse_poller.util.durations import parse_duration
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "default": {},  # reread ["1m"], sweep_interval "2m": the config defaults

@@ -167,9 +167,9 @@ def serve(name: str, port: int, cert: str | None, key: str | None) -> None:
         asyncio.run(hypercorn_serve(asgi_app, config))  # type: ignore[arg-type]
     elif name == "langfuse-poller":
         from langfuse_poller.config import parse_config
-        from langfuse_poller.receiver import WebhookReceiver
         from langfuse_poller.registry import Registry, Router
         from langfuse_poller.store import Store
+        from langfuse_poller.webhooks.receiver import WebhookReceiver
 
         state = Path(tempfile.mkdtemp()) / "state.db"
         webhook = {"listen": f"127.0.0.1:{port}", "path": "/", "secret": SECRET, "timeout": TIMEOUT, "max_body": LIMIT}

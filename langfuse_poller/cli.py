@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _setup_logging(level: str, log_format: str = "auto") -> None:
-    from .logs import setup_logging
+    from .service.logs import setup_logging
 
     setup_logging(level, log_format)
 
@@ -170,13 +170,13 @@ def _runtime(args: argparse.Namespace, *, lock: bool = True) -> Runtime:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
+    from .service.daemon import Daemon
 
     return Daemon(_runtime(args), load_config=lambda: _config(args)).run()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .queue_worker import run_worker
+    from .redis.worker import run_worker
 
     config = _config(args)
     if config.queue.backend != "redis":
@@ -187,13 +187,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_webhooks(args: argparse.Namespace) -> int:
-    from .serve_webhooks import serve_webhooks
+    from .service.serve_webhooks import serve_webhooks
 
     return serve_webhooks(_config(args))
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    from .api import Cancelled
+    from .langfuse.reader import Cancelled
 
     runtime = _runtime(args)
     try:
@@ -238,7 +238,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect_status, render_status
+    from .service.status import collect_status, render_status
 
     config = _config(args)
     report = collect_status(config, now=time.time())
@@ -250,7 +250,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .check import run_check
+    from .service.check import run_check
 
     problems = run_check(_config(args), out=sys.stdout)
     return EXIT_OK if problems == 0 else EXIT_FAILED
@@ -286,7 +286,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         count = Store(config.state_path).delete_dead_letters(ids)
         print(f"purged {count} dead letters")
         return EXIT_OK
-    from .replay import replay_dead_letters
+    from .service.replay import replay_dead_letters
 
     runtime = _runtime(args, lock=False)
     try:
@@ -302,8 +302,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
 
 def cmd_silence(args: argparse.Namespace) -> int:
     from .alerting.silences import add_silence, silence_book
-    from .durations import DURATION_FORM, format_duration, parse_duration
     from .store import Store
+    from .util.durations import DURATION_FORM, format_duration, parse_duration
 
     config = _config(args)
     now = time.time()
@@ -353,7 +353,7 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .alerting.dryrun import DryRun, dry_run, dump, events_from_file, events_from_langfuse, find_rule, render
-    from .durations import START_FORM, parse_start
+    from .util.durations import START_FORM, parse_start
 
     config = _config(args)
     rule = find_rule(config, args.rule)
@@ -382,7 +382,7 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .service.demo import run_demo
 
     return run_demo(args.duration, seed=args.seed)
 

@@ -15,8 +15,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .durations import DURATION_FORM, START_FORM, parse_duration, parse_start
 from .errors import ConfigError
+from .util.durations import DURATION_FORM, START_FORM, parse_duration, parse_start
 
 if TYPE_CHECKING:
     from .rules import Rule
@@ -27,7 +27,7 @@ DEFAULT_BASE_URL = "https://cloud.langfuse.com"
 STREAMS = ("observations", "scores")
 # the read paths: "v2" is /v2/observations and /v3/scores; "legacy" the page-based lists of self-hosted v3 servers
 API_CHOICES = ("auto", "v2", "legacy")
-# field groups of /v2/observations beyond the ones the events always need (see api.py)
+# field groups of /v2/observations beyond the ones the events always need (see langfuse/reader.py)
 OPTIONAL_FIELD_GROUPS = ("io", "metadata", "prompt")
 
 
@@ -38,7 +38,7 @@ class Secret:
     value: str = field(repr=False)
 
     def __post_init__(self) -> None:
-        from .logs import hide
+        from .service.logs import hide
 
         # whatever logs it by mistake (a library logging a URL with its token), the log shows *** instead
         hide(self.value)
@@ -222,7 +222,7 @@ class LangfuseConfig:
     secret_key: Secret
     timeout: timedelta = timedelta(seconds=30)
     max_requests_per_minute: int = 0
-    # which endpoints to read: "auto" probes the server (see api.py), "v2" or "legacy" force one
+    # which endpoints to read: "auto" probes the server (see langfuse/reader.py), "v2" or "legacy" force one
     api: str = "auto"
     # the budget of the legacy endpoints' own, smaller rate-limit bucket (traces, v1 observations)
     legacy_max_requests_per_minute: int = 0
@@ -253,7 +253,7 @@ class PollConfig:
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    """`[webhook]`: the receiver of Langfuse's own webhooks (see receiver.py). Never without a secret."""
+    """`[webhook]`: the receiver of Langfuse's own webhooks (see webhooks/receiver.py). Never without a secret."""
 
     enabled: bool = False
     host: str = "127.0.0.1"
@@ -627,7 +627,7 @@ def _parse_delivery(table: Table) -> DeliveryConfig:
 
 
 def _parse_metrics(table: Table) -> MetricsConfig:
-    from .listening import LISTEN_FORM, parse_listen
+    from .util.listening import LISTEN_FORM, parse_listen
 
     text = table.string("listen")
     table.finish()

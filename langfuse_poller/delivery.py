@@ -17,12 +17,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .backoff import backoff_seconds, jittered_backoff
 from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
 from .notifiers.base import BatchNotifier, Notifier, RawBatchNotifier
 from .store import Due, Store, Transaction
+from .util.backoff import backoff_seconds, jittered_backoff
 
 log = logging.getLogger(__name__)
 

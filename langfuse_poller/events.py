@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .durations import format_time, parse_time
+from .util.durations import format_time, parse_time
 
 SOURCES = ("poll", "webhook", "test", "rule")
 ERROR_LEVELS = ("ERROR", "WARNING")

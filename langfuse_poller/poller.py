@@ -21,8 +21,8 @@ most the slice in flight, whose re-read the event ids (unique in the outbox) and
 and memory holds one page. A slice read long after its end (a catch-up) also moves the sweep watermarks it
 makes redundant.
 
-The reader serves each stream from its read path (api.py): the cursor lists of `/v2/observations` and
-`/v3/scores`, or the page-based lists of self-hosted Langfuse v3 (legacy.py, which explains how a fixed upper
+The reader serves each stream from its read path (langfuse/reader.py): the cursor lists of `/v2/observations` and
+`/v3/scores`, or the page-based lists of self-hosted Langfuse v3 (langfuse/legacy.py, which explains how a fixed upper
 bound per window and a bound that moves down keep shifting pages from losing records). Both yield the same
 records, so the windows, watermarks and dedup keys here do not depend on the path.
 """
@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .api import Cancelled, LangfuseReader, Page, utc_from_timestamp
 from .config import PollConfig
 from .errors import LangfusePollerError
 from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis, record_key
+from .langfuse.reader import Cancelled, LangfuseReader, Page, utc_from_timestamp
 from .store import Store, StreamState, Transaction
 
 log = logging.getLogger(__name__)
@@ -245,7 +245,7 @@ class Poller:
 
     def start_streams(self, now: float | None = None) -> None:
         """Create the state of streams seen for the first time, starting where the config says."""
-        from .durations import parse_start
+        from .util.durations import parse_start
 
         now = self.clock() if now is None else now
         start = quantize(parse_start(self.poll.start, utc_from_timestamp(now)).timestamp())

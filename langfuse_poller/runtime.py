@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING, cast
 
 from .alerting.alerter import Alerter
 from .alerting.silences import Silences, silence_book
-from .api import LangfuseReader
 from .config import Config
 from .delivery import DeliveryWorker, HandlerTarget
 from .events import EventFactory
+from .langfuse.reader import LangfuseReader
 from .notifiers import Notifier, build_notifier
 from .poller import Poller
-from .receiver import WebhookReceiver
 from .registry import Registry, Router, import_handler_modules, registry
 from .store import Store
+from .webhooks.receiver import WebhookReceiver
 
 if TYPE_CHECKING:
-    from .redis_queue import RedisQueueTarget
-    from .standby.replica import Replica
-    from .standby.shared_state import SharedPollState
+    from .redis.queue import RedisQueueTarget
+    from .redis.standby.replica import Replica
+    from .redis.standby.shared_state import SharedPollState
 
 
 def wire_routing(
@@ -32,7 +32,7 @@ def wire_routing(
 ) -> tuple[Alerter, dict[str, Notifier]]:
     """Around a compiled router: its silences, the alert rules, and every delivery target (handlers of the
     router's registry, notifiers, alert groups, the Redis queue). What `Runtime.build` wires, and what a
-    reload (reload.py) builds again from a new config."""
+    reload (service/reload.py) builds again from a new config."""
     silences = Silences(silence_book(config, store), clock=clock)
     # with the Redis backend the workers apply (and count) the silences of forwarding rules, at delivery
     router.silences = silences if config.queue.backend != "redis" else None
@@ -43,7 +43,7 @@ def wire_routing(
     targets.update({f"notifier:{name}": build_notifier(nc) for name, nc in config.notifiers.items()})
     targets.update(alerter.targets())
     if config.queue.backend == "redis":
-        from .redis_queue import QUEUE_TARGET, RedisQueueTarget
+        from .redis.queue import QUEUE_TARGET, RedisQueueTarget
 
         # events for handlers and notifiers go to BullMQ workers; alert groups stay here, and so do the
         # notifiers, which send the alerts (and deliveries queued before the switch to Redis)
@@ -102,11 +102,11 @@ class Runtime:
         replica = shared = jobs = None
         poll_state = store
         if config.queue.standby:
-            from .standby.wiring import build_standby
+            from .redis.standby.wiring import build_standby
 
             replica, shared, reader.cancel, jobs = build_standby(config, store, cancel, clock)
             reader.on_read_path = lambda stream, path: shared.set_read_path(stream, path)
-            # SharedPollState offers exactly what Poller uses of Store (see standby/shared_state.py)
+            # SharedPollState offers exactly what Poller uses of Store (see redis/standby/shared_state.py)
             poll_state = cast(Store, shared)
         factory = EventFactory(config.langfuse.base_url, lambda: router.subscribes("observation.created"))
         poller = Poller(

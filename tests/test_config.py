@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from langfuse_poller.config import Secret, load_config, parse_config
-from langfuse_poller.durations import parse_duration, parse_start
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.registry import Router
+from langfuse_poller.util.durations import parse_duration, parse_start
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 

@@ -14,7 +14,7 @@ from langfuse_poller.config import parse_config
 from langfuse_poller.events import Event
 from langfuse_poller.registry import Registry
 from langfuse_poller.runtime import Runtime
-from langfuse_poller.signing import verify
+from langfuse_poller.webhooks.signing import verify
 
 from .receivers import receiver
 
@@ -125,7 +125,7 @@ def test_refused_events_become_dead_letters_and_replay(tmp_path: Path) -> None:
             assert [letter.event_id for letter in letters] == ["trace.created:t1", "trace.created:t2"]
             assert "HTTP 400" in letters[0].error and letters[0].target == "notifier:hook"
             answers["status"] = 200
-            from langfuse_poller.replay import replay_dead_letters
+            from langfuse_poller.service.replay import replay_dead_letters
 
             assert replay_dead_letters(rt, [letters[0].id]) == (1, 0)
             rt.worker.run_until_idle()

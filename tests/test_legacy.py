@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import pytest
 
-from langfuse_poller.api import LangfuseReader
-from langfuse_poller.check import run_check
 from langfuse_poller.config import parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Event, EventFactory, Seen, record_version
-from langfuse_poller.status import collect_status, render_status
+from langfuse_poller.langfuse.reader import LangfuseReader
+from langfuse_poller.service.check import run_check
+from langfuse_poller.service.status import collect_status, render_status
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse, parse_iso_us
 
 from .conftest import Clock, at, delivered, make_config, poll, runtime_for

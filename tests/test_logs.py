@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from langfuse_poller.logs import JournalFormatter, JsonFormatter, TextFormatter, hide, stream_is_journal
+from langfuse_poller.service.logs import JournalFormatter, JsonFormatter, TextFormatter, hide, stream_is_journal
 
 from . import test_cli
 from .test_cli import SECRET_KEY, SECRETS, URL_TOKEN, WEBHOOK_SECRET, Receiver, ago, rule, wait_for, webhook
@@ -219,13 +219,13 @@ def test_the_daemon_log_in_each_format_holds_no_secret(
         assert all(JOURNAL_LINE.match(line) for line in lines if not line[3:].startswith((" ", "Traceback"))), output
         assert not any(TIMESTAMP.match(line[3:]) for line in lines), output
         assert any(line.startswith("<4>WARNING langfuse_poller.delivery: delivery of ") for line in lines), output
-        assert any(line.startswith("<6>INFO langfuse_poller.daemon: langfuse-poller running") for line in lines)
+        assert any(line.startswith("<6>INFO langfuse_poller.service.daemon: langfuse-poller running") for line in lines)
         assert any(line.startswith("<7>DEBUG user.handlers: the hook's secret is ***") for line in lines), output
     elif expected == "json":
         entries = [json.loads(line) for line in lines]
         assert all({"time", "level", "logger", "message"} <= set(entry) for entry in entries), entries
         assert {"info", "warning", "debug"} <= {entry["level"] for entry in entries}
-        assert any(e["logger"] == "langfuse_poller.daemon" and e["message"] == "stopped" for e in entries)
+        assert any(e["logger"] == "langfuse_poller.service.daemon" and e["message"] == "stopped" for e in entries)
     else:
         assert all(TIMESTAMP.match(line) for line in lines if not line.startswith((" ", "Traceback"))), output
         assert any(" WARNING langfuse_poller.delivery: delivery of " in line for line in lines), output

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from langfuse_poller.api import Page
+from langfuse_poller.langfuse.reader import Page
 from langfuse_poller.poller import prefetched
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 

@@ -32,8 +32,8 @@ from langfuse_poller.config import DeliveryConfig, QueueConfig, load_config, par
 from langfuse_poller.errors import ConfigError, DeliveryError
 from langfuse_poller.events import Event
 from langfuse_poller.events import test_event as make_test_event
-from langfuse_poller.queue_worker import run_worker
-from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget, job_options, longest_backoff
+from langfuse_poller.redis.queue import QUEUE_TARGET, RedisQueueTarget, job_options, longest_backoff
+from langfuse_poller.redis.worker import run_worker
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.receivers import receiver
@@ -582,7 +582,7 @@ def test_a_retried_job_counts_its_silenced_match_once(redis: RedisServer) -> Non
     # one event, a silenced rule and a notifier that fails twice: BullMQ runs the job three times, and the silence
     # silenced one match, not three
     from langfuse_poller.alerting.silences import Silences, add_silence, silence_book
-    from langfuse_poller.queue_worker import Dispatcher, JobProcessor, TargetFailed
+    from langfuse_poller.redis.worker import Dispatcher, JobProcessor, TargetFailed
 
     config = parse_config(
         {
@@ -646,8 +646,8 @@ def test_a_retried_job_counts_its_silenced_match_once(redis: RedisServer) -> Non
 
 
 def test_redis_silences_that_ended_a_week_ago_are_dropped_when_one_is_added(redis: RedisServer) -> None:
-    from langfuse_poller.alerting.redis_silences import KEEP_ENDED, RedisSilenceBook
     from langfuse_poller.alerting.silences import add_silence
+    from langfuse_poller.redis.silences import KEEP_ENDED, RedisSilenceBook
 
     book = RedisSilenceBook(QueueConfig(backend="redis", url=redis.url), 2.0)
     try:

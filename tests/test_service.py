@@ -246,7 +246,7 @@ def data_requests(fake: FakeLangfuse, before: float | None = None) -> int:
 
 
 def test_the_notification_protocol_on_a_path_and_in_the_abstract_namespace(tmp_path: Path) -> None:
-    from langfuse_poller.sdnotify import STATUS_MAX, ServiceManager
+    from langfuse_poller.service.sdnotify import STATUS_MAX, ServiceManager
 
     for address in (str(tmp_path / "manager.sock"), f"@langfuse-poller-unit-{os.getpid()}-{time.monotonic_ns()}"):
         sock = NotifySocket(address)
@@ -499,8 +499,8 @@ def test_sighup_applies_new_rules_and_notifiers_and_keeps_state_and_pending_deli
 def test_a_reload_wires_the_routing_as_the_runtime_does(tmp_path: Path) -> None:
     """A reload builds what Runtime.build built (both go through runtime.wire_routing): the same targets, and
     a router and an alerter with the same parts (a silence check, the streams an alerter watches)."""
-    from langfuse_poller import reload
     from langfuse_poller.runtime import Runtime
+    from langfuse_poller.service import reload
 
     from .conftest import make_config
 

@@ -33,11 +33,11 @@ from langfuse_poller.config import parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Seen, Synthesis
 from langfuse_poller.events import test_event as make_test_event
-from langfuse_poller.redis_queue import QUEUE_TARGET, RedisQueueTarget, sync_client
-from langfuse_poller.standby.keys import PollerKeys
-from langfuse_poller.standby.lease import Deposed
-from langfuse_poller.standby.replica import PollCancel, Replica
-from langfuse_poller.standby.shared_state import SharedPollState
+from langfuse_poller.redis.queue import QUEUE_TARGET, RedisQueueTarget, sync_client
+from langfuse_poller.redis.standby.keys import PollerKeys
+from langfuse_poller.redis.standby.lease import Deposed
+from langfuse_poller.redis.standby.replica import PollCancel, Replica
+from langfuse_poller.redis.standby.shared_state import SharedPollState
 from langfuse_poller.store import Store
 from langfuse_poller.testing.archive import read_archive
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
@@ -710,7 +710,7 @@ def test_a_worker_that_redis_refuses_stops_with_a_message(
 def test_a_worker_says_when_redis_goes_away_and_comes_back(
     tmp_path: Path, redis: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from langfuse_poller import queue_worker
+    from langfuse_poller.redis import worker as queue_worker
 
     monkeypatch.setattr(queue_worker, "WATCH_INTERVAL", 0.2)
     config = parse_config({**KEYS, "queue": {"backend": "redis", "url": redis.url}}, "t")

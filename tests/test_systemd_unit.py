@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from langfuse_poller.daemon import STOP_GRACE
-from langfuse_poller.service import READY_WITHIN
+from langfuse_poller.service.daemon import STOP_GRACE
+from langfuse_poller.service.lifecycle import READY_WITHIN
 
 from . import test_cli
 from .test_cli import PUBLIC_KEY, SECRET_KEY, q

@@ -36,7 +36,7 @@ from langfuse_poller.events import Event
 from langfuse_poller.registry import Registry
 from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
-from langfuse_poller.webhook_events import event_from_webhook
+from langfuse_poller.webhooks.payloads import event_from_webhook
 
 from .conftest import Clock, make_config
 

@@ -55,7 +55,7 @@ def find_rule(config: Config, name: str) -> Rule:
 
 def events_from_langfuse(config: Config, rule: Rule, since: datetime, until: datetime) -> Iterator[Event]:
     """Every event the poller would make from the records of [since, until), as if seen for the first time."""
-    from ..api import LangfuseReader
+    from ..langfuse.reader import LangfuseReader
 
     factory = EventFactory(config.langfuse.base_url, lambda: matches(rule.events, "observation.created"))
     reader = LangfuseReader(config.langfuse, extra_fields=config.poll.fields, environments=config.poll.environments)

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from ..durations import format_duration, format_time
 from ..events import Event
 from ..rules import Rule
+from ..util.durations import format_duration, format_time
 
 # frequency and absence groups follow the poller's progress: they are looked at this often
 PROGRESS_RECHECK = 5.0

@@ -139,7 +139,7 @@ class SqliteSilenceBook:
 def silence_book(config: Config, store: Store | None) -> SilenceBook:
     """The book `config` keeps its silences in: Redis with the Redis backend, else the state file (`store`)."""
     if config.queue.backend == "redis":
-        from .redis_silences import RedisSilenceBook
+        from ..redis.silences import RedisSilenceBook
 
         return RedisSilenceBook(config.queue, config.delivery.timeout.total_seconds())
     assert store is not None, "the SQLite silence book needs the state"

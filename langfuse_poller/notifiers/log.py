@@ -30,7 +30,7 @@ class LogSettings:
 
 
 class LogNotifier:
-    # safe to call from several threads at once (queue_worker.Dispatcher): the logging module locks
+    # safe to call from several threads at once (redis/worker.py, Dispatcher): the logging module locks
     concurrent = True
 
     def __init__(self, name: str, settings: LogSettings) -> None:

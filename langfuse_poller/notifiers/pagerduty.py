@@ -64,7 +64,7 @@ class PagerDutySettings:
 
 
 class PagerDutyNotifier:
-    # safe to call from several threads at once (queue_worker.Dispatcher): httpx.Client is thread-safe
+    # safe to call from several threads at once (redis/worker.py, Dispatcher): httpx.Client is thread-safe
     concurrent = True
 
     def __init__(self, settings: PagerDutySettings) -> None:

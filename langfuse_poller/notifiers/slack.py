@@ -193,7 +193,7 @@ def blocks_for(message: Message, event: Event) -> list[dict[str, Any]]:
 
 
 class SlackNotifier:
-    # safe to call from several threads at once (queue_worker.Dispatcher): slack-sdk opens a connection per request
+    # safe to call from several threads at once (redis/worker.py, Dispatcher): slack-sdk opens a connection per request
     concurrent = True
 
     def __init__(self, name: str, settings: SlackSettings) -> None:

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from ..config import Secret, Table
 from ..events import Event
-from ..signing import HEADER, sign
+from ..webhooks.signing import HEADER, sign
 from . import http
 
 
@@ -43,7 +43,7 @@ class WebhookSettings:
 
 
 class WebhookNotifier:
-    # safe to call from several threads at once (queue_worker.Dispatcher): httpx.Client is thread-safe
+    # safe to call from several threads at once (redis/worker.py, Dispatcher): httpx.Client is thread-safe
     concurrent = True
 
     def __init__(self, settings: WebhookSettings) -> None:

@@ -49,9 +49,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
-from .durations import format_time, parse_time
-from .errors import ApiError
-from .events import ERROR_LEVELS
+from ..errors import ApiError
+from ..events import ERROR_LEVELS
+from ..util.durations import format_time, parse_time
 
 log = logging.getLogger(__name__)
 

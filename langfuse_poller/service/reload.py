@@ -13,7 +13,7 @@ modules` is imported; one taken out stays loaded until a restart, and so does a 
 
 The work comes in two steps, so that a bad config never disturbs the running one:
 `prepare` reads and checks everything that has no side effect (the file, the CEL conditions) while the daemon
-runs on; `apply` runs while the daemon is quiet (no poll, no delivery in flight; see `service.py`), imports the
+runs on; `apply` runs while the daemon is quiet (no poll, no delivery in flight; see `lifecycle.py`), imports the
 new handler modules and builds the notifiers, and swaps them in only when all of it worked.
 """
 
@@ -24,12 +24,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
-from .alerting.alerter import Alerter
-from .config import Config, load_config
-from .errors import LangfusePollerError
-from .notifiers import Notifier
-from .registry import Router, import_handler_modules
-from .runtime import Runtime, wire_routing
+from ..alerting.alerter import Alerter
+from ..config import Config, load_config
+from ..errors import LangfusePollerError
+from ..notifiers import Notifier
+from ..registry import Router, import_handler_modules
+from ..runtime import Runtime, wire_routing
 
 log = logging.getLogger(__name__)
 

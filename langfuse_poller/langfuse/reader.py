@@ -34,10 +34,10 @@ import httpx
 import orjson
 import tenacity
 
-from .backoff import jittered_backoff
-from .config import LangfuseConfig
-from .durations import format_time
-from .errors import ApiError, AuthError, LangfusePollerError
+from ..config import LangfuseConfig
+from ..errors import ApiError, AuthError, LangfusePollerError
+from ..util.backoff import jittered_backoff
+from ..util.durations import format_time
 from .legacy import OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH, LegacyReader
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class LangfuseReader:
         backoff_initial: float = 1.0,
         backoff_max: float = 60.0,
     ) -> None:
-        from . import __version__
+        from .. import __version__
 
         self.config = config
         self.host = host_of(config.base_url)

@@ -37,14 +37,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import make_wsgi_app
 from prometheus_client.registry import Collector
 
-from .errors import LangfusePollerError
-from .legacy import TRACES_PATH
-from .listening import format_listen
-from .store import StoredEvent
+from ..errors import LangfusePollerError
+from ..langfuse.legacy import TRACES_PATH
+from ..store import StoredEvent
+from ..util.listening import format_listen
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .standby.report import QueueReport
+    from ..redis.standby.report import QueueReport
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class StateCollector(Collector):
         self.stalled = stalled
 
     def collect(self) -> Iterable[Metric]:
-        from . import __version__
+        from .. import __version__
 
         runtime = self.runtime
         store = runtime.store
@@ -95,7 +95,7 @@ class StateCollector(Collector):
         )
         report = None
         if runtime.config.queue.backend == "redis":
-            from .standby.report import read_report
+            from ..redis.standby.report import read_report
 
             report = read_report(runtime.config.queue, now=now)
         # standby replicas share their watermarks in Redis; their SQLite holds none

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-from .events import Event
+from ..events import Event
 
 TRACE_NAMES = ("chat", "search", "checkout", "summarize")
 ERROR_RATE = 0.12
@@ -139,11 +139,11 @@ class AlertLines(logging.Handler):
 
 
 def run_demo(duration: float, *, seed: int | None = None, out: TextIO = sys.stdout) -> int:
-    from .config import parse_config
+    from ..config import parse_config
+    from ..registry import Registry
+    from ..runtime import Runtime
+    from ..testing.fake_langfuse import FakeLangfuse
     from .daemon import Daemon
-    from .registry import Registry
-    from .runtime import Runtime
-    from .testing.fake_langfuse import FakeLangfuse
 
     started = time.time()
     printer = Printer(out, started)
@@ -214,6 +214,6 @@ def run_demo(duration: float, *, seed: int | None = None, out: TextIO = sys.stdo
 
 
 def _data_paths() -> tuple[str, ...]:
-    from .testing.fake_langfuse import OBSERVATIONS_PATH, SCORES_PATH
+    from ..testing.fake_langfuse import OBSERVATIONS_PATH, SCORES_PATH
 
     return (OBSERVATIONS_PATH, SCORES_PATH)

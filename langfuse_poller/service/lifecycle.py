@@ -31,16 +31,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from .config import Config
-from .durations import format_duration
-from .errors import LangfusePollerError
+from ..config import Config
+from ..errors import LangfusePollerError
+from ..util.durations import format_duration
 from .sdnotify import ServiceManager
 
 if TYPE_CHECKING:
+    from ..poller import PollResult
+    from ..redis.standby.replica import Replica
+    from ..runtime import Runtime
     from .metrics import Metrics
-    from .poller import PollResult
-    from .runtime import Runtime
-    from .standby.replica import Replica
 
 log = logging.getLogger(__name__)
 

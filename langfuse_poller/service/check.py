@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from .config import Config
-from .errors import LangfusePollerError
+from ..config import Config
+from ..errors import LangfusePollerError
 
 
 def run_check(config: Config, *, out: TextIO) -> int:
@@ -17,14 +17,14 @@ def run_check(config: Config, *, out: TextIO) -> int:
         problems += 0 if ok else 1
         out.write(f"{'ok  ' if ok else 'FAIL'} {what}\n")
 
-    from .registry import Router, import_handler_modules, registry
+    from ..registry import Router, import_handler_modules, registry
 
     # a config error (a bad CEL condition, a handler module that does not import) ends the check with exit 2
     import_handler_modules(config.handler_modules, config.source)
     router = Router(config.rules, registry, config.source)
     report(True, f"config {config.source}: {len(router.rules)} rules, {len(registry.handlers)} handlers")
 
-    from .notifiers import build_notifier
+    from ..notifiers import build_notifier
 
     for name, notifier_config in config.notifiers.items():
         try:
@@ -33,12 +33,12 @@ def run_check(config: Config, *, out: TextIO) -> int:
         except Exception as exc:
             report(False, f"notifier {name} ({notifier_config.type}): {exc}")
 
-    from .listening import check_listeners
+    from ..util.listening import check_listeners
 
     for ok, what in check_listeners(config):
         report(ok, what)
 
-    from .store import Store
+    from ..store import Store
 
     try:
         store = Store(config.state_path)
@@ -51,7 +51,7 @@ def run_check(config: Config, *, out: TextIO) -> int:
     except Exception as exc:  # sqlite3.OperationalError: a read-only file or directory
         report(False, f"state {config.state_path} is not writable: {exc}")
 
-    from .api import ENDPOINTS, LangfuseReader
+    from ..langfuse.reader import ENDPOINTS, LangfuseReader
 
     reader = LangfuseReader(config.langfuse)
     try:

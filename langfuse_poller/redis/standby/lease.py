@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..api import Cancelled
+from ...langfuse.reader import Cancelled
 from .keys import PollerKeys
 
 log = logging.getLogger(__name__)

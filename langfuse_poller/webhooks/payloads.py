@@ -26,8 +26,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
-from .durations import parse_time
-from .events import Event
+from ..events import Event
+from ..util.durations import parse_time
 
 SOURCE = "webhook"
 UNKNOWN = "webhook.unknown"

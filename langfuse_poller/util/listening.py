@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 LISTEN_FORM = 'an address and port such as "127.0.0.1:9464", "[::1]:9464" or "0.0.0.0:9464"'
 

@@ -1,6 +1,6 @@
 """Log lines on stderr: for people (text), for journald (journal) and for log shippers (json); never a secret.
 
-* `text`: `2026-11-27 07:37:16,522 INFO langfuse_poller.daemon: ...`, as before.
+* `text`: `2026-11-27 07:37:16,522 INFO langfuse_poller.service.daemon: ...`, as before.
 * `journal`: no timestamp (journald adds its own) and a syslog priority prefix on every line, `<3>` error,
   `<4>` warning, `<6>` info, `<7>` debug, so that `journalctl -p warning` and the colours work. Chosen by `auto`
   when `$JOURNAL_STREAM` names the device and inode of stderr, as systemd documents (a child that inherited

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import QueueConfig
-from ..store import StreamState
+from ...config import QueueConfig
+from ...store import StreamState
 from .keys import PollerKeys
 from .lease import LeaseHolder, parse_holder
 
@@ -68,7 +68,7 @@ class QueueReport:
 
 def read_report(config: QueueConfig, *, now: float, timeout: float = 3.0) -> QueueReport:
     """Everything `status` shows about the queue; a Redis that does not answer is an `error`, not an exception."""
-    from ..redis_queue import sync_client
+    from ..queue import sync_client
 
     report = QueueReport(config.display_url, config.name, config.lease.total_seconds())
     client = sync_client(config.url, timeout)
@@ -121,7 +121,7 @@ def queue_counts(config: QueueConfig, timeout: float) -> tuple[dict[str, int], l
     async def read() -> tuple[dict[str, int], list[WorkerSeen]]:
         from bullmq import Queue
 
-        from ..redis_queue import redis_client
+        from ..queue import redis_client
 
         queue = Queue(config.name, {"connection": redis_client(config.url, timeout)})
         try:

@@ -2,7 +2,7 @@
 
 Signal handlers only set a flag. The main thread then cancels waits (rate-limit sleeps, backoffs), lets the
 poll in flight finish or roll back its transaction, lets deliveries in flight finish, and exits 0. SIGHUP
-reloads the config, on the main thread too; systemd readiness, watchdog and metrics are `service.py`'s.
+reloads the config, on the main thread too; systemd readiness, watchdog and metrics are `lifecycle.py`'s.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
-from .api import Cancelled
-from .config import Config
-from .durations import format_duration
-from .errors import LangfusePollerError
-from .poller import PollResult
-from .runtime import Runtime
-from .service import Service
+from ..config import Config
+from ..errors import LangfusePollerError
+from ..langfuse.reader import Cancelled
+from ..poller import PollResult
+from ..runtime import Runtime
+from ..util.durations import format_duration
+from .lifecycle import Service
 
 log = logging.getLogger(__name__)
 

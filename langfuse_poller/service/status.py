@@ -5,13 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .config import Config
-from .durations import format_duration
-from .errors import StateError
-from .store import StreamState
+from ..config import Config
+from ..errors import StateError
+from ..store import StreamState
+from ..util.durations import format_duration
 
 if TYPE_CHECKING:
-    from .standby.report import QueueReport
+    from ..redis.standby.report import QueueReport
 
 
 def _iso(seconds: float | None) -> str | None:
@@ -46,9 +46,9 @@ def _stream(
 
 def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     """A JSON-ready report of every stream, the queue and the dead letters."""
-    from .alerting.alerter import load_groups
-    from .alerting.silences import silence_book
-    from .store import Store
+    from ..alerting.alerter import load_groups
+    from ..alerting.silences import silence_book
+    from ..store import Store
 
     report: dict[str, Any] = {
         "config": config.source,
@@ -63,7 +63,7 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     }
     shared: QueueReport | None = None
     if config.queue.backend == "redis":
-        from .standby.report import read_report, report_json
+        from ..redis.standby.report import read_report, report_json
 
         shared = read_report(config.queue, now=now)
         report["redis"] = report_json(shared)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from .events import MalformedRecord
-from .runtime import Runtime
+from ..events import MalformedRecord
+from ..runtime import Runtime
 
 
 def replay_dead_letters(runtime: Runtime, ids: Sequence[int] | None) -> tuple[int, int]:

@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any
 
+from ..alerting.silences import Silence
 from ..config import QueueConfig
 from ..errors import StateError
-from ..redis_queue import sync_client
-from .silences import Silence
+from .queue import sync_client
 
 KEEP_ENDED = 7 * 86400.0
 

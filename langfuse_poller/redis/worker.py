@@ -20,13 +20,13 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .alerting.silences import Silences, silence_book
-from .config import Config
-from .delivery import HandlerTarget
-from .errors import DeliveryError, StateError
-from .events import Event
-from .notifiers import Notifier, build_notifier
-from .registry import Registry, Router, import_handler_modules, registry
+from ..alerting.silences import Silences, silence_book
+from ..config import Config
+from ..delivery import HandlerTarget
+from ..errors import DeliveryError, StateError
+from ..events import Event
+from ..notifiers import Notifier, build_notifier
+from ..registry import Registry, Router, import_handler_modules, registry
 from .standby.replica import default_replica
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class RedisCheck:
     worker whose Redis is down, or refuses its password, would look idle rather than broken."""
 
     def __init__(self, config: Config) -> None:
-        from .redis_queue import sync_client
+        from .queue import sync_client
 
         self.where = config.queue.display_url
         self.client = sync_client(config.queue.url, config.delivery.timeout.total_seconds())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from ..config import Config
-from ..redis_queue import RedisQueueTarget, sync_client
-from ..store import Store
+from ...config import Config
+from ...store import Store
+from ..queue import RedisQueueTarget, sync_client
 from .keys import PollerKeys
 from .replica import PollCancel, Replica, default_replica
 from .shared_state import SharedPollState

@@ -3,7 +3,7 @@
 A request is checked in this order, each refusal stores nothing: the path and method (404, 405), the
 declared length against `max_body` (413, before a byte of the body is read), the content type (415), the
 body read within `timeout` (408) and `max_body` (413), the signature (401), a JSON object (400). The event
-(see webhook_events.py) is then stored with its deliveries in one write transaction, the delivery worker is
+(see payloads.py) is then stored with its deliveries in one write transaction, the delivery worker is
 kicked, and the answer is 200; handlers and notifiers run later, in the worker, never on the request. The
 event id comes from the payload id, so a retried delivery stores nothing new and is answered 200 again.
 An event that no rule or handler wants is stored all the same, with no delivery.
@@ -32,13 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
+from ..config import DEFAULT_BASE_URL, WEBHOOK_SECRET_EXPECTED, WebhookConfig
+from ..errors import ConfigError, LangfusePollerError
+from ..events import Event
+from ..registry import Router
+from ..store import Store
 from . import signing
-from .config import DEFAULT_BASE_URL, WEBHOOK_SECRET_EXPECTED, WebhookConfig
-from .errors import ConfigError, LangfusePollerError
-from .events import Event
-from .registry import Router
-from .store import Store
-from .webhook_events import event_from_webhook
+from .payloads import event_from_webhook
 
 log = logging.getLogger(__name__)
 

@@ -28,10 +28,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from ..errors import StateError
-from ..events import Event, Seen, Synthesis
-from ..redis_queue import QUEUE_TARGET
-from ..store import Store, StoredEvent, StreamState
+from ...errors import StateError
+from ...events import Event, Seen, Synthesis
+from ...store import Store, StoredEvent, StreamState
+from ..queue import QUEUE_TARGET
 from .keys import PollerKeys
 from .lease import Deposed
 

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import orjson
 
-from .config import DeliveryConfig, QueueConfig
-from .errors import DeliveryError
-from .events import Event
+from ..config import DeliveryConfig, QueueConfig
+from ..errors import DeliveryError
+from ..events import Event
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import WEBHOOK_SECRET_EXPECTED, Config
+from ..config import WEBHOOK_SECRET_EXPECTED, Config
+from ..errors import ConfigError
+from ..runtime import Runtime
 from .daemon import Daemon
-from .errors import ConfigError
 from .reload import config_loader
-from .runtime import Runtime
 
 
 def serve_webhooks(config: Config) -> int:

@@ -1,0 +1,1 @@
+"""The Redis backend: the BullMQ queue and its workers, shared silences, standby pollers."""

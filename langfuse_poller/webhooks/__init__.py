@@ -1,0 +1,1 @@
+"""Receiving Langfuse's own webhooks: signatures, payload mapping, the HTTP receiver."""
