@@ -48,7 +48,8 @@ from .config import PollConfig
 from .errors import LangfusePollerError
 from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis, record_key
 from .langfuse.reader import Cancelled, LangfuseReader, Page, utc_from_timestamp
-from .store import Store, StreamState, Transaction
+from .poll_state import StreamState
+from .store import Store, Transaction
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import StateError
 from .events import Event, Seen, Synthesis
+from .poll_state import StreamState
 
 # the `facts` table holds what the state knows besides records, such as the read path each stream found
 READ_PATH_KEY = "read-path:"
@@ -172,22 +173,6 @@ def event_id_hash(event_id: str) -> int:
     """The key events are found by: CRC-32 of the id, stable across processes and versions (unlike `hash`).
     Ids that share a hash are told apart by comparing the id itself."""
     return zlib.crc32(event_id.encode())
-
-
-@dataclass(frozen=True)
-class StreamState:
-    """A stream's progress as stored: head watermark, sweep watermarks by age, last poll and last error."""
-
-    name: str
-    head: float
-    sweeps: dict[float, float]
-    last_poll_at: float | None
-    last_success_at: float | None
-    last_error: str | None
-    last_error_at: float | None
-    api_requests: int
-    records: int
-    events: int
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import StateError
-from ..store import StreamState
+from ..poll_state import StreamState
 from ..util.durations import format_duration
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...config import QueueConfig
-from ...store import StreamState
+from ...poll_state import StreamState
 from .keys import PollerKeys
 from .lease import LeaseHolder, parse_holder
 

@@ -30,7 +30,8 @@ from typing import Any
 
 from ...errors import StateError
 from ...events import Event, Seen, Synthesis
-from ...store import Store, StoredEvent, StreamState
+from ...poll_state import StreamState
+from ...store import Store, StoredEvent
 from ..queue import QUEUE_TARGET
 from .keys import PollerKeys
 from .lease import Deposed
