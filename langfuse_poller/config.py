@@ -38,7 +38,7 @@ class Secret:
     value: str = field(repr=False)
 
     def __post_init__(self) -> None:
-        from .service.logs import hide
+        from .util.redaction import hide
 
         # whatever logs it by mistake (a library logging a URL with its token), the log shows *** instead
         hide(self.value)

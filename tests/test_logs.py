@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from langfuse_poller.service.logs import JournalFormatter, JsonFormatter, TextFormatter, hide, stream_is_journal
+from langfuse_poller.service.logs import JournalFormatter, JsonFormatter, TextFormatter, stream_is_journal
+from langfuse_poller.util.redaction import hide
 
 from . import test_cli
 from .test_cli import SECRET_KEY, SECRETS, URL_TOKEN, WEBHOOK_SECRET, Receiver, ago, rule, wait_for, webhook

@@ -8,8 +8,8 @@
 * `json`: one object per line: `time` (RFC 3339, UTC), `level`, `logger`, `message`, and `exception` when there
   is a traceback.
 
-Every formatter replaces the values of the config's secrets (see `hide`, which `config.Secret` calls) with
-`***`, including in tracebacks: a library that logs a URL with its token stays harmless.
+Every formatter replaces the values of the config's secrets with `***` (see util/redaction.py, which `Secret`
+fills), including in tracebacks: a library that logs a URL with its token stays harmless.
 """
 
 from __future__ import annotations
@@ -18,41 +18,13 @@ import json
 import logging
 import os
 import sys
-import threading
 from datetime import UTC, datetime
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+
+from ..util.redaction import redact
 
 FORMATS = ("auto", "text", "journal", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# shorter values would hide ordinary words; real secrets and tokens are far longer
-MIN_SECRET = 6
-MASK = "***"
-
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-def hide(value: str) -> None:
-    """Never show `value` in a log line; for a URL, its path and query (where tokens live) as well."""
-    candidates = [value]
-    if value.startswith(("http://", "https://")):
-        parts = urlsplit(value)
-        candidates.append(parts.path + (f"?{parts.query}" if parts.query else ""))
-    with _secrets_lock:
-        _secrets.update(c for c in candidates if len(c.strip("/")) >= MIN_SECRET)
-
-
-def redact(text: str) -> str:
-    """`text` with every hidden value replaced by ***; the longest first, so a URL goes before its path."""
-    if not _secrets:
-        return text
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    return text
 
 
 class TextFormatter(logging.Formatter):
