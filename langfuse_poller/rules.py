@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .config import NotifierConfig, Table
+    from .notifiers.base import NotifierConfig
+    from .util.toml_tables import Table
 
 KINDS = ("event", "frequency", "absence")
 GROUPING_KEYS = ("group_by", "group_wait", "group_interval", "repeat_interval", "resolve_after", "samples")
@@ -68,7 +69,7 @@ class Rule:
 
 def parse_rules(top: Table, notifiers: Mapping[str, NotifierConfig]) -> tuple[Rule, ...]:
     """Read `[[rules]]`: each rule's name is unique, its notifiers exist, its grouping keys are well formed."""
-    from .config import Table
+    from .util.toml_tables import Table
 
     raw = top.raw("rules")
     if raw is None:

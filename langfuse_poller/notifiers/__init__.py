@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..config import NotifierConfig, Table
-from .base import BatchNotifier, Notifier
+from ..util.toml_tables import Table
+from .base import BatchNotifier, Notifier, NotifierConfig
 
 __all__ = ["BatchNotifier", "Notifier", "build_notifier", "notifier_types", "parse_notifier"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from ..events import Event
@@ -41,3 +42,13 @@ def retry_after(headers: Mapping[str, Any] | None) -> float | None:
             except (TypeError, ValueError):
                 return None
     return None
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    """A configured notifier: its name, its type and the settings that type parsed."""
+
+    name: str
+    type: str
+    settings: Any
+    key: str

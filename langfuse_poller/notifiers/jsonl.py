@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Table
 from ..errors import DeliveryError
 from ..events import Event
+from ..util.toml_tables import Table
 
 TAIL_BYTES = 4 << 20
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..config import Table
 from ..events import Event
+from ..util.toml_tables import Table
 from .messages import message_for
 
 LEVELS = ("debug", "info", "warning", "error")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..config import Secret, Table
 from ..events import Event
+from ..util.toml_tables import Secret, Table
 from . import http
 from .messages import message_for
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from ..config import Secret, Table
 from ..errors import DeliveryError
 from ..events import Event
+from ..util.toml_tables import Secret, Table
 from .base import retry_after
 from .messages import Message, message_for
 

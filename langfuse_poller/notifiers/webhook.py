@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ..config import Secret, Table
 from ..events import Event
+from ..util.toml_tables import Secret, Table
 from ..webhooks.signing import HEADER, sign
 from . import http
 
