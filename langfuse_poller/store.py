@@ -24,6 +24,7 @@ from typing import Any
 from .errors import StateError
 from .events import Event, Seen, Synthesis
 from .poll_state import StreamState
+from .util.lockfile import lock_path, read_holder, write_holder
 
 # the `facts` table holds what the state knows besides records, such as the read path each stream found
 READ_PATH_KEY = "read-path:"
@@ -502,12 +503,11 @@ class Store:
         Raises StateError naming the process that holds it."""
         import fcntl
 
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            holder = read_holder(fd)
             os.close(fd)
             raise StateError(
                 f"another langfuse-poller (pid {holder}) is using {self.path}{' ' + why if why else ''}; stop it "
@@ -518,8 +518,7 @@ class Store:
     def lock(self) -> None:
         """Take the state's exclusive lock: two pollers on one state would deliver everything twice."""
         fd = self._take_lock()
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        write_holder(fd)
         self._lock_fd = fd
 
     # streams

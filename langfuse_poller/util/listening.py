@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .lockfile import lock_holder
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -70,26 +70,6 @@ def probe(address: ListenAddress) -> OSError | None:
     except OSError as exc:
         return exc
     return None
-
-
-def lock_holder(state_path: Path) -> str | None:
-    """The pid written by the langfuse-poller that holds the state's lock (a `run` in progress), if one does."""
-    import fcntl
-
-    lock_path = state_path.with_name(state_path.name + ".lock")
-    try:
-        fd = os.open(lock_path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 def describe_probe(address: ListenAddress, error: OSError | None, running_pid: str | None) -> tuple[bool, str]:
