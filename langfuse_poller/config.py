@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .util.durations import DURATION_FORM, START_FORM, parse_duration, parse_start
+from .util.listening import LISTEN_FORM, parse_listen
 from .util.toml_tables import Secret, Table
 
 if TYPE_CHECKING:
@@ -324,13 +325,14 @@ WEBHOOK_SECRET_EXPECTED = (
     "a webhook secret (lf-whsec_...) in [webhook] secret (a string, or a list during a rotation), "
     "secret_file, or the LANGFUSE_WEBHOOK_SECRET environment variable"
 )
-LISTEN_FORM = 'an address and port such as "127.0.0.1:8787" or "[::1]:8787"'
+WEBHOOK_LISTEN_FORM = 'an address and port such as "127.0.0.1:8787" or "[::1]:8787"'
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "kb": 1000, "mib": 1 << 20, "mb": 1000**2}
 
 
 def _parse_webhook(table: Table) -> WebhookConfig:
     enabled = table.boolean("enabled", False)
-    host, port = _listen_address(table)
+    listen = table.string("listen", "127.0.0.1:8787") or "127.0.0.1:8787"
+    host, port = _listen_address(table, listen, WEBHOOK_LISTEN_FORM)
     path = table.string("path", WebhookConfig.path) or WebhookConfig.path
     if not path.startswith("/") or path == "/healthz" or any(c in path for c in "?# "):
         raise table.error("path", path, 'a URL path starting with "/", other than /healthz')
@@ -369,22 +371,12 @@ def _pem_file(table: Table, name: str) -> Path | None:
     return path
 
 
-def _listen_address(table: Table) -> tuple[str, int]:
+def _listen_address(table: Table, text: str, form: str) -> tuple[str, int]:
     """`listen = "host:port"`: an IP address (IPv6 in brackets) or localhost, and a port (0: any free one)."""
-    import ipaddress
-
-    text = table.string("listen", "127.0.0.1:8787") or "127.0.0.1:8787"
-    host, sep, port_text = text.strip().rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ValueError(text)
-        if host != "localhost":
-            ipaddress.ip_address(host)
+        return parse_listen(text)
     except ValueError:
-        raise table.error("listen", text, LISTEN_FORM) from None
-    return host, int(port_text)
+        raise table.error("listen", text, form) from None
 
 
 def _webhook_secrets(table: Table) -> tuple[Secret, ...]:
@@ -437,17 +429,11 @@ def _parse_delivery(table: Table) -> DeliveryConfig:
 
 
 def _parse_metrics(table: Table) -> MetricsConfig:
-    from .util.listening import LISTEN_FORM, parse_listen
-
     text = table.string("listen")
     table.finish()
     if text is None:
         return MetricsConfig()
-    try:
-        host, port = parse_listen(text)
-    except ValueError:
-        raise table.error("listen", text, LISTEN_FORM) from None
-    return MetricsConfig(host, port)
+    return MetricsConfig(*_listen_address(table, text, LISTEN_FORM))
 
 
 def _parse_queue(table: Table) -> QueueConfig:
