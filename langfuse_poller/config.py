@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 APP_NAME = "langfuse-poller"
 SYSTEM_CONFIG = Path("/etc/langfuse-poller/config.toml")
+# the source of a config made of defaults and the environment alone: errors name it, and a reload looks again
+NO_CONFIG_FILE = "<no config file>"
 DEFAULT_BASE_URL = "https://cloud.langfuse.com"
 STREAMS = ("observations", "scores")
 # the read paths: "v2" is /v2/observations and /v3/scores; "legacy" the page-based lists of self-hosted v3 servers
@@ -190,7 +192,7 @@ def load_config(explicit: str | None = None) -> Config:
     """Find and read the config (see `find_config_file`); with no file at all, defaults and the environment."""
     path = find_config_file(explicit)
     if path is None:
-        return parse_config({}, "<no config file>")
+        return parse_config({}, NO_CONFIG_FILE)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

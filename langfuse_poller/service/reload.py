@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 
 from ..alerting.alerter import Alerter
-from ..config import Config, load_config
+from ..config import NO_CONFIG_FILE, Config, load_config
 from ..errors import LangfusePollerError
 from ..notifiers import Notifier
 from ..registry import Router, import_handler_modules
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 RELOADABLE = frozenset({"source", "rules", "notifiers", "delivery", "handler_modules"})
 # how the log names a Config field, as the file spells it
 SECTIONS = {"state_path": "[state] path", "handler_modules": "[handlers] modules"}
-NO_FILE = "<no config file>"
 
 
 def section(field_name: str) -> str:
@@ -46,7 +45,7 @@ def section(field_name: str) -> str:
 
 def config_loader(running: Config) -> Callable[[], Config]:
     """How a reload reads the config: the file the daemon started with (found again when it had none)."""
-    source = None if running.source == NO_FILE else running.source
+    source = None if running.source == NO_CONFIG_FILE else running.source
     return lambda: load_config(source)
 
 
