@@ -14,11 +14,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from ..store import Store
+from .silence_book import Silence, SilenceBook
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -26,24 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFRESH = 1.0
-
-
-@dataclass(frozen=True)
-class Silence:
-    """One silence: which rule, an optional CEL condition over the event, and when it ends."""
-
-    id: int
-    rule: str
-    condition: str | None
-    starts_at: float
-    ends_at: float
-    comment: str
-    created_by: str
-    created_at: float
-    matched: int
-
-    def active(self, now: float) -> bool:
-        return self.starts_at <= now < self.ends_at
 
 
 def compile_condition(condition: str, where: str = "--when") -> Any:
@@ -54,31 +37,6 @@ def compile_condition(condition: str, where: str = "--when") -> Any:
         return cel.compile(condition)
     except ValueError as exc:
         raise ConfigError("command line", where, condition, f"a CEL expression ({exc})") from None
-
-
-class SilenceBook(Protocol):
-    """Where silences are kept: the state file (SqliteSilenceBook), or Redis with the Redis backend
-    (redis_silences.RedisSilenceBook), where every poller replica and worker sees the same ones."""
-
-    def add(self, silence: Silence) -> Silence:
-        """Keep a new silence (its id is ignored) and return it with the id it got."""
-        ...
-
-    def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
-        """Silences by id; with `now`, only those not yet ended."""
-        ...
-
-    def expire(self, silence_id: int, now: float) -> bool:
-        """End a silence now; False when no silence has that id or it already ended."""
-        ...
-
-    def count(self, matched: Mapping[int, int]) -> None:
-        """Add to the `matched` count of silences."""
-        ...
-
-    def close(self) -> None:
-        """Release the connection, if the book has one of its own."""
-        ...
 
 
 class SqliteSilenceBook:

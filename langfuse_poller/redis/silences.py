@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Any
 
-from ..alerting.silences import Silence
+from ..alerting.silence_book import Silence
 from ..config import QueueConfig
 from ..errors import StateError
 from .queue import sync_client
