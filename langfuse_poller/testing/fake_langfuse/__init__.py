@@ -25,35 +25,55 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bisect
-import calendar
 import contextlib
-import functools
 import json
 import math
-import os
-import re
 import socket
 import socketserver
 import threading
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Final
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import orjson
+from .index import Entry, Index, trace_hash
+from .query import (
+    BadRequest,
+    ceil_div,
+    check,
+    equality_checks,
+    parse_bool,
+    parse_limit,
+    query_value,
+    time_bounds,
+)
+from .wire import (
+    EPOCH,
+    Record,
+    Response,
+    datetime_to_ms,
+    error_response,
+    format_ms,
+    json_response,
+    new_id,
+    parse_iso_us,
+)
 
 __all__ = [
     "OBSERVATION_FIELD_GROUPS",
     "SCORE_FIELD_GROUPS",
+    "BadRequest",
     "FakeLangfuse",
+    "Record",
     "RequestRecord",
+    "datetime_to_ms",
+    "format_ms",
+    "parse_iso_us",
 ]
 
 HEALTH_PATH: Final = "/api/public/health"
@@ -121,7 +141,6 @@ _OBSERVATION_KEYS: Final = frozenset(k for keys in OBSERVATION_FIELD_GROUPS.valu
 # Scores also keep what they are attached to, for the traceId/observationId/sessionId filters and `subject`.
 _SCORE_LINK_KEYS: Final = ("traceId", "observationId", "sessionId")
 _SCORE_KEYS: Final = frozenset(k for keys in SCORE_FIELD_GROUPS.values() for k in keys) | frozenset(_SCORE_LINK_KEYS)
-_DATETIME_KEYS: Final = frozenset({"startTime", "endTime", "completionStartTime", "createdAt", "updatedAt"})
 _KEY_ALIASES: Final = {"is_root": "isRootObservation", "isRoot": "isRootObservation"}
 
 _LEVELS: Final = frozenset({"DEBUG", "DEFAULT", "WARNING", "ERROR"})
@@ -143,8 +162,6 @@ _DEFAULT_REPORTED_LIMIT: Final = 1000
 _UNAUTHORIZED_MESSAGE: Final = "Invalid credentials. Confirm that you've configured the correct host."
 _MALFORMED_BODY: Final = b'{"data": [{"id": "truncated-'
 
-Record = dict[str, Any]
-
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
@@ -156,76 +173,6 @@ class RequestRecord:
     status: int
     at: float = 0.0
     """clock() when the request was answered."""
-
-
-class BadRequest(Exception):
-    """A query the real server rejects with HTTP 400."""
-
-
-# --- time helpers -----------------------------------------------------------------------------------------
-
-_ISO_RE: Final = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})(?:[Tt ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d+))?)?)?"
-    # An unescaped "+" in a query string decodes to a space, so a space is accepted as a "+" sign.
-    r"\s*(Z|z|[+\- ]\d{2}(?::?\d{2})?)?$"
-)
-
-
-def parse_iso_us(text: str) -> int:
-    """Parse an ISO 8601 timestamp into integer microseconds since the epoch (UTC if no offset is given).
-
-    Fractional seconds of any length are accepted (digits past microseconds are dropped).
-    """
-    m = _ISO_RE.match(text.strip())
-    if m is None:
-        raise ValueError(f"not an ISO 8601 datetime: {text!r}")
-    year, month, day, hour, minute, sec, frac, tz = m.groups()
-    seconds = calendar.timegm((int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(sec or 0)))
-    micros = int((frac or "0")[:6].ljust(6, "0"))
-    offset = 0
-    if tz and tz not in ("Z", "z"):
-        sign = -1 if tz[0] == "-" else 1
-        digits = tz[1:].replace(":", "")
-        offset = sign * (int(digits[:2]) * 3600 + int(digits[2:4] or 0) * 60)
-    return (seconds - offset) * 1_000_000 + micros
-
-
-def format_ms(ms: int) -> str:
-    """Format epoch milliseconds the way Langfuse does: ``2026-11-27T07:37:16.522Z``."""
-    sec, milli = divmod(ms, 1000)
-    return f"{_format_second(sec)}.{milli:03d}Z"
-
-
-@functools.lru_cache(maxsize=4096)
-def _format_second(sec: int) -> str:
-    t = time.gmtime(sec)
-    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}"
-
-
-def _new_id() -> str:
-    """A uuid4 in hex, without the cost of building a ``uuid.UUID`` (bulk adds make tens of thousands)."""
-    n = int.from_bytes(os.urandom(16))
-    n = (n & ~(0xF000 << 64) & ~(0xC000 << 48)) | (0x4000 << 64) | (0x8000 << 48)
-    return f"{n:032x}"
-
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def datetime_to_ms(value: datetime) -> int:
-    """Epoch milliseconds of a datetime (naive means UTC), truncated like Langfuse's DateTime64(3) columns."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // timedelta(milliseconds=1)
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -((-a) // b)
-
-
-def _trace_hash(trace_id: str) -> int:
-    # Stands in for Langfuse's xxHash32(trace_id): only a stable 32-bit tie-breaker is needed.
-    return zlib.crc32(trace_id.encode())
 
 
 def _camel(key: str) -> str:
@@ -241,77 +188,6 @@ def _b64decode_json(text: str) -> Any:
     padded = text + "=" * (-len(text) % 4)
     raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
     return json.loads(raw)
-
-
-# --- storage ----------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class _Entry:
-    """One position in the sort order; its versions say what is served there at a given clock time."""
-
-    key: tuple[Any, ...]
-    trace_id: str
-    raw: bool
-    versions: list[tuple[float, Record | None]]
-
-    def visible(self, now: float) -> Record | None:
-        versions = self.versions
-        if len(versions) == 1:
-            at, rec = versions[0]
-            return rec if now >= at else None
-        # Latest version in update order that is already visible; None marks "moved to another key".
-        for at, rec in reversed(versions):
-            if now >= at:
-                return rec
-        return None
-
-    def latest(self) -> Record | None:
-        return self.versions[-1][1]
-
-
-class _Index:
-    """Entries kept sorted ascending by key; pages are read backwards (newest first)."""
-
-    def __init__(self) -> None:
-        self.entries: list[_Entry] = []
-        self.keys: list[tuple[Any, ...]] = []
-        self.by_id: dict[str, _Entry] = {}
-        self._dirty = False
-
-    def add(self, entry: _Entry) -> None:
-        # Appending in key order (the common bulk case) keeps the list sorted without a re-sort.
-        if not self._dirty and (not self.keys or entry.key >= self.keys[-1]):
-            self.keys.append(entry.key)
-        else:
-            self._dirty = True
-        self.entries.append(entry)
-
-    def ensure_sorted(self) -> None:
-        if self._dirty:
-            self.entries.sort(key=lambda e: e.key)
-            self.keys = [e.key for e in self.entries]
-            self._dirty = False
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-
-@dataclass(slots=True)
-class _Response:
-    status: int
-    body: bytes
-    headers: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _json_response(status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()) -> _Response:
-    # orjson: the stand-in must serve pages faster than any poller reads them (benchmarks need 50,000+/s)
-    body = orjson.dumps(payload, default=str)
-    return _Response(status, body, list(headers))
-
-
-def _error(status: int, message: str, **extra: Any) -> _Response:
-    return _json_response(status, {"message": message, **extra})
 
 
 @dataclass
@@ -445,8 +321,8 @@ class FakeLangfuse:
         self.on_data_request: Callable[[str, dict[str, list[str]]], None] | None = None
         """Called with (path, query) before each data request is answered, e.g. to add records between pages."""
         self._lock = threading.RLock()
-        self._observations = _Index()
-        self._scores = _Index()
+        self._observations = Index()
+        self._scores = Index()
         self._faults: deque[_Fault] = deque()
         # data requests per fixed one-minute window: the current bucket, and the legacy endpoints' own
         self._bucket = _RateBucket()
@@ -561,8 +437,8 @@ class FakeLangfuse:
         created = format_ms(now_ms)
         start_ms = now_ms if start_time is None else datetime_to_ms(start_time)
         rec: Record = {
-            "id": id or _new_id(),
-            "traceId": trace_id or _new_id(),
+            "id": id or new_id(),
+            "traceId": trace_id or new_id(),
             "startTime": format_ms(start_ms),
             "endTime": None,
             "projectId": self.project_id,
@@ -610,8 +486,8 @@ class FakeLangfuse:
             rec["latency"] = (parse_iso_us(rec["endTime"]) - parse_iso_us(rec["startTime"])) / 1e6
         visible_at = self.clock() + visible_after
         trace_key = rec["traceId"] or ""
-        key = (start_ms, _trace_hash(trace_key), rec["id"])
-        entry = _Entry(key, trace_key, False, [(visible_at, rec)])
+        key = (start_ms, trace_hash(trace_key), rec["id"])
+        entry = Entry(key, trace_key, False, [(visible_at, rec)])
         with self._lock:
             if rec["id"] in self._observations.by_id:
                 raise ValueError(f"observation {rec['id']!r} exists; use update_observation()")
@@ -642,10 +518,10 @@ class FakeLangfuse:
         time (so a time window never splits a trace), environment, user, session, tags and trace name.
         Returns the stored records, root first.
         """
-        tid = trace_id or _new_id()
+        tid = trace_id or new_id()
         start_ms = self._now_ms() if start_time is None else datetime_to_ms(start_time)
-        start = _EPOCH + timedelta(milliseconds=start_ms)
-        h = _trace_hash(tid)
+        start = EPOCH + timedelta(milliseconds=start_ms)
+        h = trace_hash(tid)
         gen_ms = 400 + h % 1600
         context: dict[str, Any] = {
             "environment": environment,
@@ -714,8 +590,8 @@ class FakeLangfuse:
         rec_id = record.get("id")
         trace_key = trace_id if isinstance(trace_id, str) else ""
         id_key = rec_id if isinstance(rec_id, str) else ""
-        key = (datetime_to_ms(start_time), _trace_hash(trace_key), id_key)
-        entry = _Entry(key, trace_key, True, [(self.clock() + visible_after, record)])
+        key = (datetime_to_ms(start_time), trace_hash(trace_key), id_key)
+        entry = Entry(key, trace_key, True, [(self.clock() + visible_after, record)])
         with self._lock:
             self._observations.add(entry)
 
@@ -749,11 +625,11 @@ class FakeLangfuse:
         if source not in _SCORE_SOURCES:
             raise ValueError(f"unknown score source {source!r}")
         if trace_id is None and observation_id is None and session_id is None:
-            trace_id = _new_id()
+            trace_id = new_id()
         now_ms = self._now_ms()
         created = format_ms(now_ms)
         rec: Record = {
-            "id": id or _new_id(),
+            "id": id or new_id(),
             "projectId": self.project_id,
             "name": name,
             "value": value,
@@ -774,7 +650,7 @@ class FakeLangfuse:
         }
         rec.update(self._wire_changes(extra, _SCORE_KEYS))
         self._finish_score(rec, subject_given="subject" in extra)
-        entry = _Entry(self._score_key(rec), "", False, [(self.clock() + visible_after, rec)])
+        entry = Entry(self._score_key(rec), "", False, [(self.clock() + visible_after, rec)])
         with self._lock:
             if rec["id"] in self._scores.by_id:
                 raise ValueError(f"score {rec['id']!r} exists; use update_score()")
@@ -796,7 +672,7 @@ class FakeLangfuse:
         return self._update(self._scores, id, visible_after, changes, score=True)
 
     def _update(
-        self, index: _Index, rec_id: str, visible_after: float, changes: Mapping[str, Any], *, score: bool
+        self, index: Index, rec_id: str, visible_after: float, changes: Mapping[str, Any], *, score: bool
     ) -> Record:
         wire = self._wire_changes(changes, _SCORE_KEYS if score else _OBSERVATION_KEYS)
         if "id" in wire and wire["id"] != rec_id:
@@ -818,7 +694,7 @@ class FakeLangfuse:
                 entry.versions.append((visible_at, rec))
             else:
                 entry.versions.append((visible_at, None))
-                moved = _Entry(key, rec.get("traceId") or "", False, [(visible_at, rec)])
+                moved = Entry(key, rec.get("traceId") or "", False, [(visible_at, rec)])
                 index.by_id[rec_id] = moved
                 index.add(moved)
         return rec
@@ -866,7 +742,7 @@ class FakeLangfuse:
     @staticmethod
     def _observation_key(rec: Record) -> tuple[int, int, str]:
         trace_id = rec.get("traceId") or ""
-        return (parse_iso_us(rec["startTime"]) // 1000, _trace_hash(trace_id), rec["id"])
+        return (parse_iso_us(rec["startTime"]) // 1000, trace_hash(trace_id), rec["id"])
 
     @staticmethod
     def _score_key(rec: Record) -> tuple[int, str]:
@@ -937,36 +813,36 @@ class FakeLangfuse:
 
     # -- request handling ----------------------------------------------------------------------------------
 
-    def _handle(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> _Response:
+    def _handle(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> Response:
         try:
             response = self._route(method, path, query, auth)
         except Exception as exc:
             with self._lock:
                 self.errors.append(exc)
-            response = _error(500, "Internal Server Error")
+            response = error_response(500, "Internal Server Error")
         # Logged before the answer is written, so a client that got its response always finds it in the log.
         with self._lock:
             self.requests.append(RequestRecord(method, path, query, response.status, self.clock()))
         return response
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> _Response:
+    def _route(self, method: str, path: str, query: dict[str, list[str]], auth: str | None) -> Response:
         trace_id: str | None = None
         if path.startswith(TRACES_PATH + "/") and path.count("/") == 4:
             path, trace_id = TRACES_PATH, unquote(path.rsplit("/", 1)[1])
         if path not in _KNOWN_PATHS:
-            return _error(404, "Not Found")
+            return error_response(404, "Not Found")
         if (self.serve == "v2" and path in _LEGACY_PATHS) or (self.serve == "legacy" and path in _V2_PATHS):
-            return _error(404, "Not Found")
+            return error_response(404, "Not Found")
         if method != "GET":
-            return _error(405, "Method Not Allowed")
+            return error_response(405, "Method Not Allowed")
         if path == HEALTH_PATH:
             if not self.healthy:
-                return _json_response(503, {"status": "Database not available", "version": SERVER_VERSION})
-            return _json_response(200, {"status": "OK", "version": SERVER_VERSION})
+                return json_response(503, {"status": "Database not available", "version": SERVER_VERSION})
+            return json_response(200, {"status": "OK", "version": SERVER_VERSION})
         if not self._authorized(auth):
-            return _error(401, _UNAUTHORIZED_MESSAGE)
+            return error_response(401, _UNAUTHORIZED_MESSAGE)
         if path == PROJECTS_PATH:
-            return _json_response(200, self._projects_payload())
+            return json_response(200, self._projects_payload())
 
         hook = self.on_data_request
         if hook is not None:
@@ -975,12 +851,12 @@ class FakeLangfuse:
             fault = self._faults.popleft() if self._faults else None
         if fault is not None:
             if fault.kind == "fail":
-                return _error(int(fault.value), "Internal Server Error")
+                return error_response(int(fault.value), "Internal Server Error")
             if fault.kind == "rate":
                 limit = self._bucket.limit or _DEFAULT_REPORTED_LIMIT
                 return self._too_many(math.ceil(fault.value), limit, self.clock() + fault.value)
             if fault.kind == "malformed":
-                return _Response(200, _MALFORMED_BODY)
+                return Response(200, _MALFORMED_BODY)
             self._stopping.wait(fault.value)
 
         rate_headers: list[tuple[str, str]] = []
@@ -997,7 +873,7 @@ class FakeLangfuse:
                     ("X-RateLimit-Remaining", str(bucket.limit - bucket.used)),
                     ("X-RateLimit-Reset", str(reset)),
                 ]
-        listings: dict[str, Callable[[dict[str, list[str]]], _Response]] = {
+        listings: dict[str, Callable[[dict[str, list[str]]], Response]] = {
             OBSERVATIONS_PATH: self._list_observations,
             SCORES_PATH: self._list_scores,
             TRACES_PATH: self._list_traces,
@@ -1007,7 +883,7 @@ class FakeLangfuse:
         try:
             response = self._get_trace(trace_id) if trace_id is not None else listings[path](query)
         except BadRequest as exc:
-            response = _error(400, "Invalid request data", error=str(exc))
+            response = error_response(400, "Invalid request data", error=str(exc))
         response.headers.extend(rate_headers)
         return response
 
@@ -1037,9 +913,9 @@ class FakeLangfuse:
         }
 
     @staticmethod
-    def _too_many(retry_after: int, limit: int, reset_at: float) -> _Response:
+    def _too_many(retry_after: int, limit: int, reset_at: float) -> Response:
         reset_at_text = format_ms(math.floor(reset_at * 1000))
-        return _json_response(
+        return json_response(
             429,
             {
                 "message": "Rate limit exceeded",
@@ -1061,14 +937,14 @@ class FakeLangfuse:
 
     # -- listing -------------------------------------------------------------------------------------------
 
-    def _list_observations(self, query: dict[str, list[str]]) -> _Response:
-        groups = _parse_groups(_one(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
-        limit = _parse_limit(_one(query, "limit"), OBSERVATIONS_DEFAULT_LIMIT, OBSERVATIONS_MAX_LIMIT)
-        if _parse_bool(query, "parseIoAsJson"):
+    def _list_observations(self, query: dict[str, list[str]]) -> Response:
+        groups = _parse_groups(query_value(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
+        limit = parse_limit(query_value(query, "limit"), OBSERVATIONS_DEFAULT_LIMIT, OBSERVATIONS_MAX_LIMIT)
+        if parse_bool(query, "parseIoAsJson"):
             raise BadRequest("parseIoAsJson=true is no longer supported; input/output are raw strings")
-        if _one(query, "filter"):
+        if query_value(query, "filter"):
             raise BadRequest("the `filter` parameter is not supported by FakeLangfuse")
-        cursor = _one(query, "cursor")
+        cursor = query_value(query, "cursor")
         cursor_key: tuple[Any, ...] | None = None
         if cursor:
             try:
@@ -1076,25 +952,25 @@ class FakeLangfuse:
                 last_trace = c["lastTraceId"] or ""
                 cursor_key = (
                     parse_iso_us(c["lastStartTimeTo"]) // 1000,
-                    _trace_hash(last_trace),
+                    trace_hash(last_trace),
                     c["lastId"],
                 )
             except (ValueError, KeyError, TypeError, binascii.Error) as exc:
                 raise BadRequest(f"invalid cursor: {exc}") from exc
-        lo, hi = _time_bounds(query, "fromStartTime", "toStartTime")
+        lo, hi = time_bounds(query, "fromStartTime", "toStartTime")
 
         checks: list[tuple[str, Any]] = []
         for param in ("type", "level", "traceId", "name", "userId", "sessionId", "version"):
-            value = _one(query, param)
+            value = query_value(query, param)
             if value is not None:
                 checks.append((param, value))
-        level = _one(query, "level")
+        level = query_value(query, "level")
         if level is not None and level not in _LEVELS:
             raise BadRequest(f"invalid level {level!r}")
-        is_root = _parse_bool(query, "isRootObservation")
+        is_root = parse_bool(query, "isRootObservation")
         if is_root is not None:
             checks.append(("isRootObservation", is_root))
-        parent = _one(query, "parentObservationId")
+        parent = query_value(query, "parentObservationId")
         if parent is not None:
             checks.append(("parentObservationId", parent or None))
         environments = frozenset(query.get("environment", ()))
@@ -1106,7 +982,7 @@ class FakeLangfuse:
             return not environments or rec.get("environment") in environments
 
         keys = tuple(k for g in OBSERVATION_FIELD_GROUPS if g in groups for k in OBSERVATION_FIELD_GROUPS[g])
-        expand = frozenset(k.strip() for k in (_one(query, "expandMetadata") or "").split(",") if k.strip())
+        expand = frozenset(k.strip() for k in (query_value(query, "expandMetadata") or "").split(",") if k.strip())
         cut_metadata = "metadata" in groups
 
         page, last, more = self._page(self._observations, lo, hi, cursor_key, limit, matches)
@@ -1127,12 +1003,12 @@ class FakeLangfuse:
                 "lastId": last.key[2],
             }
             meta["cursor"] = base64.b64encode(json.dumps(token).encode()).decode()
-        return _json_response(200, {"data": data, "meta": meta})
+        return json_response(200, {"data": data, "meta": meta})
 
-    def _list_scores(self, query: dict[str, list[str]]) -> _Response:
-        groups = _parse_groups(_one(query, "fields"), SCORE_FIELD_GROUPS, ())
-        limit = _parse_limit(_one(query, "limit"), SCORES_DEFAULT_LIMIT, SCORES_MAX_LIMIT)
-        cursor = _one(query, "cursor")
+    def _list_scores(self, query: dict[str, list[str]]) -> Response:
+        groups = _parse_groups(query_value(query, "fields"), SCORE_FIELD_GROUPS, ())
+        limit = parse_limit(query_value(query, "limit"), SCORES_DEFAULT_LIMIT, SCORES_MAX_LIMIT)
+        cursor = query_value(query, "cursor")
         cursor_key: tuple[Any, ...] | None = None
         if cursor:
             try:
@@ -1140,7 +1016,7 @@ class FakeLangfuse:
                 cursor_key = (parse_iso_us(c["lastTimestamp"]) // 1000, c["lastId"])
             except (ValueError, KeyError, TypeError, binascii.Error) as exc:
                 raise BadRequest(f"invalid cursor: {exc}") from exc
-        lo, hi = _time_bounds(query, "fromTimestamp", "toTimestamp")
+        lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
         checks: list[tuple[str, Any]] = []
         for param in (
             "id",
@@ -1154,7 +1030,7 @@ class FakeLangfuse:
             "queueId",
             "authorUserId",
         ):
-            value = _one(query, param)
+            value = query_value(query, param)
             if value is not None:
                 checks.append((param, value))
         environments = frozenset(query.get("environment", ()))
@@ -1172,73 +1048,64 @@ class FakeLangfuse:
         if more and last is not None:
             token = {"lastTimestamp": format_ms(last.key[0]), "lastId": last.key[1]}
             meta["cursor"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
-        return _json_response(200, {"data": data, "meta": meta})
+        return json_response(200, {"data": data, "meta": meta})
 
     # -- legacy listing (page-based, self-hosted Langfuse v3) ----------------------------------------------
 
     def _visible_range(
-        self, index: _Index, lo_ms: int | None, hi_ms: int | None, matches: Callable[[_Entry, Record], bool]
-    ) -> list[tuple[_Entry, Record]]:
+        self, index: Index, lo_ms: int | None, hi_ms: int | None, matches: Callable[[Entry, Record], bool]
+    ) -> list[tuple[Entry, Record]]:
         """Every visible matching record with time in [lo, hi), oldest first (ties in key order)."""
         now = self.clock()
         with self._lock:
-            index.ensure_sorted()
-            keys, entries = index.keys, index.entries
-            lo = 0 if lo_ms is None else bisect.bisect_left(keys, (lo_ms,))
-            hi = len(keys) if hi_ms is None else bisect.bisect_left(keys, (hi_ms,))
-            found: list[tuple[_Entry, Record]] = []
-            for entry in entries[lo:hi]:
-                rec = entry.visible(now)
-                if rec is not None and matches(entry, rec):
-                    found.append((entry, rec))
-            return found
+            return index.visible_range(now, lo_ms, hi_ms, matches)
 
     def _roots(self) -> dict[str, Record]:
         """The visible root observation of each trace, by trace id: what the legacy endpoints serve as traces."""
         found = self._visible_range(self._observations, None, None, _is_root)
         return {rec["traceId"]: rec for _, rec in found}
 
-    def _list_observations_v1(self, query: dict[str, list[str]]) -> _Response:
-        page = _parse_page(_one(query, "page"))
-        limit = _parse_limit(_one(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
-        if _one(query, "filter"):
+    def _list_observations_v1(self, query: dict[str, list[str]]) -> Response:
+        page = _parse_page(query_value(query, "page"))
+        limit = parse_limit(query_value(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
+        if query_value(query, "filter"):
             raise BadRequest("the `filter` parameter is not supported by FakeLangfuse")
-        lo, hi = _time_bounds(query, "fromStartTime", "toStartTime")
-        checks = _equality_checks(query, ("type", "name", "userId", "level", "traceId", "version"))
-        level = _one(query, "level")
+        lo, hi = time_bounds(query, "fromStartTime", "toStartTime")
+        checks = equality_checks(query, ("type", "name", "userId", "level", "traceId", "version"))
+        level = query_value(query, "level")
         if level is not None and level not in _LEVELS:
             raise BadRequest(f"invalid level {level!r}")
-        parent = _one(query, "parentObservationId")
+        parent = query_value(query, "parentObservationId")
         if parent is not None:
             checks.append(("parentObservationId", parent or None))
         environments = frozenset(query.get("environment", ()))
 
-        def matches(_: _Entry, rec: Record) -> bool:
-            return _check(rec, checks) and (not environments or rec.get("environment") in environments)
+        def matches(_: Entry, rec: Record) -> bool:
+            return check(rec, checks) and (not environments or rec.get("environment") in environments)
 
         # start_time DESC: the only order this endpoint has
         found = self._visible_range(self._observations, lo, hi, matches)[::-1]
         chunk, meta = _page_of(found, page, limit)
         data = [rec if entry.raw else _v1_observation(rec) for entry, rec in chunk]
-        return _json_response(200, {"data": data, "meta": meta})
+        return json_response(200, {"data": data, "meta": meta})
 
-    def _list_traces(self, query: dict[str, list[str]]) -> _Response:
-        page = _parse_page(_one(query, "page"))
-        limit = _parse_limit(_one(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
-        groups = _trace_groups(_one(query, "fields"))
-        column, _, direction = (_one(query, "orderBy") or "timestamp.desc").partition(".")
+    def _list_traces(self, query: dict[str, list[str]]) -> Response:
+        page = _parse_page(query_value(query, "page"))
+        limit = parse_limit(query_value(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
+        groups = _trace_groups(query_value(query, "fields"))
+        column, _, direction = (query_value(query, "orderBy") or "timestamp.desc").partition(".")
         if column != "timestamp" or direction.lower() not in ("asc", "desc"):
             raise BadRequest(f"orderBy {column}.{direction} is not supported by FakeLangfuse (only timestamp.asc/desc)")
-        lo, hi = _time_bounds(query, "fromTimestamp", "toTimestamp")
-        checks = _equality_checks(query, ("userId", "sessionId", "version", "release"))
-        name = _one(query, "name")
+        lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
+        checks = equality_checks(query, ("userId", "sessionId", "version", "release"))
+        name = query_value(query, "name")
         environments = frozenset(query.get("environment", ()))
         tags = frozenset(query.get("tags", ()))
 
-        def matches(entry: _Entry, rec: Record) -> bool:
+        def matches(entry: Entry, rec: Record) -> bool:
             return (
                 _is_root(entry, rec)
-                and _check(rec, checks)
+                and check(rec, checks)
                 and (name is None or (rec.get("traceName") or rec.get("name")) == name)
                 and (not environments or rec.get("environment") in environments)
                 and tags <= set(rec.get("tags") or ())
@@ -1248,18 +1115,18 @@ class FakeLangfuse:
         if direction.lower() == "desc":
             found.reverse()
         chunk, meta = _page_of(found, page, limit)
-        return _json_response(200, {"data": [self._trace(rec, groups) for _, rec in chunk], "meta": meta})
+        return json_response(200, {"data": [self._trace(rec, groups) for _, rec in chunk], "meta": meta})
 
-    def _get_trace(self, trace_id: str) -> _Response:
+    def _get_trace(self, trace_id: str) -> Response:
         root = self._roots().get(trace_id)
         if root is None:
-            return _error(404, f"Trace {trace_id} not found within authorized project")
+            return error_response(404, f"Trace {trace_id} not found within authorized project")
         trace = self._trace(root, frozenset(("core", "io", "metrics")))
         members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
         trace["observations"] = [rec if entry.raw else _v1_observation(rec) for entry, rec in members]
         scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
         trace["scores"] = [_v2_score(rec, None) for _, rec in scores]
-        return _json_response(200, trace)
+        return json_response(200, trace)
 
     def _trace(self, root: Record, groups: frozenset[str]) -> Record:
         """A trace as the legacy endpoints serve it, made from its root observation."""
@@ -1286,7 +1153,7 @@ class FakeLangfuse:
             out["input"] = _json_value(root.get("input"))
             out["output"] = _json_value(root.get("output"))
             out["metadata"] = root.get("metadata")
-        members: list[tuple[_Entry, Record]] = []
+        members: list[tuple[Entry, Record]] = []
         if groups & {"observations", "metrics"}:
             members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
         if "observations" in groups:
@@ -1299,23 +1166,23 @@ class FakeLangfuse:
             out["totalCost"] = sum(rec.get("totalCost") or 0.0 for _, rec in members)
         return out
 
-    def _list_scores_v2(self, query: dict[str, list[str]]) -> _Response:
-        page = _parse_page(_one(query, "page"))
-        limit = _parse_limit(_one(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
-        fields = _one(query, "fields")
+    def _list_scores_v2(self, query: dict[str, list[str]]) -> Response:
+        page = _parse_page(query_value(query, "page"))
+        limit = parse_limit(query_value(query, "limit"), LEGACY_DEFAULT_LIMIT, LEGACY_MAX_LIMIT)
+        fields = query_value(query, "fields")
         groups = {"score", "trace"} if not fields else {g.strip() for g in fields.split(",")} & {"score", "trace"}
-        if (_one(query, "userId") or query.get("traceTags")) and "trace" not in groups:
+        if (query_value(query, "userId") or query.get("traceTags")) and "trace" not in groups:
             raise BadRequest("filtering by userId or traceTags needs the `trace` field group")
-        lo, hi = _time_bounds(query, "fromTimestamp", "toTimestamp")
-        checks = _equality_checks(
+        lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
+        checks = equality_checks(
             query, ("name", "source", "dataType", "traceId", "sessionId", "configId", "queueId", "observationId")
         )
-        ids = frozenset(i.strip() for i in (_one(query, "scoreIds") or "").split(",") if i.strip())
+        ids = frozenset(i.strip() for i in (query_value(query, "scoreIds") or "").split(",") if i.strip())
         environments = frozenset(query.get("environment", ()))
 
-        def matches(_: _Entry, rec: Record) -> bool:
+        def matches(_: Entry, rec: Record) -> bool:
             return (
-                _check(rec, checks)
+                check(rec, checks)
                 and (not ids or rec["id"] in ids)
                 and (not environments or rec.get("environment") in environments)
             )
@@ -1323,7 +1190,7 @@ class FakeLangfuse:
         # timestamp DESC, id DESC
         found = self._visible_range(self._scores, lo, hi, matches)[::-1]
         roots = self._roots() if "trace" in groups else {}
-        user_id = _one(query, "userId")
+        user_id = query_value(query, "userId")
         tags = frozenset(query.get("traceTags", ()))
         if user_id is not None or tags:
             found = [
@@ -1335,48 +1202,24 @@ class FakeLangfuse:
             ]
         chunk, meta = _page_of(found, page, limit)
         data = [_v2_score(rec, roots.get(rec.get("traceId") or "") if "trace" in groups else False) for _, rec in chunk]
-        return _json_response(200, {"data": data, "meta": meta})
+        return json_response(200, {"data": data, "meta": meta})
 
     def _page(
         self,
-        index: _Index,
+        index: Index,
         lo_ms: int | None,
         hi_ms: int | None,
         cursor_key: tuple[Any, ...] | None,
         limit: int,
         matches: Callable[[Record], bool],
-    ) -> tuple[list[tuple[_Entry, Record]], _Entry | None, bool]:
+    ) -> tuple[list[tuple[Entry, Record]], Entry | None, bool]:
         """Up to ``limit`` visible matching records, newest first, and whether another one follows."""
         now = self.clock()
         with self._lock:
-            index.ensure_sorted()
-            keys, entries = index.keys, index.entries
-            lo = 0 if lo_ms is None else bisect.bisect_left(keys, (lo_ms,))
-            hi = len(keys) if hi_ms is None else bisect.bisect_left(keys, (hi_ms,))
-            if cursor_key is not None:
-                hi = min(hi, bisect.bisect_left(keys, cursor_key))
-            page: list[tuple[_Entry, Record]] = []
-            last: _Entry | None = None
-            i = hi - 1
-            while i >= lo:
-                entry = entries[i]
-                i -= 1
-                rec = entry.visible(now)
-                if rec is None or not matches(rec):
-                    continue
-                if len(page) == limit:
-                    return page, last, True
-                page.append((entry, rec))
-                last = entry
-            return page, last, False
+            return index.page(now, lo_ms, hi_ms, cursor_key, limit, matches)
 
 
 # --- query parsing ----------------------------------------------------------------------------------------
-
-
-def _one(query: dict[str, list[str]], name: str) -> str | None:
-    values = query.get(name)
-    return values[-1] if values else None
 
 
 def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], default: tuple[str, ...]) -> frozenset[str]:
@@ -1387,46 +1230,6 @@ def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], defaul
     if unknown:
         raise BadRequest(f"unknown field group(s) {sorted(unknown)}; valid: {sorted(table)}")
     return frozenset(groups | {"core"})
-
-
-def _parse_limit(text: str | None, default: int, maximum: int) -> int:
-    if text is None or text == "":
-        return default
-    try:
-        limit = int(text)
-    except ValueError as exc:
-        raise BadRequest(f"limit must be an integer, got {text!r}") from exc
-    if not 1 <= limit <= maximum:
-        raise BadRequest(f"limit must be between 1 and {maximum}, got {limit}")
-    return limit
-
-
-def _parse_bool(query: dict[str, list[str]], name: str) -> bool | None:
-    text = _one(query, name)
-    if text is None:
-        return None
-    lowered = text.strip().lower()
-    if lowered in ("true", "1"):
-        return True
-    if lowered in ("false", "0"):
-        return False
-    raise BadRequest(f"{name} must be true or false, got {text!r}")
-
-
-def _time_bounds(query: dict[str, list[str]], from_name: str, to_name: str) -> tuple[int | None, int | None]:
-    """Millisecond bounds [lo, hi) for the index from inclusive/exclusive microsecond query datetimes."""
-    bounds: list[int | None] = []
-    for name in (from_name, to_name):
-        text = _one(query, name)
-        if text is None or text == "":
-            bounds.append(None)
-            continue
-        try:
-            # Stored times are whole milliseconds: t_ms*1000 >= us  <=>  t_ms >= ceil(us/1000), same for <.
-            bounds.append(_ceil_div(parse_iso_us(text), 1000))
-        except ValueError as exc:
-            raise BadRequest(f"{name}: {exc}") from exc
-    return bounds[0], bounds[1]
 
 
 def _cut_metadata(metadata: Any, expand: frozenset[str]) -> Any:
@@ -1455,7 +1258,7 @@ def _parse_page(text: str | None) -> int:
 def _page_of(items: list[Any], page: int, limit: int) -> tuple[list[Any], dict[str, int]]:
     """One page of a page-based legacy list, and its meta."""
     total = len(items)
-    meta = {"page": page, "limit": limit, "totalItems": total, "totalPages": _ceil_div(total, limit)}
+    meta = {"page": page, "limit": limit, "totalItems": total, "totalPages": ceil_div(total, limit)}
     return items[(page - 1) * limit : page * limit], meta
 
 
@@ -1466,15 +1269,7 @@ def _trace_groups(text: str | None) -> frozenset[str]:
     return frozenset({g.strip() for g in text.split(",")} & set(TRACE_FIELD_GROUPS)) | {"core"}
 
 
-def _equality_checks(query: dict[str, list[str]], names: Iterable[str]) -> list[tuple[str, Any]]:
-    return [(name, value) for name in names if (value := _one(query, name)) is not None]
-
-
-def _check(rec: Record, checks: list[tuple[str, Any]]) -> bool:
-    return all(rec.get(name) == expected for name, expected in checks)
-
-
-def _is_root(entry: _Entry, rec: Record) -> bool:
+def _is_root(entry: Entry, rec: Record) -> bool:
     return not entry.raw and bool(rec.get("isRootObservation")) and isinstance(rec.get("traceId"), str)
 
 
