@@ -1,0 +1,176 @@
+"""``GET /api/public/v2/observations`` and ``GET /api/public/v3/scores``: the read API of Langfuse Cloud.
+
+Both are keyset-paginated: a page is the newest ``limit`` matching records below the cursor, and
+``meta.cursor`` (base64 JSON of the last record's sort key) is there only when more follow. Records are
+served in field groups (``fields=``), filtered by time window and by equality, newest first. These are what
+``serve="v2"`` and ``serve="both"`` answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from typing import Any, Final
+
+from .fields import LEVELS, OBSERVATION_FIELD_GROUPS, SCORE_FIELD_GROUPS
+from .index import trace_hash
+from .query import BadRequest, Query, parse_bool, parse_limit, query_value, time_bounds
+from .records import Records
+from .wire import Record, Response, format_ms, json_response, parse_iso_us
+
+OBSERVATIONS_PATH: Final = "/api/public/v2/observations"
+SCORES_PATH: Final = "/api/public/v3/scores"
+
+OBSERVATIONS_DEFAULT_LIMIT: Final = 50
+OBSERVATIONS_MAX_LIMIT: Final = 1000
+SCORES_DEFAULT_LIMIT: Final = 50
+SCORES_MAX_LIMIT: Final = 100
+_METADATA_CUT: Final = 200
+
+
+class V2Lists(Records):
+    """The cursor-paginated list endpoints, as a mixin of ``FakeLangfuse`` reading its records."""
+
+    def _list_observations(self, query: Query) -> Response:
+        groups = _parse_groups(query_value(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
+        limit = parse_limit(query_value(query, "limit"), OBSERVATIONS_DEFAULT_LIMIT, OBSERVATIONS_MAX_LIMIT)
+        if parse_bool(query, "parseIoAsJson"):
+            raise BadRequest("parseIoAsJson=true is no longer supported; input/output are raw strings")
+        if query_value(query, "filter"):
+            raise BadRequest("the `filter` parameter is not supported by FakeLangfuse")
+        cursor = query_value(query, "cursor")
+        cursor_key: tuple[Any, ...] | None = None
+        if cursor:
+            try:
+                c = _b64decode_json(cursor)
+                last_trace = c["lastTraceId"] or ""
+                cursor_key = (
+                    parse_iso_us(c["lastStartTimeTo"]) // 1000,
+                    trace_hash(last_trace),
+                    c["lastId"],
+                )
+            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+                raise BadRequest(f"invalid cursor: {exc}") from exc
+        lo, hi = time_bounds(query, "fromStartTime", "toStartTime")
+
+        checks: list[tuple[str, Any]] = []
+        for param in ("type", "level", "traceId", "name", "userId", "sessionId", "version"):
+            value = query_value(query, param)
+            if value is not None:
+                checks.append((param, value))
+        level = query_value(query, "level")
+        if level is not None and level not in LEVELS:
+            raise BadRequest(f"invalid level {level!r}")
+        is_root = parse_bool(query, "isRootObservation")
+        if is_root is not None:
+            checks.append(("isRootObservation", is_root))
+        parent = query_value(query, "parentObservationId")
+        if parent is not None:
+            checks.append(("parentObservationId", parent or None))
+        environments = frozenset(query.get("environment", ()))
+
+        def matches(rec: Record) -> bool:
+            for name, expected in checks:
+                if rec.get(name) != expected:
+                    return False
+            return not environments or rec.get("environment") in environments
+
+        keys = tuple(k for g in OBSERVATION_FIELD_GROUPS if g in groups for k in OBSERVATION_FIELD_GROUPS[g])
+        expand = frozenset(k.strip() for k in (query_value(query, "expandMetadata") or "").split(",") if k.strip())
+        cut_metadata = "metadata" in groups
+
+        page, last, more = self._page(self._observations, lo, hi, cursor_key, limit, matches)
+        data: list[Record] = []
+        for entry, rec in page:
+            if entry.raw:
+                data.append(rec)
+                continue
+            out = {k: rec[k] for k in keys}
+            if cut_metadata:
+                out["metadata"] = _cut_metadata(out["metadata"], expand)
+            data.append(out)
+        meta: dict[str, Any] = {}
+        if more and last is not None:
+            token = {
+                "lastStartTimeTo": format_ms(last.key[0]),
+                "lastTraceId": last.trace_id,
+                "lastId": last.key[2],
+            }
+            meta["cursor"] = base64.b64encode(json.dumps(token).encode()).decode()
+        return json_response(200, {"data": data, "meta": meta})
+
+    def _list_scores(self, query: Query) -> Response:
+        groups = _parse_groups(query_value(query, "fields"), SCORE_FIELD_GROUPS, ())
+        limit = parse_limit(query_value(query, "limit"), SCORES_DEFAULT_LIMIT, SCORES_MAX_LIMIT)
+        cursor = query_value(query, "cursor")
+        cursor_key: tuple[Any, ...] | None = None
+        if cursor:
+            try:
+                c = _b64decode_json(cursor)
+                cursor_key = (parse_iso_us(c["lastTimestamp"]) // 1000, c["lastId"])
+            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+                raise BadRequest(f"invalid cursor: {exc}") from exc
+        lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
+        checks: list[tuple[str, Any]] = []
+        for param in (
+            "id",
+            "name",
+            "source",
+            "dataType",
+            "traceId",
+            "observationId",
+            "sessionId",
+            "configId",
+            "queueId",
+            "authorUserId",
+        ):
+            value = query_value(query, param)
+            if value is not None:
+                checks.append((param, value))
+        environments = frozenset(query.get("environment", ()))
+
+        def matches(rec: Record) -> bool:
+            for name, expected in checks:
+                if rec.get(name) != expected:
+                    return False
+            return not environments or rec.get("environment") in environments
+
+        keys = tuple(k for g in SCORE_FIELD_GROUPS if g == "core" or g in groups for k in SCORE_FIELD_GROUPS[g])
+        page, last, more = self._page(self._scores, lo, hi, cursor_key, limit, matches)
+        data = [{k: rec[k] for k in keys} for _, rec in page]
+        meta: dict[str, Any] = {"limit": limit}
+        if more and last is not None:
+            token = {"lastTimestamp": format_ms(last.key[0]), "lastId": last.key[1]}
+            meta["cursor"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
+        return json_response(200, {"data": data, "meta": meta})
+
+
+def _b64decode_json(text: str) -> Any:
+    # Cursors travel in query strings, where "+" can turn into a space and padding may be dropped.
+    text = text.strip().replace(" ", "+")
+    padded = text + "=" * (-len(text) % 4)
+    raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
+    return json.loads(raw)
+
+
+def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], default: tuple[str, ...]) -> frozenset[str]:
+    if text is None or not text.strip():
+        return frozenset(("core", *default))
+    groups = {g.strip() for g in text.split(",") if g.strip()}
+    unknown = groups - table.keys()
+    if unknown:
+        raise BadRequest(f"unknown field group(s) {sorted(unknown)}; valid: {sorted(table)}")
+    return frozenset(groups | {"core"})
+
+
+def _cut_metadata(metadata: Any, expand: frozenset[str]) -> Any:
+    if not isinstance(metadata, dict):
+        return metadata
+    if not any(isinstance(v, str) and len(v) > _METADATA_CUT for v in metadata.values()):
+        return metadata
+    return {
+        k: v[:_METADATA_CUT] if isinstance(v, str) and len(v) > _METADATA_CUT and k not in expand else v
+        for k, v in metadata.items()
+    }
