@@ -1,7 +1,7 @@
 """The poll state in Redis, shared by every replica: watermarks, sweep runs, dedup keys, read paths.
 
 `SharedPollState` offers what `Poller` uses of `Store` (`ensure_stream`, `stream`, `sweep_last_run`,
-`seen_states`, `record_poll`, `prune_seen`, `set_read_path`, `write`), so the poll algorithm is the same
+`seen_states`, `any_seen`, `record_poll`, `prune_seen`, `set_read_path`, `write`), so the poll algorithm is the same
 code with one replica or several. A transaction collects the page's writes, then commits in three steps:
 
 1. the events for local targets (alert groups: `rule:*`) and the records that cannot be parsed go to this
@@ -271,6 +271,18 @@ class SharedPollState:
     def sweep_last_run(self, stream: str, age: float) -> float | None:
         value = self._call("read a sweep's last run", self.client.hget, self.keys.sweep_runs(stream), age_field(age))
         return _float(value)
+
+    def any_seen(self, stream: str, start: float, end: float) -> bool:
+        """Whether any dedup key of `stream` has its record time in [start, end), from the sorted set of the
+        stream's keys by time that pruning reads too."""
+        count = self._call(
+            "read the dedup keys' times",
+            self.client.zcount,
+            self.keys.seen_times(stream),
+            number(start),
+            f"({number(end)}",
+        )
+        return int(count) > 0
 
     def read_paths(self) -> dict[str, tuple[str, float]]:
         raw = self._call("read the read paths", self.client.hgetall, self.keys.read_paths)
