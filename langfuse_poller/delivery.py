@@ -36,8 +36,11 @@ FORGOTTEN_TARGET_CHECK = 60.0
 ONCE_RETRY_HORIZON = 5.0
 
 
-class HandlerTarget:
+class HandlerTarget(Notifier):
     """A registered handler function, as a delivery target."""
+
+    # `worker --concurrency N` runs handlers in parallel, each job in a thread of its own (README, Scaling out)
+    concurrent = True
 
     def __init__(self, func: Callable[[Event], Any]) -> None:
         self.func = func
@@ -247,7 +250,8 @@ class DeliveryWorker:
         self.stats.add(self.stats.failed, name)
         # a queue that hands events on (Redis) is waited for however long it is down: giving up would turn an
         # outage into dead letters; its own jobs count the attempts of the handlers and notifiers
-        patient = retryable and getattr(self.targets.get(name), "retries_forever", False)
+        target = self.targets.get(name)
+        patient = retryable and target is not None and target.retries_forever
         if not retryable or (attempts >= self.config.max_attempts and not patient):
             reason = message if not retryable else f"{message} (gave up after {attempts} attempts)"
             self.store.mark_dead(due.id, error=reason)

@@ -1,7 +1,8 @@
 """The poll algorithm: a head window per stream, sweeps that re-read for late records, bounded catch-up.
 
 The API filters only on start time (scores: timestamp), never on when a record became visible, so a record
-can appear late inside a window already read. Each stream therefore keeps, in SQLite:
+can appear late inside a window already read. Each stream therefore keeps, in its poll state (poll_state.py:
+SQLite, or Redis with standby pollers):
 
 * a head watermark H: every poll reads [H, now - settle) and moves H to its end;
 * one sweep watermark per re-read age A (the `reread` ages, then `lookback`): a sweep reads
@@ -48,8 +49,7 @@ from .config import PollConfig
 from .errors import LangfusePollerError
 from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis, record_key
 from .langfuse.reader import Cancelled, LangfuseReader, Page, utc_from_timestamp
-from .poll_state import StreamState
-from .store import Store, Transaction
+from .poll_state import PollState, PollTransaction, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def prefetched(pages: Iterator[Page], on_wait: Callable[[], None] | None = None)
         with contextlib.suppress(queue.Empty):
             slots.get_nowait()
         reader.join(timeout=5)
+        # the reader's lists are generators, whose close() ends the read where the consumer stopped, but they are
+        # declared (and tested) as plain iterators, which have none
         close = getattr(pages, "close", None)
         if close is not None and not reader.is_alive():
             close()
@@ -176,16 +178,16 @@ class PageGroup:
     slice's watermark still moves with its last page, so what a crash loses is the same.
     """
 
-    def __init__(self, store: Store, on_commit: Callable[[], None]) -> None:
+    def __init__(self, store: PollState, on_commit: Callable[[], None]) -> None:
         self.store = store
         self.on_commit = on_commit
         self._open: contextlib.ExitStack | None = None
-        self._tx: Transaction | None = None
+        self._tx: PollTransaction | None = None
         self._opened = 0.0
         self._pages = 0
         self._made = 0
 
-    def transaction(self) -> Transaction:
+    def transaction(self) -> PollTransaction:
         """The open transaction, opened now if there is none."""
         if self._open is None or self._tx is None:
             self._open = contextlib.ExitStack()
@@ -224,7 +226,7 @@ class Poller:
     def __init__(
         self,
         poll: PollConfig,
-        store: Store,
+        store: PollState,
         reader: LangfuseReader,
         factory: EventFactory,
         router: Router,
@@ -375,9 +377,8 @@ class Poller:
             _moved(tier, watermark, start, end, read_at, age) < end for tier, watermark in state.sweeps.items()
         )
         # nor, when no key lies in the slice (its first read: no earlier read of it kept any), does it need to
-        # look keys up. A store without `any_seen` (it is optional) is always asked
-        any_seen = getattr(self.store, "any_seen", None)
-        look_up = keep_keys or any_seen is None or bool(any_seen(stream, start, end))
+        # look keys up
+        look_up = keep_keys or self.store.any_seen(stream, start, end)
         pages = 0
         # consecutive pages share a write transaction (see PageGroup); it is committed when the slice ends, when
         # it holds COMMIT_PAGES pages or is COMMIT_SECONDS old, and before a wait for the next page
@@ -439,7 +440,7 @@ class Poller:
                     prepared.routed.append((event, targets))
         return prepared
 
-    def _commit_page(self, tx: Transaction, stream: str, prepared: PreparedPage, window_end: float) -> int:
+    def _commit_page(self, tx: PollTransaction, stream: str, prepared: PreparedPage, window_end: float) -> int:
         for record, exc in prepared.bad:
             self._keep_bad_record(tx, stream, record, exc, window_end)
         # one statement per table and page: per-row statements cost more than everything else in a catch-up
@@ -447,7 +448,9 @@ class Poller:
             tx.remember(stream, prepared.changed)
         return tx.enqueue_many(prepared.routed)
 
-    def _keep_bad_record(self, tx: Transaction, stream: str, record: Any, exc: Exception, window_end: float) -> None:
+    def _keep_bad_record(
+        self, tx: PollTransaction, stream: str, record: Any, exc: Exception, window_end: float
+    ) -> None:
         raw = json.dumps(record, sort_keys=True, default=str, ensure_ascii=False)
         key = f"x:{stream}:{hashlib.sha256(raw.encode()).hexdigest()[:32]}"
         # a bad record is read again by every sweep: remember it so it becomes one dead letter, not several.
@@ -460,7 +463,7 @@ class Poller:
 
     def _advance(
         self,
-        tx: Transaction,
+        tx: PollTransaction,
         stream: str,
         start: float,
         end: float,

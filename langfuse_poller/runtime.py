@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from .alerting.alerter import Alerter
 from .alerting.silences import Silences, silence_book
@@ -16,6 +16,7 @@ from .delivery import DeliveryWorker, HandlerTarget
 from .events import EventFactory
 from .langfuse.reader import LangfuseReader
 from .notifiers import Notifier, build_notifier
+from .poll_state import PollState
 from .poller import Poller
 from .registry import Registry, Router, import_handler_modules, registry
 from .store import Store
@@ -100,14 +101,13 @@ class Runtime:
         )
         reader.on_read_path = lambda stream, path: store.set_read_path(stream, path)
         replica = shared = jobs = None
-        poll_state = store
+        poll_state: PollState = store
         if config.queue.standby:
             from .redis.standby.wiring import build_standby
 
             replica, shared, reader.cancel, jobs = build_standby(config, store, cancel, clock)
             reader.on_read_path = lambda stream, path: shared.set_read_path(stream, path)
-            # SharedPollState offers exactly what Poller uses of Store (see redis/standby/shared_state.py)
-            poll_state = cast(Store, shared)
+            poll_state = shared
         factory = EventFactory(config.langfuse.base_url, lambda: router.subscribes("observation.created"))
         poller = Poller(
             config.poll,

@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import StateError
 from .events import Event, Seen, Synthesis
-from .poll_state import StreamState
+from .poll_state import PollState, PollTransaction, StreamState
 from .util.lockfile import lock_path, read_holder, write_holder
 
 # the `facts` table holds what the state knows besides records, such as the read path each stream found
@@ -754,3 +754,9 @@ class Store:
             tx.conn.executemany("DELETE FROM dead_letters WHERE id = ?", [(r[0],) for r in rows])
             tx.conn.executemany("DELETE FROM deliveries WHERE id = ?", [(r[1],) for r in rows if r[1] is not None])
             return len(rows)
+
+
+if TYPE_CHECKING:
+    # mypy proves here that the store is the poll state the poller reads and writes, as SharedPollState is
+    _state: type[PollState] = Store
+    _transaction: type[PollTransaction] = Transaction

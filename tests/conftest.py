@@ -1,12 +1,18 @@
-"""Shared fixtures: a loopback Langfuse stand-in, a controllable clock, and config builders."""
+"""Shared fixtures: a loopback Langfuse stand-in, a controllable clock, config builders, a loopback
+redis-server, and the poll state a test's poller keeps (SQLite, or Redis as standby pollers share it)."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
+import subprocess
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +20,7 @@ from typing import Any
 import pytest
 
 from langfuse_poller.config import Config, parse_config
+from langfuse_poller.poll_state import PollState
 from langfuse_poller.registry import Registry
 from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
@@ -61,10 +68,19 @@ def make_config(fake: FakeLangfuse, tmp_path: Path, **sections: Any) -> Config:
     return parse_config(data, "test-config")
 
 
+# the poll state a runtime's poller is to keep, made from that runtime (see the `poll_state` fixture)
+PollStateFor = Callable[[Runtime], PollState]
+
+
 @contextmanager
-def runtime_for(config: Config, clock: Clock, handlers: Registry | None = None) -> Iterator[Runtime]:
-    """A Runtime on `clock` with its streams started; retries of 5xx and timeouts back off briefly."""
+def runtime_for(
+    config: Config, clock: Clock, handlers: Registry | None = None, *, poll_state: PollStateFor | None = None
+) -> Iterator[Runtime]:
+    """A Runtime on `clock` with its streams started; retries of 5xx and timeouts back off briefly. Its poller
+    keeps its state where `poll_state` says (the `poll_state` fixture), by default in the runtime's store."""
     runtime = Runtime.build(config, handlers=handlers or Registry(), clock=clock)
+    if poll_state is not None:
+        runtime.poller.store = poll_state(runtime)
     runtime.reader.backoff_initial = 0.001
     runtime.reader.backoff_max = 0.01
     runtime.poller.start_streams()
@@ -91,3 +107,119 @@ def delivered(tmp_path: Path) -> Counter[str]:
 
 def at(clock: Clock, seconds_ago: float) -> datetime:
     return datetime.fromtimestamp(clock.now - seconds_ago, UTC)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server on a loopback port, in its own directory; `kill` and `start` again to test restarts."""
+
+    def __init__(self, directory: Path, *, durable: bool, password: str | None = None) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.durable = durable
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
+        auth = ["--requirepass", self.password] if self.password else []
+        self.proc = subprocess.Popen(
+            ["redis-server", *where, "--save", "", *persistence, *auth],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    # with a password, an unauthenticated PING is refused, which proves the server is up
+                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        pytest.skip(f"redis-server did not start on 127.0.0.1:{self.port}")
+
+    def kill(self) -> None:
+        """kill -9: what an acknowledged write must survive."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def redis_server(tmp_path: Path, *, durable: bool, password: str | None = None) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    server = RedisServer(directory, durable=durable, password=password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def poll_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PollStateFor]:
+    """The poll state of a test's poller, once per implementation of PollState: the runtime's SQLite store, and
+    a SharedPollState on a real redis-server, led by a replica that holds the lease (its token fences the
+    writes), with the runtime's store as its local outbox. Pass it to `runtime_for`. The Redis case is skipped
+    when redis-server or the redis package is missing."""
+    if request.param == "sqlite":
+        yield lambda runtime: runtime.store
+        return
+    pytest.importorskip("redis", reason="the Python redis package is not installed (pip install -e '.[redis]')")
+    from langfuse_poller.redis.queue import sync_client
+    from langfuse_poller.redis.standby.keys import PollerKeys
+    from langfuse_poller.redis.standby.replica import PollCancel, Replica
+    from langfuse_poller.redis.standby.shared_state import SharedPollState
+
+    def no_jobs(jobs: object) -> None:
+        raise AssertionError("these tests route no event to the Redis queue")
+
+    with ExitStack() as stack:
+        server = stack.enter_context(contextmanager(redis_server)(tmp_path, durable=False))
+
+        def shared(runtime: Runtime) -> PollState:
+            client = sync_client(server.url, 1.0)
+            keys = PollerKeys("langfuse-events")
+            # a lease longer than any test, on the real clock, by which Redis expires it
+            replica = Replica(client, keys, "r0", 600.0, PollCancel(threading.Event()))
+            stack.callback(replica.close)
+            replica.tick()
+            assert replica.token() is not None
+            return SharedPollState(
+                client,
+                keys,
+                local=runtime.store,
+                add_jobs=no_jobs,
+                token=replica.token,
+                on_deposed=replica.deposed,
+                clock=runtime.poller.clock,
+            )
+
+        yield shared

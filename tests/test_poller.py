@@ -1,8 +1,15 @@
-"""The poll algorithm against the loopback Langfuse stand-in: late records, costs, catch-up, faults."""
+"""The poll algorithm against the loopback Langfuse stand-in: late records, costs, catch-up, faults.
+
+Every test that polls runs once per implementation of PollState (the `poll_state` fixture of conftest.py): the
+SQLite store, and the Redis state that standby pollers share. None is about SQLite alone: what a test checks of
+the state it reads through the PollState contract (dead letters stay in the local SQLite outbox in both cases).
+The test of `prefetched` needs no state, and runs once.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 from collections import Counter
@@ -17,12 +24,14 @@ from langfuse_poller.langfuse.reader import Page
 from langfuse_poller.poller import prefetched
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
-from .conftest import Clock, at, delivered, make_config, poll, runtime_for
+from .conftest import Clock, PollStateFor, at, delivered, make_config, poll, runtime_for
 
 
-def test_events_in_the_contract_shape(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_events_in_the_contract_shape(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path)
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(1)
         records = fake.add_trace(name="checkout", start_time=at(clock, 0.5), observations=2, level="ERROR")
         score = fake.add_score(trace_id=records[0]["traceId"], name="helpfulness", value=0.25, timestamp=at(clock, 0.5))
@@ -44,10 +53,12 @@ def test_events_in_the_contract_shape(fake: FakeLangfuse, clock: Clock, tmp_path
     assert by_type["score.created"]["timestamp"].endswith("Z")
 
 
-def test_observation_created_only_when_subscribed(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_observation_created_only_when_subscribed(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     rules = [{"name": "traces", "events": ["trace.*", "generation.*"], "notify": ["file"]}]
     config = make_config(fake, tmp_path, rules=rules)
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(1)
         fake.add_trace(start_time=at(clock, 0.5), observations=3)
         clock.advance(1)
@@ -57,7 +68,7 @@ def test_observation_created_only_when_subscribed(fake: FakeLangfuse, clock: Clo
 
 
 def test_records_visible_late_within_lookback_yield_events_exactly_once(
-    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
 ) -> None:
     lookback = 300.0
     config = make_config(
@@ -74,7 +85,7 @@ def test_records_visible_late_within_lookback_yield_events_exactly_once(
     )
     rng = random.Random(7)
     expected: set[str] = set()
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         for _ in range(60):  # ten minutes of polls every 10 s
             clock.advance(10)
             for _ in range(rng.randint(0, 4)):
@@ -95,9 +106,11 @@ def test_records_visible_late_within_lookback_yield_events_exactly_once(
     assert max(seen.values()) == 1
 
 
-def test_idle_poll_costs_one_request_per_stream(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_idle_poll_costs_one_request_per_stream(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, poll={"interval": "10s", "sweep_interval": "5m"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(10)
         poll(runtime)  # the first poll also starts the sweep clocks
         fake.reset_requests()
@@ -108,9 +121,11 @@ def test_idle_poll_costs_one_request_per_stream(fake: FakeLangfuse, clock: Clock
     assert fake.count("/v2/observations") + fake.count("/v3/scores") <= 29 * 2 + 2 * 2
 
 
-def test_quiet_stream_reads_its_due_sweeps_with_the_head(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_quiet_stream_reads_its_due_sweeps_with_the_head(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, poll={"interval": "10s", "sweep_interval": "2m", "settle": "2s"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         for _ in range(72):  # twelve minutes: head reads known back to every sweep watermark
             clock.advance(10)
             poll(runtime)
@@ -133,9 +148,11 @@ def test_quiet_stream_reads_its_due_sweeps_with_the_head(fake: FakeLangfuse, clo
     assert set(seen) == expected and max(seen.values()) == 1
 
 
-def test_busy_stream_keeps_its_sweeps_apart(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_busy_stream_keeps_its_sweeps_apart(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, poll={"interval": "10s", "sweep_interval": "2m", "settle": "0s"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         for _ in range(90):
             clock.advance(10)
             for _ in range(2):
@@ -152,9 +169,11 @@ def test_busy_stream_keeps_its_sweeps_apart(fake: FakeLangfuse, clock: Clock, tm
     assert max(delivered(tmp_path).values()) == 1
 
 
-def test_catch_up_from_seven_days_in_bounded_slices(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_catch_up_from_seven_days_in_bounded_slices(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, poll={"start": "-7d"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         base = clock.now - 7 * 86400 + 60
         for index in range(2000):
             start = datetime.fromtimestamp(base + index * 300, UTC)
@@ -165,7 +184,7 @@ def test_catch_up_from_seven_days_in_bounded_slices(fake: FakeLangfuse, clock: C
         poll(runtime, force_sweeps=True)
         observation_requests = fake.count("/v2/observations")
         score_requests = fake.count("/v3/scores")
-        state = runtime.store.stream("observations")
+        state = runtime.poller.store.stream("observations")
         assert state is not None and state.head >= clock.now - 2
         # the sweeps saw the whole catch-up read long after its end: nothing for them to re-read
         assert all(wm >= clock.now - age - 2 for age, wm in state.sweeps.items())
@@ -185,9 +204,11 @@ def add_root_generations(fake: FakeLangfuse, clock: Clock, count: int) -> None:
         fake.add_observation(start_time=at(clock, 3000 - index), type="GENERATION", is_root=True)
 
 
-def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_crash_mid_window_rereads_without_duplicates(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, poll={"start": "-1h", "catchup_slice": "2h"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         add_root_generations(fake, clock, 2500)
         clock.advance(1)
         # pages 1 and 2 commit, then the server keeps failing: the window's watermark must not move
@@ -197,10 +218,10 @@ def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: 
         result = runtime.poller.poll_once()
         assert any("observations" in error for error in result.errors)
         assert fake.count("/v2/observations") > fake_requests_before
-        state = runtime.store.stream("observations")
+        state = runtime.poller.store.stream("observations")
         assert state is not None and state.head < clock.now - 3000
         # the slice is older than every re-read age: no sweep reads it again, so its records got no dedup keys
-        assert runtime.store.connection().execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
+        assert not any(runtime.poller.store.any_seen(s, -math.inf, math.inf) for s in config.poll.streams)
         fake.clear_faults()
         poll(runtime)
     seen = delivered(tmp_path)
@@ -208,16 +229,18 @@ def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: 
     assert max(seen.values()) == 1
 
 
-def test_partial_window_progress_is_kept_and_deduplicated(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_partial_window_progress_is_kept_and_deduplicated(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, poll={"start": "-1h", "catchup_slice": "2h"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         add_root_generations(fake, clock, 2500)
         clock.advance(1)
         pages = runtime.reader.observations(at(clock, 3700), at(clock, 0))
         first = next(pages)
         assert len(first.records) == 1000 and first.cursor
         # the first page's events are committed (as a killed process would leave them), the watermark is not
-        with runtime.store.write() as tx:
+        with runtime.poller.store.write() as tx:
             made = runtime.poller._commit_page(
                 tx, "observations", runtime.poller._prepare_page("observations", first), clock.now
             )
@@ -229,10 +252,10 @@ def test_partial_window_progress_is_kept_and_deduplicated(fake: FakeLangfuse, cl
 
 
 def test_malformed_record_is_a_dead_letter_and_the_watermark_moves(
-    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
 ) -> None:
     config = make_config(fake, tmp_path)
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(1)
         bad = {"id": "bad-1", "type": "SPAN", "startTime": at(clock, 0.5).isoformat(), "projectId": "proj-test"}
         fake.add_raw_observation(bad, start_time=at(clock, 0.5))
@@ -245,7 +268,7 @@ def test_malformed_record_is_a_dead_letter_and_the_watermark_moves(
         clock.advance(120)
         poll(runtime, force_sweeps=True)  # re-read by every sweep: still one dead letter
         letters = runtime.store.dead_letters()
-        state = runtime.store.stream("observations")
+        state = runtime.poller.store.stream("observations")
     assert len(letters) == 2
     by_id = {json.loads(letter.raw or "{}")["id"]: letter for letter in letters}
     assert {letter.kind for letter in letters} == {"record"} and {letter.stream for letter in letters} == {
@@ -268,10 +291,10 @@ def test_malformed_record_is_a_dead_letter_and_the_watermark_moves(
     ids=["503", "502", "malformed-json", "429"],
 )
 def test_api_faults_are_retried_and_nothing_is_lost(
-    fake: FakeLangfuse, clock: Clock, tmp_path: Path, fault: Any
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor, fault: Any
 ) -> None:
     config = make_config(fake, tmp_path)
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(1)
         for _ in range(5):
             fake.add_trace(start_time=at(clock, 0.5), observations=1)
@@ -282,9 +305,11 @@ def test_api_faults_are_retried_and_nothing_is_lost(
     assert len(delivered(tmp_path)) == 15
 
 
-def test_429_retry_after_is_honoured(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_429_retry_after_is_honoured(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path)
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         waits: list[float] = []
         runtime.reader._sleep = waits.append  # type: ignore[method-assign]
         clock.advance(1)
@@ -297,10 +322,10 @@ def test_429_retry_after_is_honoured(fake: FakeLangfuse, clock: Clock, tmp_path:
 
 
 def test_a_score_seen_again_with_a_newer_version_is_score_updated(
-    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
 ) -> None:
     config = make_config(fake, tmp_path, poll={"sweep_interval": "10s", "reread": []})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(1)
         score = fake.add_score(timestamp=at(clock, 0.5), value=0.9)
         clock.advance(1)
@@ -316,12 +341,34 @@ def test_a_score_seen_again_with_a_newer_version_is_score_updated(
     assert len(updates) == 1 and seen[updates[0]] == 1
 
 
-def test_wrong_keys_say_which_host_rejected_which_key(fake: FakeLangfuse, clock: Clock, tmp_path: Path) -> None:
+def test_a_score_updated_while_the_poller_was_down_is_score_updated_once_it_is_back(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
+    # back after longer than the lookback, the sweep reads the score in a slice that keeps no dedup keys; only the
+    # key kept before the outage, which `any_seen` finds in that slice, tells the update from a first sight
+    config = make_config(fake, tmp_path, poll={"reread": [], "lookback": "10m", "sweep_interval": "1m"})
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
+        clock.advance(1)
+        score = fake.add_score(timestamp=at(clock, 0.5), value=0.9)
+        clock.advance(1)
+        poll(runtime)
+        fake.update_score(score["id"], value=0.1)
+        clock.advance(2 * 3600)
+        poll(runtime)
+    seen = delivered(tmp_path)
+    assert seen[f"score.created:{score['id']}"] == 1
+    updates = [k for k in seen if k.startswith("score.updated:")]
+    assert len(updates) == 1 and seen[updates[0]] == 1
+
+
+def test_wrong_keys_say_which_host_rejected_which_key(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
+) -> None:
     config = make_config(fake, tmp_path, langfuse={"public_key": "pk-lf-wrong", "secret_key": "sk-lf-wrong"})
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         clock.advance(1)
         result = runtime.poller.poll_once()
-        state = runtime.store.stream("observations")
+        state = runtime.poller.store.stream("observations")
     assert result.errors
     message = result.errors[0]
     assert "127.0.0.1" in message and "pk-lf-wrong" in message and "rejected" in message
@@ -344,10 +391,10 @@ def test_prefetched_tells_the_consumer_before_it_waits_for_a_page() -> None:
 
 
 def test_a_page_read_without_dedup_keys_makes_the_same_events_and_dead_letters(
-    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, poll_state: PollStateFor
 ) -> None:
     config = make_config(fake, tmp_path)
-    with runtime_for(config, clock) as runtime:
+    with runtime_for(config, clock, poll_state=poll_state) as runtime:
         records: list[Any] = []
         for n in range(20):
             records.extend(

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from langfuse_poller.redis.queue import QUEUE_TARGET, RedisQueueTarget, job_opti
 from langfuse_poller.redis.worker import run_worker
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from tests.conftest import RedisServer, free_port, redis_server
 from tests.receivers import receiver
 from tests.test_cli import PROJECT_ID, Cli, ago, cli, jsonl, langfuse, q, rule, wait_for, write_config  # noqa: F401
 
@@ -45,80 +45,6 @@ pytestmark = pytest.mark.timeout(60)
 
 QUEUE = "langfuse-events"
 NODE_BULLMQ = "bullmq@5"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A redis-server on a loopback port, in its own directory; `kill` and `start` again to test restarts."""
-
-    def __init__(self, directory: Path, *, durable: bool, password: str | None = None) -> None:
-        self.directory = directory
-        self.port = free_port()
-        self.durable = durable
-        self.password = password
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
-        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory)]
-        auth = ["--requirepass", self.password] if self.password else []
-        self.proc = subprocess.Popen(
-            ["redis-server", *where, "--save", "", *persistence, *auth],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
-                    sock.sendall(b"PING\r\n")
-                    # with a password, an unauthenticated PING is refused, which proves the server is up
-                    if sock.recv(64).startswith((b"+PONG", b"-NOAUTH")):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        pytest.skip(f"redis-server did not start on 127.0.0.1:{self.port}")
-
-    def kill(self) -> None:
-        """kill -9: what an acknowledged write must survive."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(5)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def redis_server(tmp_path: Path, *, durable: bool, password: str | None = None) -> Iterator[RedisServer]:
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    server = RedisServer(directory, durable=durable, password=password)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

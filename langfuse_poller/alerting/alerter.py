@@ -18,6 +18,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from ..events import STREAM_OF_EVENT, Event
+from ..notifiers.base import Notifier
 from ..registry import CompiledRule
 from ..rules import Rule
 from ..store import Store, Transaction
@@ -89,7 +90,7 @@ def group_envelope(group: Group) -> dict[str, Any]:
     return envelope
 
 
-class RuleTarget:
+class RuleTarget(Notifier):
     """The delivery target `rule:<name>`: records matches into the rule's groups, in the delivery's transaction."""
 
     def __init__(self, alerter: Alerter, rule: Rule) -> None:

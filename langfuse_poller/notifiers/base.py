@@ -11,7 +11,20 @@ from ..events import Event
 
 @runtime_checkable
 class Notifier(Protocol):
-    """Sends events somewhere. `send` raises DeliveryError (or any exception) when the event did not arrive."""
+    """Sends events somewhere. `send` raises DeliveryError (or any exception) when the event did not arrive.
+
+    The delivery targets subclass it, and so inherit False for the attributes they do not set.
+    """
+
+    concurrent: bool = False
+    """Safe to call from several threads at once (its client serves them, as the HTTP ones do). The Redis
+    worker calls any other target under a lock of its own; the SQLite backend drains each target in one
+    thread whatever this says."""
+
+    retries_forever: bool = False
+    """Retried however long an outage lasts, never made a dead letter for running out of attempts (the Redis
+    queue target: giving up would turn an outage into dead letters). A failure that says no retry can help
+    still makes one."""
 
     def send(self, event: Event) -> None: ...
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import DeliveryError
 from ..events import Event
 from ..util.toml_tables import Table
+from .base import Notifier
 
 TAIL_BYTES = 4 << 20
 
@@ -30,7 +31,7 @@ class JsonlSettings:
         return JsonlNotifier(self.path)
 
 
-class JsonlNotifier:
+class JsonlNotifier(Notifier):
     """Appends envelopes. A batch is written and fsync'd once; ids found at the end of the file are skipped,
     so a crash between the fsync and the delivery record repeats nothing."""
 

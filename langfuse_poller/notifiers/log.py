@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..events import Event
 from ..util.toml_tables import Table
+from .base import Notifier
 from .messages import message_for
 
 LEVELS = ("debug", "info", "warning", "error")
@@ -29,7 +30,7 @@ class LogSettings:
         return LogNotifier(name, self)
 
 
-class LogNotifier:
+class LogNotifier(Notifier):
     # safe to call from several threads at once (redis/worker.py, Dispatcher): the logging module locks
     concurrent = True
 

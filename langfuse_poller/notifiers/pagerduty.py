@@ -17,6 +17,7 @@ from typing import Any
 from ..events import Event
 from ..util.toml_tables import Secret, Table
 from . import http
+from .base import Notifier
 from .messages import message_for
 
 DEFAULT_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
@@ -63,7 +64,7 @@ class PagerDutySettings:
         return PagerDutyNotifier(self)
 
 
-class PagerDutyNotifier:
+class PagerDutyNotifier(Notifier):
     # safe to call from several threads at once (redis/worker.py, Dispatcher): httpx.Client is thread-safe
     concurrent = True
 

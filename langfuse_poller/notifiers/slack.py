@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import DeliveryError
 from ..events import Event
 from ..util.toml_tables import Secret, Table
-from .base import retry_after
+from .base import Notifier, retry_after
 from .messages import Message, message_for
 
 DEFAULT_API_URL = "https://slack.com/api/"
@@ -192,7 +192,7 @@ def blocks_for(message: Message, event: Event) -> list[dict[str, Any]]:
     return blocks
 
 
-class SlackNotifier:
+class SlackNotifier(Notifier):
     # safe to call from several threads at once (redis/worker.py, Dispatcher): slack-sdk opens a connection per request
     concurrent = True
 

@@ -9,6 +9,7 @@ from ..events import Event
 from ..util.toml_tables import Secret, Table
 from ..webhooks.signing import HEADER, sign
 from . import http
+from .base import Notifier
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class WebhookSettings:
         return WebhookNotifier(self)
 
 
-class WebhookNotifier:
+class WebhookNotifier(Notifier):
     # safe to call from several threads at once (redis/worker.py, Dispatcher): httpx.Client is thread-safe
     concurrent = True
 

@@ -24,6 +24,7 @@ import orjson
 from ..config import DeliveryConfig, QueueConfig
 from ..errors import DeliveryError
 from ..events import Event
+from ..notifiers.base import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class LoopThread:
             self.loop.close()
 
 
-class RedisQueueTarget:
+class RedisQueueTarget(Notifier):
     """The delivery target `queue:redis`: adds the events it gets as BullMQ jobs, a batch in one MULTI."""
 
     # the outbox keeps retrying (with its capped backoff) while Redis is down, rather than making dead letters

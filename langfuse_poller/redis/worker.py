@@ -44,17 +44,14 @@ class TargetFailed(Exception):
 class Dispatcher:
     """Delivers one event to handler and notifier targets by name, each target isolated from the others.
 
-    A notifier is called under its own lock unless it says it is `concurrent` (its client serves several
+    A target is called under its own lock unless it says it is `concurrent` (its client serves several
     threads at once: the HTTP ones); the others (a file) were written for one caller at a time, as the SQLite
-    backend drains each in one thread. Handlers run concurrently, up to the worker's concurrency."""
+    backend drains each in one thread. Handlers are concurrent: they run side by side, up to the worker's
+    concurrency."""
 
     def __init__(self, targets: Mapping[str, Notifier]) -> None:
         self.targets = dict(targets)
-        self._locks = {
-            name: threading.Lock()
-            for name, target in self.targets.items()
-            if not name.startswith("handler:") and not getattr(target, "concurrent", False)
-        }
+        self._locks = {name: threading.Lock() for name, target in self.targets.items() if not target.concurrent}
 
     def deliver(self, event: Event, names: Sequence[str]) -> dict[str, Exception | None]:
         """Send `event` to each named target: name -> the failure, or None when it arrived."""

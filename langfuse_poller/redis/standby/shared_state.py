@@ -1,8 +1,8 @@
 """The poll state in Redis, shared by every replica: watermarks, sweep runs, dedup keys, read paths.
 
-`SharedPollState` offers what `Poller` uses of `Store` (`ensure_stream`, `stream`, `sweep_last_run`,
-`seen_states`, `record_poll`, `prune_seen`, `set_read_path`, `write`), so the poll algorithm is the same
-code with one replica or several. A transaction collects the page's writes, then commits in three steps:
+`SharedPollState` is a `PollState` (poll_state.py), as the SQLite `Store` is, so the poll algorithm is the same
+code with one replica or several; it also keeps the read paths (`set_read_path`). A transaction collects the
+page's writes, then commits in three steps:
 
 1. the events for local targets (alert groups: `rule:*`) and the records that cannot be parsed go to this
    replica's SQLite outbox and dead letters, as without standby;
@@ -26,11 +26,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import StateError
 from ...events import Event, Seen, Synthesis
-from ...poll_state import StreamState
+from ...poll_state import PollState, PollTransaction, StreamState
 from ...store import Store, StoredEvent
 from ..queue import QUEUE_TARGET
 from .keys import PollerKeys
@@ -204,7 +204,7 @@ class SharedTransaction:
 
 
 class SharedPollState:
-    """The Store-like face of the shared poll state (see the module docstring)."""
+    """The poll state in Redis, shared by every replica (see the module docstring)."""
 
     def __init__(
         self,
@@ -271,6 +271,18 @@ class SharedPollState:
     def sweep_last_run(self, stream: str, age: float) -> float | None:
         value = self._call("read a sweep's last run", self.client.hget, self.keys.sweep_runs(stream), age_field(age))
         return _float(value)
+
+    def any_seen(self, stream: str, start: float, end: float) -> bool:
+        """Whether any dedup key of `stream` has its record time in [start, end), from the sorted set of the
+        stream's keys by time that pruning reads too."""
+        count = self._call(
+            "read the dedup keys' times",
+            self.client.zcount,
+            self.keys.seen_times(stream),
+            number(start),
+            f"({number(end)}",
+        )
+        return int(count) > 0
 
     def read_paths(self) -> dict[str, tuple[str, float]]:
         raw = self._call("read the read paths", self.client.hgetall, self.keys.read_paths)
@@ -424,3 +436,9 @@ class SharedPollState:
                 raise
             # the poller records this as the stream's error and tries again at the next poll
             raise StateError(f"cannot {what} in {self.where}: {exc or type(exc).__name__}") from None
+
+
+if TYPE_CHECKING:
+    # mypy proves here that this is the poll state the poller reads and writes, as store.Store is
+    _state: type[PollState] = SharedPollState
+    _transaction: type[PollTransaction] = SharedTransaction
