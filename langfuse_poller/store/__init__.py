@@ -1,0 +1,33 @@
+"""The SQLite state: watermarks, dedup keys, the event outbox, deliveries and dead letters, alert groups.
+
+One module per concept, besides the schema's migrations (migrations.py):
+
+- database.py: the state file's connections, `write()` transactions, the lock file, applying the migrations;
+- streams.py: the stream tables (streams, sweeps, seen, facts), what the poller reads and writes;
+- outbox.py: the outbox (events, deliveries, dead letters), what the delivery worker reads and writes.
+
+`Store` and `Transaction` are made of one class per table module.
+"""
+
+from __future__ import annotations
+
+from .database import Database, Transaction
+from .migrations import MIGRATIONS
+from .outbox import ROWS_PER_INSERT, DeadLetter, Due, Outbox, StoredEvent, event_id_hash
+from .streams import READ_PATH_KEY, StreamTables
+
+__all__ = [
+    "MIGRATIONS",
+    "READ_PATH_KEY",
+    "ROWS_PER_INSERT",
+    "DeadLetter",
+    "Due",
+    "Store",
+    "StoredEvent",
+    "Transaction",
+    "event_id_hash",
+]
+
+
+class Store(Database, StreamTables, Outbox):
+    """The state database. Safe to share between threads: each thread gets its own connection."""
