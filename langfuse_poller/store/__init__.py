@@ -4,13 +4,15 @@ One module per concept, besides the schema's migrations (migrations.py):
 
 - database.py: the state file's connections, `write()` transactions, the lock file, applying the migrations;
 - streams.py: the stream tables (streams, sweeps, seen, facts), what the poller reads and writes;
-- outbox.py: the outbox (events, deliveries, dead letters), what the delivery worker reads and writes.
+- outbox.py: the outbox (events, deliveries, dead letters), what the delivery worker reads and writes;
+- alerts.py: the alert tables (alert_groups, silences), what the alerter and the silences read and write.
 
 `Store` and `Transaction` are made of one class per table module.
 """
 
 from __future__ import annotations
 
+from .alerts import AlertTables, SilenceRow, SqliteAlertState
 from .database import Database, Transaction
 from .migrations import MIGRATIONS
 from .outbox import ROWS_PER_INSERT, DeadLetter, Due, Outbox, StoredEvent, event_id_hash
@@ -22,6 +24,8 @@ __all__ = [
     "ROWS_PER_INSERT",
     "DeadLetter",
     "Due",
+    "SilenceRow",
+    "SqliteAlertState",
     "Store",
     "StoredEvent",
     "Transaction",
@@ -29,5 +33,5 @@ __all__ = [
 ]
 
 
-class Store(Database, StreamTables, Outbox):
+class Store(Database, StreamTables, Outbox, AlertTables):
     """The state database. Safe to share between threads: each thread gets its own connection."""

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StateError
+from .alerts import AlertWrites
 from .base import Tables
 from .migrations import MIGRATIONS
 from .outbox import OutboxWrites, StoredEvent, event_id_hash, stored_by
 from .streams import StreamWrites
 
 
-class Transaction(StreamWrites, OutboxWrites):
+class Transaction(StreamWrites, OutboxWrites, AlertWrites):
     """The writes of one transaction; obtained from `Store.write()`."""
 
 

@@ -70,7 +70,7 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
-    # shapes the alerting tables (alert_groups, silences) and streams.py (facts)
+    # shapes alerts.py (alert_groups, silences) and streams.py (facts)
     # 2: alerting (alert groups of grouping rules, silences); facts (the read path of each stream)
     """
     CREATE TABLE alert_groups (

@@ -148,6 +148,13 @@ class OutboxWrites(TransactionBase):
                 (self.now, *chunk),
             )
 
+    def oldest_pending_ts(self, target: str) -> float | None:
+        """The event time of the oldest event still waiting for `target`, None when none waits."""
+        (waiting,) = self.conn.execute(
+            "SELECT MIN(ts) FROM deliveries WHERE state = 'pending' AND target = ?", (target,)
+        ).fetchone()
+        return waiting  # type: ignore[no-any-return]
+
     def add_bad_record(self, stream: str, raw: Any, error: str) -> None:
         """Keep a record that could not be turned into events, with its raw JSON, as a dead letter."""
         text = raw if isinstance(raw, str) else json.dumps(raw, default=str, ensure_ascii=False)
@@ -238,6 +245,13 @@ class Outbox(Tables):
             .fetchone()
         )
         return None if row is None else Event.from_json(row[0])
+
+    def alert_notifications(self) -> list[Event]:
+        """The alert notifications (`rule.firing`, `rule.resolved`) stored and not yet pruned, oldest first."""
+        rows = self._conn().execute(
+            "SELECT body FROM events WHERE type IN ('rule.firing', 'rule.resolved') ORDER BY seq"
+        )
+        return [Event.from_json(body) for (body,) in rows]
 
     def deliveries_of(self, event_id: str) -> list[tuple[str, str, int, str | None]]:
         """(target, state, attempts, last error) of each delivery of one event."""

@@ -49,6 +49,10 @@ class StreamWrites(TransactionBase):
         """Each sweep tier's watermark, by age, as this transaction sees them."""
         return _sweep_watermarks(self.conn, stream)
 
+    def heads(self) -> list[tuple[str, float]]:
+        """(stream, head watermark) of every stream."""
+        return self.conn.execute("SELECT name, head FROM streams").fetchall()
+
     def set_head(self, stream: str, head: float) -> None:
         self.conn.execute("UPDATE streams SET head = MAX(head, ?) WHERE name = ?", (head, stream))
 
