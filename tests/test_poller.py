@@ -200,7 +200,7 @@ def test_crash_mid_window_rereads_without_duplicates(fake: FakeLangfuse, clock: 
         state = runtime.store.stream("observations")
         assert state is not None and state.head < clock.now - 3000
         # the slice is older than every re-read age: no sweep reads it again, so its records got no dedup keys
-        assert runtime.store.connection().execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
+        assert runtime.store._conn().execute("SELECT COUNT(*) FROM seen").fetchone()[0] == 0
         fake.clear_faults()
         poll(runtime)
     seen = delivered(tmp_path)

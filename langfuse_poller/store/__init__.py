@@ -1,6 +1,8 @@
 """The SQLite state: watermarks, dedup keys, the event outbox, deliveries and dead letters, alert groups.
 
-One module per concept, besides the schema's migrations (migrations.py):
+The store package owns every table: their schema (the ordered, recorded migrations of migrations.py) and every
+SQL statement. Other modules call its methods, and never import sqlite3: the package names what they need of
+it (SqliteError). One module per concept:
 
 - database.py: the state file's connections, `write()` transactions, the lock file, applying the migrations;
 - streams.py: the stream tables (streams, sweeps, seen, facts), what the poller reads and writes;
@@ -13,7 +15,7 @@ One module per concept, besides the schema's migrations (migrations.py):
 from __future__ import annotations
 
 from .alerts import AlertTables, SilenceRow, SqliteAlertState
-from .database import Database, Transaction
+from .database import Database, SqliteError, Transaction
 from .migrations import MIGRATIONS
 from .outbox import ROWS_PER_INSERT, DeadLetter, Due, Outbox, StoredEvent, event_id_hash
 from .streams import READ_PATH_KEY, StreamTables
@@ -26,6 +28,7 @@ __all__ = [
     "Due",
     "SilenceRow",
     "SqliteAlertState",
+    "SqliteError",
     "Store",
     "StoredEvent",
     "Transaction",

@@ -24,6 +24,11 @@ from .migrations import MIGRATIONS
 from .outbox import OutboxWrites, StoredEvent, event_id_hash, stored_by
 from .streams import StreamWrites
 
+# what a statement raises when SQLite fails (a locked or read-only file, a full disk), by the store's name: a
+# caller that answers such a failure itself (the webhook receiver: 503, so that Langfuse sends again) catches
+# it without importing sqlite3, which only the store package uses
+SqliteError = sqlite3.Error
+
 
 class Transaction(StreamWrites, OutboxWrites, AlertWrites):
     """The writes of one transaction; obtained from `Store.write()`."""
@@ -70,10 +75,6 @@ class Database(Tables):
                 raise StateError(f"cannot open the state database {self.path}: {exc}") from None
             self._local.conn = conn
         return conn
-
-    def connection(self) -> sqlite3.Connection:
-        """This thread's connection, for the read queries of modules that own a table (alerting, silences)."""
-        return self._conn()
 
     @contextmanager
     def write(self, now: float | None = None) -> Iterator[Transaction]:

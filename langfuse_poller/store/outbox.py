@@ -304,6 +304,20 @@ class Outbox(Tables):
             )
             tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
 
+    def requeue_record(
+        self, letter_id: int, routed: Sequence[tuple[Event, Sequence[str]]], now: float | None = None
+    ) -> int:
+        """Replace the dead letter of a record that failed to parse by the events it makes now (each with its
+        targets), in one transaction: the events are queued and the letter dropped, or neither. How many of the
+        events were new (an event id already stored is not queued again)."""
+        queued = 0
+        with self.write(now) as tx:
+            for event, targets in routed:
+                if tx.enqueue(event, targets):
+                    queued += 1
+            tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (letter_id,))
+        return queued
+
     def delete_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Purge dead letters (all when `ids` is None); their deliveries are dropped with them."""
         with self.write() as tx:
