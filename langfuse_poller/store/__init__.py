@@ -2,7 +2,7 @@
 
 The store package owns every table: their schema (the ordered, recorded migrations of migrations.py) and every
 SQL statement. Other modules call its methods, and never import sqlite3: the package names what they need of
-it (SqliteError). One module per concept:
+it (SqliteError). tests/test_layout.py fails on SQL written anywhere else. One module per concept:
 
 - database.py: the state file's connections, `write()` transactions, the lock file, applying the migrations;
 - streams.py: the stream tables (streams, sweeps, seen, facts), what the poller reads and writes;
