@@ -37,4 +37,8 @@ __all__ = [
 
 
 class Store(Database, StreamTables, Outbox, AlertTables):
-    """The state database. Safe to share between threads: each thread gets its own connection."""
+    """The state database. Safe to share between threads: each thread gets its own connection.
+
+    Its methods raise StateError when the state file cannot be opened, created or migrated, and SqliteError
+    when a statement fails (a locked or read-only file, a full disk).
+    """

@@ -44,7 +44,7 @@ class SqliteAlertState:
     Bound to one connection: a transaction's (`Transaction.alert_state`), whose writes commit or roll back with
     everything else the transaction does (the delivery of the match that moved a group, the notification its new
     state sends), or this thread's own (`Store.alert_state()`), for reads only. Groups come ordered by rule and
-    key. Every method raises sqlite3.Error when the database fails (a locked or read-only file, a full disk).
+    key. Every method raises SqliteError when a statement fails (a locked or read-only file, a full disk).
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:

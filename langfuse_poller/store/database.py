@@ -103,6 +103,7 @@ class Database(Tables):
                 logging.getLogger(__name__).exception("an observer of stored events failed")
 
     def close(self) -> None:
+        """Close this thread's connection and release the state's lock, if this store took it."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()

@@ -168,6 +168,7 @@ class Outbox(Tables):
     """The store's reads and writes of the outbox: the delivery queue and the dead letters."""
 
     def pending_targets(self) -> list[str]:
+        """The targets that have pending deliveries."""
         return [
             row[0] for row in self._conn().execute("SELECT DISTINCT target FROM deliveries WHERE state = 'pending'")
         ]
@@ -199,6 +200,7 @@ class Outbox(Tables):
         return [Due(*row) for row in rows]
 
     def next_due_at(self, target: str) -> float | None:
+        """When the next pending delivery of `target` falls due, None when it has none."""
         row = (
             self._conn()
             .execute("SELECT MIN(next_at) FROM deliveries WHERE state = 'pending' AND target = ?", (target,))
@@ -207,10 +209,12 @@ class Outbox(Tables):
         return None if row is None else row[0]
 
     def mark_done(self, ids: Sequence[int], now: float | None = None) -> None:
+        """Record deliveries as done, in a transaction of their own."""
         with self.write(now) as tx:
             tx.mark_done(ids)
 
     def mark_retry(self, delivery_id: int, *, next_at: float, error: str, now: float | None = None) -> None:
+        """Count a failed attempt of a delivery, which is tried again at `next_at`."""
         with self.write(now) as tx:
             tx.conn.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, next_at = ?, last_error = ?, updated_at = ? "
@@ -219,6 +223,7 @@ class Outbox(Tables):
             )
 
     def mark_dead(self, delivery_id: int, *, error: str, attempted: bool = True, now: float | None = None) -> None:
+        """Give a delivery up (counting the attempt, when one was made) and keep it as a dead letter."""
         with self.write(now) as tx:
             tx.conn.execute(
                 "UPDATE deliveries SET state = 'dead', attempts = attempts + ?, last_error = ?, updated_at = ? "
@@ -231,14 +236,17 @@ class Outbox(Tables):
             )
 
     def queue_depth(self) -> int:
+        """How many deliveries are pending, of every target."""
         return int(self._conn().execute("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'").fetchone()[0])
 
     def pending_by_target(self) -> dict[str, int]:
+        """How many deliveries are pending, by target."""
         return dict(
             self._conn().execute("SELECT target, COUNT(*) FROM deliveries WHERE state = 'pending' GROUP BY target")
         )
 
     def event(self, event_id: str) -> Event | None:
+        """The stored event with this id, None when it is not stored (or was pruned)."""
         row = (
             self._conn()
             .execute("SELECT body FROM events WHERE id_hash = ? AND id = ?", (event_id_hash(event_id), event_id))
@@ -277,6 +285,7 @@ class Outbox(Tables):
     # dead letters
 
     def dead_letters(self, ids: Sequence[int] | None = None) -> list[DeadLetter]:
+        """Dead letters by id (only those in `ids`, when given), with their delivery's target and event."""
         query = (
             "SELECT l.id, l.kind, l.error, l.created_at, d.target, e.id, e.type, d.attempts, l.stream, l.raw "
             "FROM dead_letters l LEFT JOIN deliveries d ON d.id = l.delivery_id "
@@ -290,6 +299,7 @@ class Outbox(Tables):
         return [DeadLetter(*row) for row in rows]
 
     def dead_letter_count(self) -> int:
+        """How many dead letters are kept."""
         return int(self._conn().execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0])
 
     def requeue_delivery(self, letter_id: int, now: float | None = None) -> None:

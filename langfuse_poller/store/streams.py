@@ -54,9 +54,11 @@ class StreamWrites(TransactionBase):
         return self.conn.execute("SELECT name, head FROM streams").fetchall()
 
     def set_head(self, stream: str, head: float) -> None:
+        """Move the head watermark of `stream` forward to `head` (never back)."""
         self.conn.execute("UPDATE streams SET head = MAX(head, ?) WHERE name = ?", (head, stream))
 
     def set_sweep(self, stream: str, age: float, watermark: float, ran: bool = False) -> None:
+        """Move a sweep tier's watermark forward (never back); `ran`: the tier ran now."""
         self.conn.execute(
             "UPDATE sweeps SET watermark = MAX(watermark, ?), last_run_at = CASE WHEN ? THEN ? ELSE last_run_at END "
             "WHERE stream = ? AND age = ?",
@@ -64,6 +66,7 @@ class StreamWrites(TransactionBase):
         )
 
     def count_poll(self, stream: str, requests: int, records: int, events: int) -> None:
+        """Add a page's API requests, records and events to the counters of `stream`."""
         self.conn.execute(
             "UPDATE streams SET api_requests = api_requests + ?, records = records + ?, events = events + ? "
             "WHERE name = ?",
@@ -93,6 +96,7 @@ class StreamTables(Tables):
             tx.conn.execute(f"DELETE FROM sweeps WHERE stream = ? AND age NOT IN ({marks})", (name, *ages))
 
     def stream(self, name: str) -> StreamState | None:
+        """The state of one stream, None when the state has no such stream."""
         row = (
             self._conn()
             .execute(
@@ -107,10 +111,12 @@ class StreamTables(Tables):
         return StreamState(row[0], row[1], _sweep_watermarks(self._conn(), name), *row[2:])
 
     def streams(self) -> list[StreamState]:
+        """The state of every stream, by name."""
         names = [row[0] for row in self._conn().execute("SELECT name FROM streams ORDER BY name")]
         return [state for name in names if (state := self.stream(name)) is not None]
 
     def sweep_last_run(self, stream: str, age: float) -> float | None:
+        """When a sweep tier of `stream` last ran, None when it never did (or has no such tier)."""
         row = (
             self._conn()
             .execute("SELECT last_run_at FROM sweeps WHERE stream = ? AND age = ?", (stream, age))
