@@ -261,7 +261,7 @@ def test_silence_counts_matches_without_sending_them(tmp_path: Path) -> None:
         feed(rt, [error(4, clock, env="staging")])
         assert summary(at(rt, clock, 80)) == [("rule.firing", "update", 2)]
         assert [json.loads(line)["id"] for line in archive.read_text().splitlines()] == ["trace.updated:t4:o4:1"]
-        matched = rt.store.connection().execute("SELECT id, matched FROM silences ORDER BY id").fetchall()
+        matched = rt.store._conn().execute("SELECT id, matched FROM silences ORDER BY id").fetchall()
         assert matched == [(silence.id, 2), (archive_silence.id, 3)]
 
 
@@ -460,7 +460,7 @@ def test_absence_is_silenced_and_resolved_groups_of_removed_rules_are_told(tmp_p
         resolved = notifications(rt)[-1]
         assert resolved["event"] == "rule.resolved"
         assert resolved["data"]["dedupKey"] == fired[0]["data"]["dedupKey"]
-        assert rt.store.connection().execute("SELECT COUNT(*) FROM alert_groups").fetchone() == (0,)
+        assert rt.store._conn().execute("SELECT COUNT(*) FROM alert_groups").fetchone() == (0,)
 
 
 def test_more_rule_config_errors(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def test_migration_3_swaps_the_delivery_state_index_on_an_existing_state(tmp_pat
     _old_state(path, 2)
     store = Store(path)
     try:
-        conn = store.connection()
+        conn = store._conn()
         indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "deliveries_done" in indexes and "deliveries_by_state" not in indexes
         assert {row[0] for row in conn.execute("SELECT version FROM schema_migrations")} == set(
@@ -75,7 +75,7 @@ def test_migration_4_finds_events_by_id_hash_and_keeps_every_event_delivery_and_
     conn.close()
     store = Store(path)
     try:
-        conn = store.connection()
+        conn = store._conn()
         # dropping the old table did not cascade to the deliveries that refer to its rows
         assert conn.execute("SELECT event_seq, state FROM deliveries ORDER BY event_seq").fetchall() == [
             (1, "done"),

@@ -9,11 +9,9 @@ notifiers get it with the retries and dead letters of every delivery.
 
 from __future__ import annotations
 
-import json
 import logging
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -26,53 +24,6 @@ from .groups import Group, alert_event, evaluate, group_key, labels_of, open_gro
 from .silences import Silences
 
 log = logging.getLogger(__name__)
-
-COLUMNS = (
-    "rule",
-    "key",
-    "labels",
-    "state",
-    "opened_at",
-    "last_match_at",
-    "first_ts",
-    "last_ts",
-    "count",
-    "silenced",
-    "notified_count",
-    "last_notified_at",
-    "seq",
-    "told",
-    "samples",
-    "arrivals",
-    "next_at",
-)
-JSON_COLUMNS = frozenset({"labels", "told", "samples", "arrivals"})
-
-
-def load_groups(conn: sqlite3.Connection, where: str = "", params: Iterable[Any] = ()) -> list[Group]:
-    """Alert groups from the state, optionally filtered by an SQL condition."""
-    query = f"SELECT {', '.join(COLUMNS)} FROM alert_groups" + (f" WHERE {where}" if where else "")
-    groups = []
-    for row in conn.execute(query + " ORDER BY rule, key", tuple(params)):
-        values = dict(zip(COLUMNS, row, strict=True))
-        groups.append(Group(**{name: json.loads(v) if name in JSON_COLUMNS else v for name, v in values.items()}))
-    return groups
-
-
-def _save(tx: Transaction, group: Group) -> None:
-    if group.state == "resolved":
-        tx.conn.execute("DELETE FROM alert_groups WHERE rule = ? AND key = ?", (group.rule, group.key))
-        return
-    values = [
-        json.dumps(getattr(group, name), ensure_ascii=False, default=str)
-        if name in JSON_COLUMNS
-        else getattr(group, name)
-        for name in COLUMNS
-    ]
-    tx.conn.execute(
-        f"INSERT OR REPLACE INTO alert_groups ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-        values,
-    )
 
 
 def group_envelope(group: Group) -> dict[str, Any]:
@@ -136,7 +87,7 @@ class Alerter:
     def targets(self) -> dict[str, RuleTarget]:
         return {rule.target: RuleTarget(self, rule) for rule in self.rules.values()}
 
-    def progress(self, conn: sqlite3.Connection, rule: Rule) -> float:
+    def progress(self, tx: Transaction, rule: Rule) -> float:
         """How far this rule's matches have been read and counted, in event time.
 
         The lowest head watermark of the polled streams that make the rule's events, held back to the oldest
@@ -150,11 +101,9 @@ class Alerter:
             for event_type, stream in STREAM_OF_EVENT.items()
             if stream in self.streams and any(fnmatchcase(event_type, pattern) for pattern in rule.events)
         }
-        heads = [head for (name, head) in conn.execute("SELECT name, head FROM streams").fetchall() if name in streams]
+        heads = [head for (name, head) in tx.heads() if name in streams]
         progress = min(heads) if heads else self.clock()
-        (waiting,) = conn.execute(
-            "SELECT MIN(ts) FROM deliveries WHERE state = 'pending' AND target = ?", (rule.target,)
-        ).fetchone()
+        waiting = tx.oldest_pending_ts(rule.target)
         return progress if waiting is None else min(progress, waiting - 0.001)
 
     def record(self, tx: Transaction, rule: Rule, events: Sequence[Event]) -> None:
@@ -167,14 +116,14 @@ class Alerter:
             key = group_key(labels)
             group = groups.get(key)
             if group is None:
-                found = load_groups(tx.conn, "rule = ? AND key = ?", (rule.name, key))
-                group = found[0] if found else open_group(rule, key, labels, now)
+                found = tx.alert_state.group(rule.name, key)
+                group = found if found is not None else open_group(rule, key, labels, now)
                 groups[key] = group
             if group.state == "resolved":
                 group = groups[key] = open_group(rule, key, labels, now, seq=group.seq)
             silenced = self.silences.match(rule.name, envelope, now) is not None
             record_match(rule, group, event, now, silenced=silenced)
-        progress = self.progress(tx.conn, rule) if rule.kind != "event" else now
+        progress = self.progress(tx, rule) if rule.kind != "event" else now
         for group in groups.values():
             self._settle(tx, rule, group, now, progress)
 
@@ -182,7 +131,7 @@ class Alerter:
         muted = self.silences.covers(rule.name, group_envelope(group), now)
         notices = evaluate(rule, group, now, progress, muted=muted)
         self._enqueue(tx, rule.name, notices, [f"notifier:{name}" for name in rule.notify])
-        _save(tx, group)
+        tx.alert_state.save(group)
         return len(notices)
 
     def _enqueue(self, tx: Transaction, rule: str, notices: Sequence[Event], targets: Sequence[str]) -> None:
@@ -200,7 +149,7 @@ class Alerter:
         """
         now = self.clock() if now is None else now
         with self.store.write(now) as tx:
-            for group in load_groups(tx.conn):
+            for group in tx.alert_state.groups():
                 rule = self.rules.get(group.rule)
                 if rule is not None and rule.grouping is not None and set(group.labels) == set(rule.grouping.by):
                     continue
@@ -208,17 +157,17 @@ class Alerter:
                     gone = rule or Rule(name=group.rule, events=(), when=None, notify=tuple(group.told))
                     notice = alert_event(gone, group, now, status="resolved", reason="resolved", new=0)
                     self._enqueue(tx, group.rule, [notice], [f"notifier:{name}" for name in group.told])
-                tx.conn.execute("DELETE FROM alert_groups WHERE rule = ? AND key = ?", (group.rule, group.key))
+                tx.alert_state.delete(group.rule, group.key)
             for rule in self.rules.values():
                 if rule.kind != "absence" or (rule.grouping and rule.grouping.by):
                     continue
                 key = group_key({})
-                if not load_groups(tx.conn, "rule = ? AND key = ?", (rule.name, key)):
+                if tx.alert_state.group(rule.name, key) is None:
                     group = open_group(rule, key, {}, now)
                     # silence before the rule started watching does not count
-                    group.last_ts = self.progress(tx.conn, rule)
+                    group.last_ts = self.progress(tx, rule)
                     group.next_at = now
-                    _save(tx, group)
+                    tx.alert_state.save(group)
 
     def tick(self, now: float | None = None) -> int:
         """Send what is due: first notifications, updates, repeats, resolves. Returns how many were enqueued."""
@@ -229,11 +178,11 @@ class Alerter:
         sent = 0
         with self.store.write(now) as tx:
             progress: dict[str, float] = {}
-            for group in load_groups(tx.conn, "next_at IS NOT NULL AND next_at <= ?", (now,)):
+            for group in tx.alert_state.due(now):
                 rule = self.rules.get(group.rule)
                 if rule is None:
                     continue
                 if rule.name not in progress:
-                    progress[rule.name] = self.progress(tx.conn, rule) if rule.kind != "event" else now
+                    progress[rule.name] = self.progress(tx, rule) if rule.kind != "event" else now
                 sent += self._settle(tx, rule, group, now, progress[rule.name])
         return sent

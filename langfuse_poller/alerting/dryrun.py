@@ -159,15 +159,8 @@ def _replay(
                 with store.write(now[0]) as tx:
                     alerter.record(tx, rule, [event])
             _tick_until(alerter, rule, until.timestamp() if until is not None else now[0] + _horizon(rule), now)
-            (run.still_open,) = (
-                store.connection().execute("SELECT COUNT(*) FROM alert_groups WHERE state = 'firing'").fetchone()
-            )
-            run.notifications = [
-                Event.from_json(body)
-                for (body,) in store.connection().execute(
-                    "SELECT body FROM events WHERE type IN ('rule.firing', 'rule.resolved') ORDER BY seq"
-                )
-            ]
+            run.still_open = store.alert_state().firing_count()
+            run.notifications = store.alert_notifications()
         finally:
             store.close()
     return run
@@ -182,13 +175,13 @@ def _horizon(rule: Rule) -> float:
 
 def _tick_until(alerter: Alerter, rule: Rule, until: float, now: list[float]) -> None:
     """Run the alert ticks that fall due up to `until`, each at its own time."""
-    conn = alerter.store.connection()
+    groups = alerter.store.alert_state()
     for _ in range(MAX_TICKS):
-        if conn.execute("SELECT 1 FROM alert_groups WHERE next_at <= ? LIMIT 1", (now[0],)).fetchone():
+        if groups.any_due(now[0]):
             alerter.tick(now[0])
         if now[0] >= until:
             return
-        (future,) = conn.execute("SELECT MIN(next_at) FROM alert_groups WHERE next_at > ?", (now[0],)).fetchone()
+        future = groups.next_due_after(now[0])
         step = until if future is None else min(until, future)
         if rule.kind == "absence":
             # absence depends on progress, not on a known time: step through the quiet stretch

@@ -46,52 +46,28 @@ class SqliteSilenceBook:
         self.store = store
 
     def add(self, silence: Silence) -> Silence:
-        with self.store.write(silence.created_at) as tx:
-            cursor = tx.conn.execute(
-                "INSERT INTO silences (rule, condition, starts_at, ends_at, comment, created_by, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    silence.rule,
-                    silence.condition,
-                    silence.starts_at,
-                    silence.ends_at,
-                    silence.comment,
-                    silence.created_by,
-                    silence.created_at,
-                ),
-            )
-        return replace(silence, id=int(cursor.lastrowid or 0))
+        silence_id = self.store.add_silence(
+            silence.rule,
+            silence.condition,
+            starts_at=silence.starts_at,
+            ends_at=silence.ends_at,
+            comment=silence.comment,
+            created_by=silence.created_by,
+            created_at=silence.created_at,
+        )
+        return replace(silence, id=silence_id)
 
     def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
-        query = "SELECT id, rule, condition, starts_at, ends_at, comment, created_by, created_at, matched FROM silences"
-        params: list[Any] = []
-        clauses = []
-        if now is not None:
-            clauses.append("ends_at > ?")
-            params.append(now)
-        if ids is not None:
-            clauses.append(f"id IN ({','.join('?' * len(ids))})")
-            params.extend(ids)
-        if clauses:
-            query += " WHERE " + " AND ".join(clauses)
-        return [Silence(*row) for row in self.store.connection().execute(query + " ORDER BY id", params)]
+        return [Silence(*row) for row in self.store.silences(now=now, ids=ids)]
 
     def expire(self, silence_id: int, now: float) -> bool:
-        with self.store.write(now) as tx:
-            cursor = tx.conn.execute(
-                "UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now)
-            )
-            return cursor.rowcount > 0
+        return self.store.expire_silence(silence_id, now)
 
     def close(self) -> None:
         pass  # the store is the runtime's, closed with it
 
     def count(self, matched: Mapping[int, int]) -> None:
-        with self.store.write() as tx:
-            tx.conn.executemany(
-                "UPDATE silences SET matched = matched + ? WHERE id = ?",
-                [(count, silence_id) for silence_id, count in matched.items()],
-            )
+        self.store.count_silenced(matched)
 
 
 def silence_book(config: Config, store: Store | None) -> SilenceBook:

@@ -142,9 +142,7 @@ class StateCollector(Collector):
             "Open alert groups, by rule and state (pending, firing).",
             labels=["rule", "state"],
         )
-        for rule, state, count in store.connection().execute(
-            "SELECT rule, state, COUNT(*) FROM alert_groups GROUP BY rule, state ORDER BY rule, state"
-        ):
+        for rule, state, count in store.alert_state().counts():
             groups.add_metric([rule, state], count)
         yield groups
 

@@ -24,10 +24,6 @@ def replay_dead_letters(runtime: Runtime, ids: Sequence[int] | None) -> tuple[in
         except (MalformedRecord, ValueError, TypeError, KeyError, AttributeError):
             still_bad += 1
             continue
-        with store.write() as tx:
-            for event in synthesis.events:
-                targets = runtime.router.targets(event)
-                if targets and tx.enqueue(event, targets):
-                    queued += 1
-            tx.conn.execute("DELETE FROM dead_letters WHERE id = ?", (letter.id,))
+        routed = [(event, targets) for event in synthesis.events if (targets := runtime.router.targets(event))]
+        queued += store.requeue_record(letter.id, routed)
     return queued, still_bad

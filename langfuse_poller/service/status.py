@@ -46,7 +46,6 @@ def _stream(
 
 def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     """A JSON-ready report of every stream, the queue and the dead letters."""
-    from ..alerting.alerter import load_groups
     from ..alerting.silences import silence_book
     from ..store import Store
 
@@ -88,7 +87,7 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
                 "opened": _iso(group.opened_at),
                 "last_notified": _iso(group.last_notified_at),
             }
-            for group in load_groups(store.connection(), "state IN ('firing', 'pending')")
+            for group in store.alert_state().open_groups()
         ]
         try:
             report["silences"] = [

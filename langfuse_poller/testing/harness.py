@@ -100,10 +100,7 @@ class PollHarness:
 
     def alerts(self) -> list[Event]:
         """The alert notifications (`rule.firing`, `rule.resolved`) made so far, oldest first."""
-        rows = self.runtime.store.connection().execute(
-            "SELECT body FROM events WHERE type IN ('rule.firing', 'rule.resolved') ORDER BY seq"
-        )
-        return [Event.from_json(body) for (body,) in rows]
+        return self.runtime.store.alert_notifications()
 
     def close(self) -> None:
         self.runtime.close()

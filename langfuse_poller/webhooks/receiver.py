@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -36,7 +35,7 @@ from ..config import DEFAULT_BASE_URL, WEBHOOK_SECRET_EXPECTED, WebhookConfig
 from ..errors import ConfigError, LangfusePollerError
 from ..events import Event
 from ..registry import Router
-from ..store import Store
+from ..store import SqliteError, Store
 from . import signing
 from .payloads import event_from_webhook
 
@@ -164,7 +163,7 @@ class WebhookApp:
         event = event_from_webhook(payload, received_at=received_at, base_url=self.base_url)
         try:
             stored = await self.store_event(event)
-        except (LangfusePollerError, sqlite3.Error) as exc:
+        except (LangfusePollerError, SqliteError) as exc:
             # not a 2xx: Langfuse delivers it again later
             log.error("webhook %s could not be stored: %s", event.id, exc)
             await _answer(send, 503, {"error": "the event could not be stored; try again later"})

@@ -1,0 +1,203 @@
+"""The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state) and `silences`.
+
+The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state:
+one small set of methods over Group values, so that another backend can keep the same state behind the same
+methods. Silences are rows here; `alerting.silences.SqliteSilenceBook` turns them into `Silence` values.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
+from typing import Any, NamedTuple
+
+from ..alerting.groups import Group
+from .base import Tables, TransactionBase
+
+COLUMNS = (
+    "rule",
+    "key",
+    "labels",
+    "state",
+    "opened_at",
+    "last_match_at",
+    "first_ts",
+    "last_ts",
+    "count",
+    "silenced",
+    "notified_count",
+    "last_notified_at",
+    "seq",
+    "told",
+    "samples",
+    "arrivals",
+    "next_at",
+)
+JSON_COLUMNS = frozenset({"labels", "told", "samples", "arrivals"})
+
+
+class SqliteAlertState:
+    """The alert groups of grouping rules, in the `alert_groups` table: the SQLite side of the alert state.
+
+    Bound to one connection: a transaction's (`Transaction.alert_state`), whose writes commit or roll back with
+    everything else the transaction does (the delivery of the match that moved a group, the notification its new
+    state sends), or this thread's own (`Store.alert_state()`), for reads only. Groups come ordered by rule and
+    key. Every method raises SqliteError when a statement fails (a locked or read-only file, a full disk).
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def _load(self, where: str = "", params: Iterable[Any] = ()) -> list[Group]:
+        query = f"SELECT {', '.join(COLUMNS)} FROM alert_groups" + (f" WHERE {where}" if where else "")
+        groups = []
+        for row in self._conn.execute(query + " ORDER BY rule, key", tuple(params)):
+            values = dict(zip(COLUMNS, row, strict=True))
+            groups.append(Group(**{name: json.loads(v) if name in JSON_COLUMNS else v for name, v in values.items()}))
+        return groups
+
+    def group(self, rule: str, key: str) -> Group | None:
+        """The group of `rule` with this key, None when it has none open."""
+        found = self._load("rule = ? AND key = ?", (rule, key))
+        return found[0] if found else None
+
+    def groups(self) -> list[Group]:
+        """Every stored group, of every rule."""
+        return self._load()
+
+    def due(self, now: float) -> list[Group]:
+        """The groups whose next look (`next_at`) has come by `now`."""
+        return self._load("next_at IS NOT NULL AND next_at <= ?", (now,))
+
+    def open_groups(self) -> list[Group]:
+        """The groups that are firing or pending (not watching, not resolved)."""
+        return self._load("state IN ('firing', 'pending')")
+
+    def any_due(self, now: float) -> bool:
+        """Whether any group's next look has come by `now` (cheaper than `due`: nothing is loaded)."""
+        return (
+            self._conn.execute("SELECT 1 FROM alert_groups WHERE next_at <= ? LIMIT 1", (now,)).fetchone() is not None
+        )
+
+    def next_due_after(self, now: float) -> float | None:
+        """The earliest next look later than `now`, None when no group has one."""
+        (future,) = self._conn.execute("SELECT MIN(next_at) FROM alert_groups WHERE next_at > ?", (now,)).fetchone()
+        return future  # type: ignore[no-any-return]
+
+    def firing_count(self) -> int:
+        """How many groups are firing."""
+        (count,) = self._conn.execute("SELECT COUNT(*) FROM alert_groups WHERE state = 'firing'").fetchone()
+        return int(count)
+
+    def counts(self) -> list[tuple[str, str, int]]:
+        """(rule, state, how many groups) for each rule and state that has groups, ordered by rule and state."""
+        return [
+            (rule, state, count)
+            for rule, state, count in self._conn.execute(
+                "SELECT rule, state, COUNT(*) FROM alert_groups GROUP BY rule, state ORDER BY rule, state"
+            )
+        ]
+
+    def save(self, group: Group) -> None:
+        """Keep the group's new state; a resolved group is dropped (its next match opens a new one)."""
+        if group.state == "resolved":
+            self.delete(group.rule, group.key)
+            return
+        values = [
+            json.dumps(getattr(group, name), ensure_ascii=False, default=str)
+            if name in JSON_COLUMNS
+            else getattr(group, name)
+            for name in COLUMNS
+        ]
+        self._conn.execute(
+            f"INSERT OR REPLACE INTO alert_groups ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+            values,
+        )
+
+    def delete(self, rule: str, key: str) -> None:
+        """Drop the group of `rule` with this key, if there is one."""
+        self._conn.execute("DELETE FROM alert_groups WHERE rule = ? AND key = ?", (rule, key))
+
+
+class AlertWrites(TransactionBase):
+    """A transaction's alert state, whose writes commit with the transaction."""
+
+    @cached_property
+    def alert_state(self) -> SqliteAlertState:
+        """The alert groups as this transaction sees them."""
+        return SqliteAlertState(self.conn)
+
+
+class SilenceRow(NamedTuple):
+    """A row of the `silences` table, in the order of `alerting.silences.Silence`'s fields."""
+
+    id: int
+    rule: str
+    condition: str | None
+    starts_at: float
+    ends_at: float
+    comment: str
+    created_by: str
+    created_at: float
+    matched: int
+
+
+class AlertTables(Tables):
+    """The store's reads of the alert groups, and its reads and writes of the silences."""
+
+    def alert_state(self) -> SqliteAlertState:
+        """The alert groups as this thread's connection sees them, for reads outside a write transaction."""
+        return SqliteAlertState(self._conn())
+
+    def add_silence(
+        self,
+        rule: str,
+        condition: str | None,
+        *,
+        starts_at: float,
+        ends_at: float,
+        comment: str,
+        created_by: str,
+        created_at: float,
+    ) -> int:
+        """Keep a new silence; the id it got."""
+        with self.write(created_at) as tx:
+            cursor = tx.conn.execute(
+                "INSERT INTO silences (rule, condition, starts_at, ends_at, comment, created_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (rule, condition, starts_at, ends_at, comment, created_by, created_at),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def silences(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[SilenceRow]:
+        """Silences by id (only those in `ids`, when given); with `now`, only those not yet ended."""
+        query = "SELECT id, rule, condition, starts_at, ends_at, comment, created_by, created_at, matched FROM silences"
+        params: list[Any] = []
+        clauses = []
+        if now is not None:
+            clauses.append("ends_at > ?")
+            params.append(now)
+        if ids is not None:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            params.extend(ids)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        return [SilenceRow(*row) for row in self._conn().execute(query + " ORDER BY id", params)]
+
+    def expire_silence(self, silence_id: int, now: float) -> bool:
+        """End a silence at `now`; False when no silence has that id or it already ended."""
+        with self.write(now) as tx:
+            cursor = tx.conn.execute(
+                "UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now)
+            )
+            return cursor.rowcount > 0
+
+    def count_silenced(self, matched: Mapping[int, int]) -> None:
+        """Add to the `matched` count of silences: {silence id: matches it silenced}."""
+        with self.write() as tx:
+            tx.conn.executemany(
+                "UPDATE silences SET matched = matched + ? WHERE id = ?",
+                [(count, silence_id) for silence_id, count in matched.items()],
+            )

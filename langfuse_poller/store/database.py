@@ -1,0 +1,194 @@
+"""The database: the state file's connections, its write transactions, its lock file, and its migrations.
+
+One file, WAL mode, a busy timeout, one connection per thread, and write transactions that take the write
+lock up front (BEGIN IMMEDIATE) so two writers never deadlock on a lock upgrade. Schema changes go through
+ordered migrations (migrations.py), each applied in its own transaction and recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import StateError
+from ..util.lockfile import lock_path, read_holder, write_holder
+from .alerts import AlertWrites
+from .base import Tables
+from .migrations import MIGRATIONS
+from .outbox import OutboxWrites, StoredEvent, event_id_hash, stored_by
+from .streams import StreamWrites
+
+# what a statement raises when SQLite fails (a locked or read-only file, a full disk), by the store's name: a
+# caller that answers such a failure itself (the webhook receiver: 503, so that Langfuse sends again) catches
+# it without importing sqlite3, which only the store package uses
+SqliteError = sqlite3.Error
+
+
+class Transaction(StreamWrites, OutboxWrites, AlertWrites):
+    """The writes of one transaction; obtained from `Store.write()`."""
+
+
+class Database(Tables):
+    """The state file: connections, transactions, the lock and the schema. Safe to share between threads: each
+    thread gets its own connection."""
+
+    def __init__(self, path: Path | str, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        # told of the events each transaction stored, once it committed (the metrics count them by type)
+        self.on_stored: Callable[[Sequence[StoredEvent]], None] | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {self.path.parent}: {exc.strerror}") from None
+        self._migrate()
+
+    # connections and transactions
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode = WAL")
+                # NORMAL in WAL mode survives a process crash; a power cut may drop the last commits, which
+                # rolls back the watermark together with its events, so nothing is lost, only re-read
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("PRAGMA foreign_keys = ON")
+                # the page cache stays at SQLite's default 2 MB: a connection drops its whole cache whenever another
+                # one has committed since its last read, and the poller and the delivery threads commit in turns.
+                # A larger cache was only refilled, and it made the peak RSS grow with the backlog (8 MB: 10,300 /
+                # 10,700 events/s and 74-79 / 84-85 MB at 100k / 1M observations; 2 MB: 11,100-12,200 events/s,
+                # 69-70 / 72-74 MB; BENCHMARKS.md). Fewer, larger checkpoints do pay in a catch-up
+                conn.execute("PRAGMA wal_autocheckpoint = 4000")
+                conn.execute("PRAGMA busy_timeout = 30000")
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot open the state database {self.path}: {exc}") from None
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def write(self, now: float | None = None) -> Iterator[Transaction]:
+        """One write transaction: everything inside commits together, or nothing does.
+
+        Threads of this process queue on a lock first: SQLite's own busy handler sleeps in growing steps (up
+        to 100 ms) before it retries, which in a catch-up made the poller and the delivery threads wait for
+        each other far longer than their transactions last. Other processes still meet the busy timeout.
+        """
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            tx = Transaction(conn, self.clock() if now is None else now)
+            try:
+                yield tx
+                stored = stored_by(tx) if tx.enqueued and self.on_stored is not None else []
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        if stored and self.on_stored is not None:
+            try:
+                self.on_stored(stored)
+            except Exception:
+                # the transaction committed: an observer's failure must not look like the write's
+                logging.getLogger(__name__).exception("an observer of stored events failed")
+
+    def close(self) -> None:
+        """Close this thread's connection and release the state's lock, if this store took it."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _migrate(self) -> None:
+        conn = self._conn()
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at REAL)")
+        applied = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        if applied and max(applied) > len(MIGRATIONS):
+            raise StateError(
+                f"{self.path} was written by a newer langfuse-poller (schema {max(applied)}, "
+                f"this version knows {len(MIGRATIONS)}): upgrade langfuse-poller or use another state path"
+            )
+        if len(applied) == len(MIGRATIONS):
+            return
+        fd: int | None = None
+        if applied:
+            # an existing state is updated only under its lock: a langfuse-poller of the older release still
+            # running on it would go on writing the old schema into the new one
+            fd = self._take_lock(f"and this release must update it (schema {max(applied)} to {len(MIGRATIONS)})")
+            # a rebuild of a large outbox takes a while (migration 4: about 7 s for 600,000 events)
+            logging.getLogger(__name__).info(
+                "updating the state in %s from schema %d to %d", self.path, max(applied), len(MIGRATIONS)
+            )
+        try:
+            conn.create_function("event_id_hash", 1, event_id_hash, deterministic=True)
+            # a migration may rebuild a table that others refer to: with foreign keys enforced, dropping the old
+            # table would cascade to the rows that refer to it (SQLite's documented way: enforcement off meanwhile,
+            # and a foreign key check before each commit). The pragma cannot change inside a transaction
+            conn.execute("PRAGMA foreign_keys = OFF")
+            try:
+                for version, script in enumerate(MIGRATIONS, start=1):
+                    if version not in applied:
+                        self._apply(conn, version, script)
+            finally:
+                conn.execute("PRAGMA foreign_keys = ON")
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _apply(self, conn: sqlite3.Connection, version: int, script: str) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # another process may have applied it since this one looked
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE version = ?", (version,)).fetchone():
+                conn.execute("ROLLBACK")
+                return
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise StateError(f"migration {version} of {self.path} broke {len(broken)} references: {broken[:3]}")
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?)", (version, self.clock()))
+        except BaseException as exc:
+            conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise StateError(f"cannot update the state in {self.path} to schema {version}: {exc}") from None
+            raise
+        conn.execute("COMMIT")
+
+    def _take_lock(self, why: str = "") -> int:
+        """The state's exclusive lock (an flock on `<path>.lock`, which holds the holder's pid): its descriptor.
+        Raises StateError naming the process that holds it."""
+        import fcntl
+
+        fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_holder(fd)
+            os.close(fd)
+            raise StateError(
+                f"another langfuse-poller (pid {holder}) is using {self.path}{' ' + why if why else ''}; stop it "
+                "first, or give this one its own [state] path"
+            ) from None
+        return fd
+
+    def lock(self) -> None:
+        """Take the state's exclusive lock: two pollers on one state would deliver everything twice."""
+        fd = self._take_lock()
+        write_holder(fd)
+        self._lock_fd = fd
