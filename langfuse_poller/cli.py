@@ -203,46 +203,23 @@ def cmd_serve_webhooks(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    from .langfuse.reader import Cancelled
+    from .service.once import LeaseUnavailable, run_once
 
     runtime = _runtime(args)
+    # the outcome is printed before the runtime closes: closing can wait seconds for the lease's thread
     try:
-        dead_before = runtime.store.dead_letter_count()
-        if runtime.replica is not None:
-            if not runtime.replica.try_lead():
-                who = runtime.replica.describe_holder()
-                message = f"the poller lease is held by {who}; `once` polls only when no `run` does"
-                print(f"error: {message}", file=sys.stderr)
-                return EXIT_FAILED
-            # a long catch-up outlives the lease: renew it meanwhile, until `close` sets `cancel`
-            runtime.replica.start(runtime.cancel)
-        try:
-            with runtime.term():
-                runtime.poller.start_streams()
-                runtime.alerter.start()
-                result = runtime.poller.poll_once(force_sweeps=True)
-        except Cancelled:
-            # only a lost lease cancels a poll here; what this one committed stays, for whoever leads next
-            print("error: the poller lease was lost mid-poll (taken over, or not renewed in time)", file=sys.stderr)
-            return EXIT_FAILED
-        if result.requests == 0 and not result.errors:
-            # nothing to read yet (a fresh start = "now"): still prove the host and the keys
-            runtime.reader.check()
-        runtime.worker.run_until_idle()
-        # alert groups whose timers ran out are sent now; open groups wait in the state for the next run
-        if runtime.alerter.tick():
-            runtime.worker.run_until_idle()
-        runtime.store.prune_delivered(time.time() - runtime.config.delivery.retention.total_seconds())
-        pending = runtime.store.queue_depth()
-        dead = runtime.store.dead_letter_count() - dead_before
-        stats = runtime.worker.stats
+        result = run_once(runtime)
+    except LeaseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    else:
         print(
-            f"polled {len(result.streams)} streams with {result.requests} API requests: {result.events} new events; "
-            f"delivered {sum(stats.delivered.values())}, pending {pending}, new dead letters {max(0, dead)}"
+            f"polled {result.streams} streams with {result.requests} API requests: {result.events} new events; "
+            f"delivered {result.delivered}, pending {result.pending}, new dead letters {result.dead_letters}"
         )
         for error in result.errors:
             print(f"error: {error}", file=sys.stderr)
-        return EXIT_OK if not result.errors and pending == 0 and dead <= 0 else EXIT_FAILED
+        return EXIT_OK if result.ok else EXIT_FAILED
     finally:
         runtime.close()
 
