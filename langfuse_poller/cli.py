@@ -384,16 +384,7 @@ def cmd_send_test_event(args: argparse.Namespace) -> int:
             known = ", ".join(sorted(config.notifiers)) or "none configured"
             raise ConfigError(config.source, "--notifier", args.notifier, f"a configured notifier ({known})")
         event = test_event(args.event, base_url=config.langfuse.base_url)
-        targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.targets(event)
-        # a test event goes straight to an alerting rule's notifiers: it must not join a real alert group
-        grouping = {c.rule.target: c.rule.notify for c in runtime.router.rules if c.rule.grouping is not None}
-        targets = list(
-            dict.fromkeys(
-                expanded
-                for target in targets
-                for expanded in ([f"notifier:{n}" for n in grouping[target]] if target in grouping else [target])
-            )
-        )
+        targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.test_targets(event)
         if not targets:
             print(f"no rule or handler wants {event.type}; nothing sent (use --notifier NAME to send anyway)")
             return EXIT_FAILED

@@ -861,6 +861,17 @@ def test_send_test_event(cli: Cli, tmp_path: Path, receiver: Receiver) -> None:
     assert len(receiver.requests()) == 1 and len(read_jsonl(archive)) == 1
 
 
+def test_a_test_event_goes_straight_to_an_alerting_rules_notifiers(cli: Cli, tmp_path: Path) -> None:
+    archive = tmp_path / "archive.jsonl"
+    grouped = rule("errors", ["trace.updated"], ["archive"]) + "group = true\n"
+    path = write_config(tmp_path / "config.toml", NOWHERE, jsonl("archive", archive) + grouped)
+    sent = cli("send-test-event", "--event", "trace.updated", "--config", path)
+    assert sent.returncode == 0, str(sent)
+    [event] = read_jsonl(archive)
+    assert event["event"] == "trace.updated" and event["source"] == "test"
+    assert sent.stdout.strip() == f"sent {event['id']} to notifier:archive"
+
+
 # --- run ---------------------------------------------------------------------------------------------------
 
 
