@@ -49,22 +49,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    sub.add_parser("run", parents=[common], help="run the daemon in the foreground until SIGTERM or SIGINT")
-    sub.add_parser("once", parents=[common], help="poll every stream up to now, deliver what is pending, exit")
+    run = sub.add_parser("run", parents=[common], help="run the daemon in the foreground until SIGTERM or SIGINT")
+    run.set_defaults(func=cmd_run)
+    once = sub.add_parser("once", parents=[common], help="poll every stream up to now, deliver what is pending, exit")
+    once.set_defaults(func=cmd_once)
     status = sub.add_parser("status", parents=[common], help="watermarks, lag, last errors, queue and dead letters")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("check", parents=[common], help="validate the config and reach Langfuse with the keys")
+    status.set_defaults(func=cmd_status)
+    check = sub.add_parser("check", parents=[common], help="validate the config and reach Langfuse with the keys")
+    check.set_defaults(func=cmd_check)
     worker = sub.add_parser(
         "worker", parents=[common], help="process the Redis queue's events with the handlers and notifiers"
     )
     worker.add_argument(
         "--concurrency", type=int, default=1, metavar="N", help="jobs processed at once by this process (default 1)"
     )
-    sub.add_parser(
+    worker.set_defaults(func=cmd_worker)
+    serve = sub.add_parser(
         "serve-webhooks", parents=[common], help="receive Langfuse's webhooks and deliver them, without polling"
     )
+    serve.set_defaults(func=cmd_serve_webhooks)
 
     dead = sub.add_parser("dead-letters", parents=[common], help="inspect, replay or purge what failed for good")
+    dead.set_defaults(func=cmd_dead_letters)
     dead_sub = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = dead_sub.add_parser("list", parents=[common], help="list dead letters")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -77,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--all", action="store_true", help="every dead letter")
 
     silence = sub.add_parser("silence", parents=[common], help="mute a rule's alerts for a while")
+    silence.set_defaults(func=cmd_silence)
     silence_sub = silence.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = silence_sub.add_parser("add", parents=[common], help="silence a rule (or the matches meeting --when)")
     add.add_argument("--rule", required=True, metavar="NAME", help="the rule to silence")
@@ -95,16 +103,19 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--until", default="now", help='where to stop: "now" (default), "-10m", RFC 3339')
     dry.add_argument("--events", metavar="FILE", help="replay the envelopes of a jsonl file instead of Langfuse")
     dry.add_argument("--json", action="store_true", help="print the notifications as envelopes, one per line")
+    dry.set_defaults(func=cmd_test_rule)
 
     demo = sub.add_parser(
         "demo", parents=[common], help="see it work: a Langfuse stand-in with made-up traffic, no keys needed"
     )
     demo.add_argument("--duration", type=float, default=30.0, metavar="SECONDS", help="how long (default 30)")
     demo.add_argument("--seed", type=int, help="make the made-up traffic repeatable")
+    demo.set_defaults(func=cmd_demo)
 
     test = sub.add_parser("send-test-event", parents=[common], help="push a test event through the registry")
     test.add_argument("--event", default="trace.created", metavar="TYPE", help="event type (default trace.created)")
     test.add_argument("--notifier", metavar="NAME", help="send to this notifier only, whatever the rules say")
+    test.set_defaults(func=cmd_send_test_event)
     return parser
 
 
@@ -137,9 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_CONFIG
     _setup_logging(args.log_level, args.log_format)
-    command = args.command.replace("-", "_")
     try:
-        result: int = globals()[f"cmd_{command}"](args)
+        result: int = args.func(args)
         return result
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
@@ -193,46 +203,23 @@ def cmd_serve_webhooks(args: argparse.Namespace) -> int:
 
 
 def cmd_once(args: argparse.Namespace) -> int:
-    from .langfuse.reader import Cancelled
+    from .service.once import LeaseUnavailable, run_once
 
     runtime = _runtime(args)
+    # the outcome is printed before the runtime closes: closing can wait seconds for the lease's thread
     try:
-        dead_before = runtime.store.dead_letter_count()
-        if runtime.replica is not None:
-            if not runtime.replica.try_lead():
-                who = runtime.replica.describe_holder()
-                message = f"the poller lease is held by {who}; `once` polls only when no `run` does"
-                print(f"error: {message}", file=sys.stderr)
-                return EXIT_FAILED
-            # a long catch-up outlives the lease: renew it meanwhile, until `close` sets `cancel`
-            runtime.replica.start(runtime.cancel)
-        try:
-            with runtime.term():
-                runtime.poller.start_streams()
-                runtime.alerter.start()
-                result = runtime.poller.poll_once(force_sweeps=True)
-        except Cancelled:
-            # only a lost lease cancels a poll here; what this one committed stays, for whoever leads next
-            print("error: the poller lease was lost mid-poll (taken over, or not renewed in time)", file=sys.stderr)
-            return EXIT_FAILED
-        if result.requests == 0 and not result.errors:
-            # nothing to read yet (a fresh start = "now"): still prove the host and the keys
-            runtime.reader.check()
-        runtime.worker.run_until_idle()
-        # alert groups whose timers ran out are sent now; open groups wait in the state for the next run
-        if runtime.alerter.tick():
-            runtime.worker.run_until_idle()
-        runtime.store.prune_delivered(time.time() - runtime.config.delivery.retention.total_seconds())
-        pending = runtime.store.queue_depth()
-        dead = runtime.store.dead_letter_count() - dead_before
-        stats = runtime.worker.stats
+        result = run_once(runtime)
+    except LeaseUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    else:
         print(
-            f"polled {len(result.streams)} streams with {result.requests} API requests: {result.events} new events; "
-            f"delivered {sum(stats.delivered.values())}, pending {pending}, new dead letters {max(0, dead)}"
+            f"polled {result.streams} streams with {result.requests} API requests: {result.events} new events; "
+            f"delivered {result.delivered}, pending {result.pending}, new dead letters {result.dead_letters}"
         )
         for error in result.errors:
             print(f"error: {error}", file=sys.stderr)
-        return EXIT_OK if not result.errors and pending == 0 and dead <= 0 else EXIT_FAILED
+        return EXIT_OK if result.ok else EXIT_FAILED
     finally:
         runtime.close()
 
@@ -397,16 +384,7 @@ def cmd_send_test_event(args: argparse.Namespace) -> int:
             known = ", ".join(sorted(config.notifiers)) or "none configured"
             raise ConfigError(config.source, "--notifier", args.notifier, f"a configured notifier ({known})")
         event = test_event(args.event, base_url=config.langfuse.base_url)
-        targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.targets(event)
-        # a test event goes straight to an alerting rule's notifiers: it must not join a real alert group
-        grouping = {c.rule.target: c.rule.notify for c in runtime.router.rules if c.rule.grouping is not None}
-        targets = list(
-            dict.fromkeys(
-                expanded
-                for target in targets
-                for expanded in ([f"notifier:{n}" for n in grouping[target]] if target in grouping else [target])
-            )
-        )
+        targets = [f"notifier:{args.notifier}"] if args.notifier else runtime.router.test_targets(event)
         if not targets:
             print(f"no rule or handler wants {event.type}; nothing sent (use --notifier NAME to send anyway)")
             return EXIT_FAILED

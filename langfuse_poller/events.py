@@ -168,6 +168,75 @@ def _usage(details: Any) -> dict[str, float | None]:
     return {"promptTokens": prompt, "completionTokens": completion, "totalTokens": total}
 
 
+# One builder per event type made from an observation: `common` holds the fields every one of them has, built
+# once per record by EventFactory._observation, which alone decides which of them a record yields.
+
+
+def _trace_created(record: Mapping[str, Any], common: dict[str, Any], trace_id: str, start: datetime) -> Event:
+    """trace.created, from the root observation of a trace seen for the first time."""
+    data = {
+        **common,
+        "name": record.get("traceName") or record.get("name"),
+        "userId": record.get("userId"),
+        "sessionId": record.get("sessionId"),
+        "tags": record.get("tags") or [],
+        "release": record.get("release"),
+    }
+    return Event(id=f"trace.created:{trace_id}", type="trace.created", timestamp=start, source="poll", data=data)
+
+
+def _generation_created(record: Mapping[str, Any], common: dict[str, Any], obs_id: str, start: datetime) -> Event:
+    """generation.created, from a GENERATION observation seen for the first time."""
+    data = {
+        **common,
+        "traceName": record.get("traceName"),
+        "model": record.get("model"),
+        "usage": _usage(record.get("usageDetails")),
+        "usageDetails": record.get("usageDetails") or {},
+        "costDetails": record.get("costDetails") or {},
+        "totalCost": record.get("totalCost"),
+        "latency": record.get("latency"),
+        "timeToFirstToken": record.get("timeToFirstToken"),
+    }
+    return Event(
+        id=f"generation.created:{obs_id}", type="generation.created", timestamp=start, source="poll", data=data
+    )
+
+
+def _observation_created(
+    record: Mapping[str, Any], common: dict[str, Any], obs_id: str, obs_type: str, start: datetime
+) -> Event:
+    """observation.created, from any observation seen for the first time, when something subscribes to it."""
+    data = {**common, "type": obs_type, "parentObservationId": record.get("parentObservationId")}
+    return Event(
+        id=f"observation.created:{obs_id}", type="observation.created", timestamp=start, source="poll", data=data
+    )
+
+
+def _trace_updated(
+    record: Mapping[str, Any],
+    common: dict[str, Any],
+    obs_id: str,
+    obs_type: str,
+    version: str,
+    is_root: bool,
+    start: datetime,
+) -> Event:
+    """trace.updated, from an observation first seen at an error level, or a root whose version moved."""
+    data = {
+        **common,
+        "type": obs_type,
+        "traceName": record.get("traceName"),
+        "userId": record.get("userId"),
+        "sessionId": record.get("sessionId"),
+        "tags": record.get("tags") or [],
+        "isRootObservation": is_root,
+    }
+    return Event(
+        id=f"trace.updated:{obs_id}:{version}", type="trace.updated", timestamp=start, source="poll", data=data
+    )
+
+
 class EventFactory:
     """Turns raw API records into events. `observation_created` says whether anything subscribes to it."""
 
@@ -227,7 +296,6 @@ class EventFactory:
             if not remember:
                 return (), None
             return (), Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), ())
-        url = self.trace_url(project_id, trace_id)
         common = {
             "projectId": project_id,
             "traceId": trace_id,
@@ -236,63 +304,19 @@ class EventFactory:
             "level": level,
             "statusMessage": record.get("statusMessage"),
             "environment": record.get("environment"),
-            "url": url,
+            "url": self.trace_url(project_id, trace_id),
         }
+        # which events the record yields is decided here alone; the builders only shape each one's data
         events: list[Event] = []
-
-        def add(event_type: str, event_id: str, data: dict[str, Any]) -> None:
-            events.append(Event(id=event_id, type=event_type, timestamp=start, source="poll", data=data))
-
         if previous is None:
             if is_root:
-                add(
-                    "trace.created",
-                    f"trace.created:{trace_id}",
-                    {
-                        **common,
-                        "name": record.get("traceName") or record.get("name"),
-                        "userId": record.get("userId"),
-                        "sessionId": record.get("sessionId"),
-                        "tags": record.get("tags") or [],
-                        "release": record.get("release"),
-                    },
-                )
+                events.append(_trace_created(record, common, trace_id, start))
             if obs_type == "GENERATION":
-                add(
-                    "generation.created",
-                    f"generation.created:{obs_id}",
-                    {
-                        **common,
-                        "traceName": record.get("traceName"),
-                        "model": record.get("model"),
-                        "usage": _usage(record.get("usageDetails")),
-                        "usageDetails": record.get("usageDetails") or {},
-                        "costDetails": record.get("costDetails") or {},
-                        "totalCost": record.get("totalCost"),
-                        "latency": record.get("latency"),
-                        "timeToFirstToken": record.get("timeToFirstToken"),
-                    },
-                )
+                events.append(_generation_created(record, common, obs_id, start))
             if self.observation_created():
-                add(
-                    "observation.created",
-                    f"observation.created:{obs_id}",
-                    {**common, "type": obs_type, "parentObservationId": record.get("parentObservationId")},
-                )
+                events.append(_observation_created(record, common, obs_id, obs_type, start))
         if became_error or root_moved:
-            add(
-                "trace.updated",
-                f"trace.updated:{obs_id}:{version}",
-                {
-                    **common,
-                    "type": obs_type,
-                    "traceName": record.get("traceName"),
-                    "userId": record.get("userId"),
-                    "sessionId": record.get("sessionId"),
-                    "tags": record.get("tags") or [],
-                    "isRootObservation": is_root,
-                },
-            )
+            events.append(_trace_updated(record, common, obs_id, obs_type, version, is_root, start))
         made = tuple(events)
         if not remember:
             return made, None

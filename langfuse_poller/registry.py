@@ -195,6 +195,19 @@ class Router:
             return [*alerts, self.queue]
         return ordered
 
+    def test_targets(self, event: Event) -> list[str]:
+        """The delivery targets of a test event (`send-test-event`), each once: those of `targets`, with an
+        alerting rule's alert group replaced by the rule's notifiers."""
+        # a test event goes straight to an alerting rule's notifiers: it must not join a real alert group
+        grouping = {c.rule.target: c.rule.notify for c in self.rules if c.rule.grouping is not None}
+        return list(
+            dict.fromkeys(
+                expanded
+                for target in self.targets(event)
+                for expanded in ([f"notifier:{n}" for n in grouping[target]] if target in grouping else [target])
+            )
+        )
+
     def direct_targets(self, event: Event, *, count_silenced: bool = True) -> list[str]:
         """The handlers and notifiers of one event, without alert groups: what a queue worker delivers. A retry
         of the same delivery routes with `count_silenced=False`: its silenced matches were counted the first

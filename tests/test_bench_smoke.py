@@ -48,6 +48,18 @@ def test_catchup(tmp_path: Path) -> None:
     assert figures["API requests"] >= figures["minimum requests"] > 0, done.stdout
 
 
+def test_events(tmp_path: Path) -> None:
+    events = load("events")
+    dump = tmp_path / "events.txt"
+    f = events.main(["--traces", "40", "--rounds", "2", "--dump", str(dump)])
+    assert f.records >= 200 and 0 < f.new < f.records and f.same > 0 and f.moved > 0, f
+    plain, unkept, subscribed = f.timings
+    # a slice that keeps no dedup keys makes the same events; observation.created adds one per new record
+    assert plain.events == unkept.events > 0 and subscribed.events == plain.events + f.new, f
+    assert all(len(t.runs) == 2 and t.best > 0 for t in f.timings), f
+    assert len(dump.read_text(encoding="utf-8").splitlines()) == 2 * plain.events + subscribed.events
+
+
 def test_steady() -> None:
     steady = load("steady")
     figures = {(f.project, f.settings): f for f in steady.main(["--hours", "0.1", "--rate", "2"])}

@@ -7,6 +7,7 @@ that nothing on the machine leaks in. Every result is checked for tracebacks and
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import hmac
 import json
@@ -318,6 +319,22 @@ def test_every_command_has_help_and_the_version_is_printed(cli: Cli) -> None:
     assert script_version.returncode == 0 and script_version.stdout == version.stdout
     script_help = cli("dead-letters", "replay", "--help", exe=[str(SCRIPT)])
     assert script_help.returncode == 0 and script_help.stdout == results[7].stdout
+
+
+def test_every_command_has_a_handler_and_is_in_the_help_test() -> None:
+    # a subcommand added without set_defaults(func=...) would parse and then fail at dispatch; one missing from
+    # COMMANDS would go without the help check above
+    from langfuse_poller.cli import _parser
+
+    def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices) if actions else {}
+
+    for name, parser in subcommands(_parser()).items():
+        assert callable(parser.get_default("func")), name
+        assert (name,) in COMMANDS, name
+        for action in subcommands(parser):
+            assert (name, action) in COMMANDS, (name, action)
 
 
 def test_bad_input_gets_a_message_and_never_a_traceback(cli: Cli, tmp_path: Path) -> None:
@@ -842,6 +859,17 @@ def test_send_test_event(cli: Cli, tmp_path: Path, receiver: Receiver) -> None:
     )
     assert unwanted.returncode == 1 and "nothing sent" in unwanted.stdout, str(unwanted)
     assert len(receiver.requests()) == 1 and len(read_jsonl(archive)) == 1
+
+
+def test_a_test_event_goes_straight_to_an_alerting_rules_notifiers(cli: Cli, tmp_path: Path) -> None:
+    archive = tmp_path / "archive.jsonl"
+    grouped = rule("errors", ["trace.updated"], ["archive"]) + "group = true\n"
+    path = write_config(tmp_path / "config.toml", NOWHERE, jsonl("archive", archive) + grouped)
+    sent = cli("send-test-event", "--event", "trace.updated", "--config", path)
+    assert sent.returncode == 0, str(sent)
+    [event] = read_jsonl(archive)
+    assert event["event"] == "trace.updated" and event["source"] == "test"
+    assert sent.stdout.strip() == f"sent {event['id']} to notifier:archive"
 
 
 # --- run ---------------------------------------------------------------------------------------------------

@@ -45,6 +45,63 @@ def test_a_root_generation_with_an_error() -> None:
     assert result.seen == Seen("1795765037000", "ERROR")
 
 
+def test_each_event_of_an_observation_has_exactly_this_envelope() -> None:
+    # the text is what handlers and notifiers receive: the fields, their order and their values are pinned
+    record = obs(
+        type="GENERATION",
+        isRootObservation=True,
+        parentObservationId=None,
+        level="ERROR",
+        statusMessage="upstream 500",
+        name="llm-call",
+        traceName="chat",
+        environment="production",
+        userId="u1",
+        sessionId="s1",
+        tags=["beta"],
+        release="v2",
+        model="gpt-4o",
+        usageDetails={"input": 120, "output": 30},
+        costDetails={"total": 0.0012},
+        totalCost=0.0012,
+        latency=1.25,
+        timeToFirstToken=0.3,
+    )
+    assert [e.to_json() for e in FACTORY.from_observation(record, None).events] == [
+        (
+            '{"id":"trace.created:t1","event":"trace.created","timestamp":"2026-11-27T07:37:16.522Z",'
+            '"source":"poll","data":{"projectId":"p1","traceId":"t1","observationId":"o1","name":"chat",'
+            '"level":"ERROR","statusMessage":"upstream 500","environment":"production",'
+            '"url":"https://cloud.langfuse.com/project/p1/traces/t1","userId":"u1","sessionId":"s1",'
+            '"tags":["beta"],"release":"v2"}}'
+        ),
+        (
+            '{"id":"generation.created:o1","event":"generation.created","timestamp":"2026-11-27T07:37:16.522Z",'
+            '"source":"poll","data":{"projectId":"p1","traceId":"t1","observationId":"o1","name":"llm-call",'
+            '"level":"ERROR","statusMessage":"upstream 500","environment":"production",'
+            '"url":"https://cloud.langfuse.com/project/p1/traces/t1","traceName":"chat","model":"gpt-4o",'
+            '"usage":{"promptTokens":120.0,"completionTokens":30.0,"totalTokens":150.0},'
+            '"usageDetails":{"input":120,"output":30},"costDetails":{"total":0.0012},"totalCost":0.0012,'
+            '"latency":1.25,"timeToFirstToken":0.3}}'
+        ),
+        (
+            '{"id":"observation.created:o1","event":"observation.created","timestamp":"2026-11-27T07:37:16.522Z",'
+            '"source":"poll","data":{"projectId":"p1","traceId":"t1","observationId":"o1","name":"llm-call",'
+            '"level":"ERROR","statusMessage":"upstream 500","environment":"production",'
+            '"url":"https://cloud.langfuse.com/project/p1/traces/t1","type":"GENERATION",'
+            '"parentObservationId":null}}'
+        ),
+        (
+            '{"id":"trace.updated:o1:1795765037000","event":"trace.updated",'
+            '"timestamp":"2026-11-27T07:37:16.522Z","source":"poll","data":{"projectId":"p1","traceId":"t1",'
+            '"observationId":"o1","name":"llm-call","level":"ERROR","statusMessage":"upstream 500",'
+            '"environment":"production","url":"https://cloud.langfuse.com/project/p1/traces/t1",'
+            '"type":"GENERATION","traceName":"chat","userId":"u1","sessionId":"s1","tags":["beta"],'
+            '"isRootObservation":true}}'
+        ),
+    ]
+
+
 def test_seen_again_yields_only_what_changed() -> None:
     first = FACTORY.from_observation(obs(level="ERROR"), None)
     same = FACTORY.from_observation(obs(level="ERROR", updatedAt="2026-11-27T07:40:00.000Z"), first.seen)

@@ -121,6 +121,17 @@ class Daemon:
         self._reload.set()
 
     def run(self, *, install_signals: bool = True) -> int:
+        """Start the jobs, serve reloads until `stop()` or a stop signal, then shut down; returns the exit status."""
+        scheduler = self._start_scheduling(install_signals)
+        while not self.stopping.wait(0.5):
+            if self._reload.is_set():
+                self._reload.clear()
+                self.service.reload()
+        return self._shut_down(scheduler)
+
+    def _start_scheduling(self, install_signals: bool) -> Any:
+        """Signals, the receiver, the streams and the alerter, then the scheduler with its jobs and the replica's
+        lease thread; returns the running scheduler."""
         from apscheduler.schedulers.background import BackgroundScheduler
         from apscheduler.triggers.interval import IntervalTrigger
 
@@ -179,10 +190,12 @@ class Daemon:
             )
         else:
             log.info("langfuse-poller running without polling (webhooks only), state %s", runtime.config.state_path)
-        while not self.stopping.wait(0.5):
-            if self._reload.is_set():
-                self._reload.clear()
-                self.service.reload()
+        return scheduler
+
+    def _shut_down(self, scheduler: Any) -> int:
+        """Stop receiving, cancel the waits, stop the scheduler, give the poll in flight STOP_GRACE, close; returns
+        0, or exits the process at once when the poll did not end in time."""
+        runtime = self.runtime
         log.info("stopping: finishing the poll and deliveries in flight")
         self.service.stopping_now()
         if runtime.receiver is not None:
