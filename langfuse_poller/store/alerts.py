@@ -144,7 +144,7 @@ class SilenceRow(NamedTuple):
     matched: int
 
 
-class AlertTables(Tables):
+class AlertTables(Tables[AlertWrites]):
     """The store's reads of the alert groups, and its reads and writes of the silences."""
 
     def alert_state(self) -> SqliteAlertState:

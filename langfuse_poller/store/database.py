@@ -35,7 +35,7 @@ class Transaction(StreamWrites, OutboxWrites, AlertWrites):
     """The writes of one transaction; obtained from `Store.write()`."""
 
 
-class Database(Tables):
+class Database(Tables["Transaction"]):
     """The state file: connections, transactions, the lock and the schema. Safe to share between threads: each
     thread gets its own connection."""
 

@@ -164,7 +164,7 @@ class OutboxWrites(TransactionBase):
         )
 
 
-class Outbox(Tables):
+class Outbox(Tables[OutboxWrites]):
     """The store's reads and writes of the outbox: the delivery queue and the dead letters."""
 
     def pending_targets(self) -> list[str]:

@@ -74,7 +74,7 @@ class StreamWrites(TransactionBase):
         )
 
 
-class StreamTables(Tables):
+class StreamTables(Tables[StreamWrites]):
     """The store's reads and writes of the stream tables, each write in its own transaction."""
 
     def seen_states(self, keys: Sequence[str]) -> dict[str, Seen]:
