@@ -32,8 +32,15 @@ DEFAULT_BASE_URL = "https://cloud.langfuse.com"
 STREAMS = ("observations", "scores")
 # the read paths: "v2" is /v2/observations and /v3/scores; "legacy" the page-based lists of self-hosted v3 servers
 API_CHOICES = ("auto", "v2", "legacy")
-# field groups of /v2/observations beyond the ones the events always need (see langfuse/reader.py)
+# field groups of /v2/observations beyond the ones the events always need (see langfuse/reader.py), which add
+# their fields to the events (see ExtraFields in events.py)
 OPTIONAL_FIELD_GROUPS = ("io", "metadata", "prompt")
+ALWAYS_READ_GROUPS = ("core", "basic", "time", "model", "usage", "metrics", "trace_context")
+FIELDS_FORM = (
+    "a list of field groups from 'io', 'metadata', 'prompt' "
+    "(core, basic, time, model, usage, metrics and trace_context are always read)"
+)
+DEFAULT_IO_MAX_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,11 @@ class PollConfig:
     catchup_slice: timedelta = timedelta(hours=1)
     fields: tuple[str, ...] = ()
     environments: tuple[str, ...] = ()
+    # input and output in the events: redacted by these patterns, then cut to this many characters (0: whole)
+    io_max_chars: int = DEFAULT_IO_MAX_CHARS
+    redact_io: tuple[str, ...] = ()
+    # metadata keys sent as expandMetadata, which makes the server send every metadata value uncut
+    expand_metadata: tuple[str, ...] = ()
 
     @property
     def sweep_ages(self) -> tuple[timedelta, ...]:
@@ -316,11 +328,59 @@ def _parse_poll(table: Table) -> PollConfig:
         reread=reread,
         sweep_interval=table.positive_duration("sweep_interval", "2m"),
         catchup_slice=table.positive_duration("catchup_slice", "1h"),
-        fields=table.str_list("fields", (), choices=OPTIONAL_FIELD_GROUPS),
         environments=table.str_list("environments", ()),
+        **_field_groups(table),
     )
     table.finish()
     return config
+
+
+def _field_groups(table: Table) -> dict[str, Any]:
+    """`[poll] fields` and the keys that shape what those groups add to the events."""
+    fields = _str_list(table, "fields", FIELDS_FORM)
+    for group in fields:
+        if group not in OPTIONAL_FIELD_GROUPS:
+            raise table.error("fields", group, FIELDS_FORM)
+    redact_io = _str_list(
+        table, "redact_io", 'a list of regular expressions (Python re syntax), such as ["sk-[A-Za-z0-9]+"]'
+    )
+    for pattern in redact_io:
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise table.error(
+                "redact_io", pattern, f"a list of regular expressions (Python re syntax): {exc}"
+            ) from None
+        if compiled.search("") is not None:
+            # it would put "[redacted]" between every two characters
+            raise table.error("redact_io", pattern, "a list of regular expressions that cannot match an empty string")
+    if redact_io and "io" not in fields:
+        raise table.error("redact_io", list(redact_io), 'an empty list unless "io" in [poll] fields')
+    expand_metadata = _str_list(table, "expand_metadata", "a list of metadata keys")
+    for key in expand_metadata:
+        if "," in key:
+            # the server reads expandMetadata as one comma-separated list
+            raise table.error("expand_metadata", key, "a list of metadata keys without commas")
+    if expand_metadata and "metadata" not in fields:
+        raise table.error("expand_metadata", list(expand_metadata), 'an empty list unless "metadata" in [poll] fields')
+    return {
+        "fields": fields,
+        "io_max_chars": table.integer("io_max_chars", DEFAULT_IO_MAX_CHARS, minimum=0),
+        "redact_io": redact_io,
+        "expand_metadata": expand_metadata,
+    }
+
+
+def _str_list(table: Table, name: str, form: str) -> tuple[str, ...]:
+    """A list of non-empty strings (one string: a list of one, as Table.str_list reads it); errors name `form`."""
+    value = table.raw(name)
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise table.error(name, value, form)
+    return tuple(value)
 
 
 WEBHOOK_SECRET_EXPECTED = (

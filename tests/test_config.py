@@ -65,6 +65,27 @@ def test_the_example_config_loads_with_every_section() -> None:
         "webhook",
     }
     assert config.queue.backend == "sqlite" and config.queue.name == "langfuse-events"
+    # the [poll] field group keys are documented there with their defaults
+    assert "".join(f"{k}=" for k in ("fields", "io_max_chars", "redact_io", "expand_metadata")) == "".join(
+        f"{k}=" for k in data["poll"] if k in ("fields", "io_max_chars", "redact_io", "expand_metadata")
+    )
+    assert (config.poll.fields, config.poll.io_max_chars, config.poll.redact_io) == ((), 2000, ())
+    assert config.poll.expand_metadata == ()
+
+
+def test_the_field_group_keys_read_into_the_poll_config() -> None:
+    poll = {
+        "fields": ["prompt", "io", "metadata"],
+        "io_max_chars": 0,
+        "redact_io": ["sk-[A-Za-z0-9]+", "(?i)bearer [a-z0-9.]+"],
+        "expand_metadata": ["request", "document"],
+    }
+    config = parse_config(base(poll=poll), "test").poll
+    assert config.fields == ("prompt", "io", "metadata")
+    assert config.io_max_chars == 0
+    assert config.redact_io == ("sk-[A-Za-z0-9]+", "(?i)bearer [a-z0-9.]+")
+    assert config.expand_metadata == ("request", "document")
+    assert parse_config(base(), "test").poll.io_max_chars == 2000
 
 
 @pytest.mark.parametrize(
@@ -112,6 +133,17 @@ def test_start_forms() -> None:
             "http",
         ),
         (base(colour="blue"), "colour", "a known key"),
+        (base(poll={"fields": ["usage"]}), "poll.fields", "'io', 'metadata', 'prompt'"),
+        (base(poll={"fields": ["usage"]}), "poll.fields", "always read"),
+        (base(poll={"fields": ["io"], "io_max_chars": -1}), "poll.io_max_chars", "an integer >= 0"),
+        (base(poll={"fields": ["io"], "io_max_chars": "2k"}), "poll.io_max_chars", "an integer >= 0"),
+        (base(poll={"fields": ["io"], "redact_io": ["sk-[a-z"]}), "poll.redact_io", "regular expressions"),
+        (base(poll={"fields": ["io"], "redact_io": [5]}), "poll.redact_io", "a list of regular"),
+        (base(poll={"fields": ["io"], "redact_io": ["x*"]}), "poll.redact_io", "cannot match an empty"),
+        (base(poll={"redact_io": ["sk-[a-z]+"]}), "poll.redact_io", '"io" in [poll] fields'),
+        (base(poll={"expand_metadata": ["request"]}), "poll.expand_metadata", '"metadata" in [poll] fields'),
+        (base(poll={"fields": ["metadata"], "expand_metadata": ["a,b"]}), "poll.expand_metadata", "without commas"),
+        (base(poll={"fields": ["metadata"], "expand_metadata": [""]}), "poll.expand_metadata", "metadata keys"),
     ],
 )
 def test_errors_name_file_key_found_and_expected(data: dict[str, Any], key: str, expected_words: str) -> None:
