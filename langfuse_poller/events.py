@@ -6,10 +6,12 @@ so that the same record never yields two different ids, whichever poll or replic
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -94,6 +96,88 @@ def _format_utc(moment: datetime) -> str:
     return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+REDACTED = "[redacted]"
+PROMPT_FIELDS = ("promptId", "promptName", "promptVersion")
+
+
+class FieldGroupSettings(Protocol):
+    """The `[poll]` keys ExtraFields is made from (config.PollConfig has them; events never imports config)."""
+
+    @property
+    def fields(self) -> tuple[str, ...]: ...
+
+    @property
+    def io_max_chars(self) -> int: ...
+
+    @property
+    def redact_io(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class ExtraFields:
+    """What the events carry of the observation field groups that `[poll] fields` reads beyond their own.
+
+    `prompt` adds promptId, promptName and promptVersion, `metadata` the metadata, to generation.created,
+    trace.updated and observation.created; `io` adds input and output to those and to trace.created (a root
+    observation's input and output are its trace's). A group read adds its keys to every such event, null when
+    the record has none; a group not read adds none. Input and output are redacted with `redact_io` (regular
+    expressions, matches become "[redacted]"), then cut to `io_max_chars` characters (0: kept whole) and marked.
+    """
+
+    groups: frozenset[str] = frozenset()
+    io_max_chars: int = 2000
+    redact_io: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, poll: FieldGroupSettings) -> ExtraFields:
+        """The extra fields a `[poll]` config asks for."""
+        return cls(frozenset(poll.fields), poll.io_max_chars, poll.redact_io)
+
+
+class _Extras:
+    """ExtraFields at work: the added data of one record, for the events of each kind."""
+
+    def __init__(self, extras: ExtraFields) -> None:
+        self.io = "io" in extras.groups
+        self.prompt = "prompt" in extras.groups
+        self.metadata = "metadata" in extras.groups
+        self.max_chars = extras.io_max_chars
+        self.redact = tuple(re.compile(pattern) for pattern in extras.redact_io)
+
+    def of(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What trace.created adds (the io), and what the other events add (prompt, metadata, io)."""
+        io: dict[str, Any] = {}
+        if self.io:
+            io = {"input": self.text(record.get("input")), "output": self.text(record.get("output"))}
+        added: dict[str, Any] = {}
+        if self.prompt:
+            added.update((key, record.get(key)) for key in PROMPT_FIELDS)
+        if self.metadata:
+            metadata = record.get("metadata")
+            added["metadata"] = {} if metadata is None else metadata
+        added.update(io)
+        return io, added
+
+    def text(self, value: Any) -> str | None:
+        """Input or output as the text v2 serves, redacted, then cut; the legacy lists serve them parsed."""
+        if value is None:
+            return None
+        text = value if isinstance(value, str) else _json_text(value)
+        # redacted before the cut, so that a secret across the cut leaves no part of itself
+        for pattern in self.redact:
+            text = pattern.sub(REDACTED, text)
+        if self.max_chars and len(text) > self.max_chars:
+            return f"{text[: self.max_chars]}…[truncated {len(text) - self.max_chars} chars]"
+        return text
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # an integer beyond 64 bits, which orjson does not write
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
 class MalformedRecord(ValueError):
     """Raised when a record from the API lacks what an event needs; it becomes a dead letter with its raw JSON."""
 
@@ -168,11 +252,16 @@ def _usage(details: Any) -> dict[str, float | None]:
     return {"promptTokens": prompt, "completionTokens": completion, "totalTokens": total}
 
 
+# shared by every record when no field group is read: the builders only read it
+_NOTHING: dict[str, Any] = {}
+
 # One builder per event type made from an observation: `common` holds the fields every one of them has, built
 # once per record by EventFactory._observation, which alone decides which of them a record yields.
 
 
-def _trace_created(record: Mapping[str, Any], common: dict[str, Any], trace_id: str, start: datetime) -> Event:
+def _trace_created(
+    record: Mapping[str, Any], common: dict[str, Any], trace_id: str, start: datetime, added: dict[str, Any]
+) -> Event:
     """trace.created, from the root observation of a trace seen for the first time."""
     data = {
         **common,
@@ -182,10 +271,14 @@ def _trace_created(record: Mapping[str, Any], common: dict[str, Any], trace_id: 
         "tags": record.get("tags") or [],
         "release": record.get("release"),
     }
+    if added:
+        data.update(added)
     return Event(id=f"trace.created:{trace_id}", type="trace.created", timestamp=start, source="poll", data=data)
 
 
-def _generation_created(record: Mapping[str, Any], common: dict[str, Any], obs_id: str, start: datetime) -> Event:
+def _generation_created(
+    record: Mapping[str, Any], common: dict[str, Any], obs_id: str, start: datetime, added: dict[str, Any]
+) -> Event:
     """generation.created, from a GENERATION observation seen for the first time."""
     data = {
         **common,
@@ -198,16 +291,25 @@ def _generation_created(record: Mapping[str, Any], common: dict[str, Any], obs_i
         "latency": record.get("latency"),
         "timeToFirstToken": record.get("timeToFirstToken"),
     }
+    if added:
+        data.update(added)
     return Event(
         id=f"generation.created:{obs_id}", type="generation.created", timestamp=start, source="poll", data=data
     )
 
 
 def _observation_created(
-    record: Mapping[str, Any], common: dict[str, Any], obs_id: str, obs_type: str, start: datetime
+    record: Mapping[str, Any],
+    common: dict[str, Any],
+    obs_id: str,
+    obs_type: str,
+    start: datetime,
+    added: dict[str, Any],
 ) -> Event:
     """observation.created, from any observation seen for the first time, when something subscribes to it."""
     data = {**common, "type": obs_type, "parentObservationId": record.get("parentObservationId")}
+    if added:
+        data.update(added)
     return Event(
         id=f"observation.created:{obs_id}", type="observation.created", timestamp=start, source="poll", data=data
     )
@@ -221,6 +323,7 @@ def _trace_updated(
     version: str,
     is_root: bool,
     start: datetime,
+    added: dict[str, Any],
 ) -> Event:
     """trace.updated, from an observation first seen at an error level, or a root whose version moved."""
     data = {
@@ -232,17 +335,28 @@ def _trace_updated(
         "tags": record.get("tags") or [],
         "isRootObservation": is_root,
     }
+    if added:
+        data.update(added)
     return Event(
         id=f"trace.updated:{obs_id}:{version}", type="trace.updated", timestamp=start, source="poll", data=data
     )
 
 
 class EventFactory:
-    """Turns raw API records into events. `observation_created` says whether anything subscribes to it."""
+    """Turns raw API records into events. `observation_created` says whether anything subscribes to it;
+    `extras` what the events carry of the field groups `[poll] fields` reads."""
 
-    def __init__(self, base_url: str, observation_created: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        observation_created: Callable[[], bool] = lambda: False,
+        extras: ExtraFields = ExtraFields(),
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.observation_created = observation_created
+        self.extras = extras
+        # None without groups: the data of each event is then made as it is without the option, at no cost
+        self._extras = _Extras(extras) if extras.groups else None
 
     def trace_url(self, project_id: str, trace_id: str | None) -> str:
         if trace_id:
@@ -306,17 +420,19 @@ class EventFactory:
             "environment": record.get("environment"),
             "url": self.trace_url(project_id, trace_id),
         }
+        # what the field groups read add to the data, made once for all the record's events; never which events
+        io, added = self._extras.of(record) if self._extras is not None else (_NOTHING, _NOTHING)
         # which events the record yields is decided here alone; the builders only shape each one's data
         events: list[Event] = []
         if previous is None:
             if is_root:
-                events.append(_trace_created(record, common, trace_id, start))
+                events.append(_trace_created(record, common, trace_id, start, io))
             if obs_type == "GENERATION":
-                events.append(_generation_created(record, common, obs_id, start))
+                events.append(_generation_created(record, common, obs_id, start, added))
             if self.observation_created():
-                events.append(_observation_created(record, common, obs_id, obs_type, start))
+                events.append(_observation_created(record, common, obs_id, obs_type, start, added))
         if became_error or root_moved:
-            events.append(_trace_updated(record, common, obs_id, obs_type, version, is_root, start))
+            events.append(_trace_updated(record, common, obs_id, obs_type, version, is_root, start, added))
         made = tuple(events)
         if not remember:
             return made, None

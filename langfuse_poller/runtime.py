@@ -13,7 +13,7 @@ from .alerting.alerter import Alerter
 from .alerting.silences import Silences, silence_book
 from .config import Config
 from .delivery import DeliveryWorker, HandlerTarget
-from .events import EventFactory
+from .events import EventFactory, ExtraFields
 from .langfuse.reader import LangfuseReader
 from .notifiers import Notifier, build_notifier
 from .poll_state import PollState
@@ -95,6 +95,7 @@ class Runtime:
         reader = LangfuseReader(
             config.langfuse,
             extra_fields=config.poll.fields,
+            expand_metadata=config.poll.expand_metadata,
             environments=config.poll.environments,
             cancel=cancel,
             clock=clock,
@@ -108,7 +109,9 @@ class Runtime:
             replica, shared, reader.cancel, jobs = build_standby(config, store, cancel, clock)
             reader.on_read_path = lambda stream, path: shared.set_read_path(stream, path)
             poll_state = shared
-        factory = EventFactory(config.langfuse.base_url, lambda: router.subscribes("observation.created"))
+        factory = EventFactory(
+            config.langfuse.base_url, lambda: router.subscribes("observation.created"), ExtraFields.of(config.poll)
+        )
         poller = Poller(
             config.poll,
             poll_state,

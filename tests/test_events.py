@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from langfuse_poller.events import Event, EventFactory, MalformedRecord, Seen, record_version
+from langfuse_poller.events import Event, EventFactory, ExtraFields, MalformedRecord, Seen, record_version
 
 FACTORY = EventFactory("https://cloud.langfuse.com/", lambda: True)
 
@@ -100,6 +100,37 @@ def test_each_event_of_an_observation_has_exactly_this_envelope() -> None:
             '"isRootObservation":true}}'
         ),
     ]
+
+
+def test_the_field_groups_read_are_added_last_to_the_data_of_each_observation_event() -> None:
+    # [poll] fields = ["prompt", "metadata", "io"]: the prompt, the metadata and the io follow the fields every
+    # poller sends, so that a receiver pinned to those sees them unchanged; trace.created gets the io alone
+    factory = EventFactory(
+        "https://cloud.langfuse.com/", lambda: True, ExtraFields(frozenset({"io", "metadata", "prompt"}), 8)
+    )
+    record = obs(
+        type="GENERATION",
+        isRootObservation=True,
+        parentObservationId=None,
+        level="ERROR",
+        promptId="pr1",
+        promptName="answer",
+        promptVersion=3,
+        metadata={"tier": "gold"},
+        input='{"q":"hello there"}',
+        output="hi",
+    )
+    extra = (
+        ',"promptId":"pr1","promptName":"answer","promptVersion":3,"metadata":{"tier":"gold"},'
+        '"input":"{\\"q\\":\\"he…[truncated 11 chars]","output":"hi"}}'
+    )
+    texts = {e.type: e.to_json() for e in factory.from_observation(record, None).events}
+    assert texts["trace.created"].endswith(
+        ',"release":null,"input":"{\\"q\\":\\"he…[truncated 11 chars]","output":"hi"}}'
+    )
+    assert texts["generation.created"].endswith(',"timeToFirstToken":null' + extra)
+    assert texts["observation.created"].endswith(',"parentObservationId":null' + extra)
+    assert texts["trace.updated"].endswith(',"isRootObservation":true' + extra)
 
 
 def test_seen_again_yields_only_what_changed() -> None:

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from ..config import Config
 from ..errors import ConfigError
-from ..events import Event, EventFactory
+from ..events import Event, EventFactory, ExtraFields
 from ..registry import CompiledRule, matches
 from ..rules import Rule
 from ..store import Store
@@ -57,8 +57,15 @@ def events_from_langfuse(config: Config, rule: Rule, since: datetime, until: dat
     """Every event the poller would make from the records of [since, until), as if seen for the first time."""
     from ..langfuse.reader import LangfuseReader
 
-    factory = EventFactory(config.langfuse.base_url, lambda: matches(rule.events, "observation.created"))
-    reader = LangfuseReader(config.langfuse, extra_fields=config.poll.fields, environments=config.poll.environments)
+    factory = EventFactory(
+        config.langfuse.base_url, lambda: matches(rule.events, "observation.created"), ExtraFields.of(config.poll)
+    )
+    reader = LangfuseReader(
+        config.langfuse,
+        extra_fields=config.poll.fields,
+        expand_metadata=config.poll.expand_metadata,
+        environments=config.poll.environments,
+    )
     try:
         if any(matches(rule.events, t) for t in ("trace.created", "trace.updated", "generation.created")) or matches(
             rule.events, "observation.created"

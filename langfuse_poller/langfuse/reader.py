@@ -147,6 +147,7 @@ class LangfuseReader:
         config: LangfuseConfig,
         *,
         extra_fields: Sequence[str] = (),
+        expand_metadata: Sequence[str] = (),
         environments: Sequence[str] = (),
         cancel: threading.Event | None = None,
         clock: Callable[[], float] = time.time,
@@ -158,6 +159,9 @@ class LangfuseReader:
         self.config = config
         self.host = host_of(config.base_url)
         self.observation_fields = ",".join((*OBSERVATION_FIELDS, *extra_fields))
+        # without the metadata group the server ignores it; with it, naming any key makes every value come uncut
+        # (web/src/pages/api/public/v2/observations/index.ts, repositories/events.ts)
+        self.expand_metadata = ",".join(expand_metadata) if "metadata" in extra_fields else ""
         self.environments = tuple(environments)
         self.cancel = cancel or threading.Event()
         self.clock = clock
@@ -343,6 +347,8 @@ class LangfuseReader:
         }
         if self.environments:
             params["environment"] = list(self.environments)
+        if self.expand_metadata:
+            params["expandMetadata"] = self.expand_metadata
         return self._pages(OBSERVATIONS_PATH, params)
 
     def _v2_scores(self, start: datetime, end: datetime) -> Iterator[Page]:
