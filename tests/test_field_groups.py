@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from langfuse_poller.events import Event, EventFactory, ExtraFields, Seen
+from langfuse_poller.notifiers.messages import message_for
 from langfuse_poller.registry import Registry
 from langfuse_poller.testing import FakeLangfuse, PollHarness
 
@@ -115,6 +116,36 @@ def test_a_fetched_group_of_a_record_without_it_gives_null_keys() -> None:
         "input": None,
         "output": None,
     }
+
+
+def test_messages_show_the_prompt_and_its_version() -> None:
+    with FakeLangfuse() as langfuse:
+        _add_errored_generation(langfuse, **PROMPT)
+        events = _poll(langfuse, {"fields": ["prompt"]})
+    generation = message_for(events["generation.created:gen"])
+    assert ("Prompt", "support-answer v3") in generation.facts
+    assert "Prompt: support-answer v3" in generation.text
+    updated = message_for(next(e for e in events.values() if e.type == "trace.updated"))
+    assert ("Prompt", "support-answer v3") in updated.facts
+    assert "Prompt: support-answer v3" in updated.text
+    # a record without a prompt, or a poller that does not read them: no prompt fact
+    without = message_for(events["trace.created:t1"])
+    assert all(label != "Prompt" for label, _ in without.facts)
+
+
+def test_an_alert_on_errors_names_the_prompt_of_its_latest_match() -> None:
+    rule = {"name": "errors", "events": ["trace.updated"], "when": 'data.level == "ERROR"', "notify": ["log"]}
+    rules = [{**rule, "group_wait": "0s"}]
+    with FakeLangfuse() as langfuse:
+        _add_errored_generation(langfuse, **PROMPT)
+        with PollHarness(
+            langfuse, handlers=Registry(), rules=rules, notifiers={"log": {"type": "log"}}, poll={"fields": ["prompt"]}
+        ) as harness:
+            harness.poll()
+            alerts = harness.alerts()
+    assert [a.type for a in alerts] == ["rule.firing"]
+    message = message_for(alerts[0])
+    assert ("Prompt", "support-answer v3") in message.facts
 
 
 # --- io -------------------------------------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ SAMPLE_FIELDS = (
     "statusMessage",
     "value",
     "model",
+    "promptName",
+    "promptVersion",
     "environment",
     "url",
 )

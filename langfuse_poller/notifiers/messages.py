@@ -96,6 +96,7 @@ def _facts(event_type: str, data: Mapping[str, Any]) -> list[tuple[str, str]]:
     elif event_type == "generation.created":
         add("Generation", data.get("name"))
         add("Model", data.get("model"))
+        add("Prompt", _prompt(data))
         usage = data.get("usage") or {}
         if isinstance(usage, Mapping) and usage.get("totalTokens") is not None:
             add(
@@ -113,16 +114,27 @@ def _facts(event_type: str, data: Mapping[str, Any]) -> list[tuple[str, str]]:
         add("Trace", data.get("traceName") or data.get("name"))
         if data.get("traceName") and data.get("name") != data.get("traceName"):
             add("Observation", data.get("name"))
+        add("Prompt", _prompt(data))
         add("Level", data.get("level"))
         add("Status message", data.get("statusMessage"))
     else:
         add("Name", data.get("name"))
+        add("Prompt", _prompt(data))
         add("Level", data.get("level"))
         add("Status message", data.get("statusMessage"))
         add("Message", data.get("body") or data.get("message"))
     add("Environment", data.get("environment"))
     add("User", data.get("userId"))
     return facts
+
+
+def _prompt(data: Mapping[str, Any]) -> str | None:
+    """The Langfuse prompt an observation used, as "NAME vVERSION" (`[poll] fields` with "prompt"), else None."""
+    name = _str(data.get("promptName"))
+    if name is None:
+        return None
+    version = data.get("promptVersion")
+    return name if version is None else f"{name} v{version}"
 
 
 def _matches(count: int) -> str:
