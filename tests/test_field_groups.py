@@ -148,6 +148,20 @@ def test_an_alert_on_errors_names_the_prompt_of_its_latest_match() -> None:
     assert ("Prompt", "support-answer v3") in message.facts
 
 
+def test_the_stand_in_gives_a_trace_s_generation_a_prompt_when_asked() -> None:
+    with FakeLangfuse() as langfuse:
+        root, generation, _ = langfuse.add_trace(trace_id="t2", observations=2, prompt=("support-answer", 3))
+        events = _poll(langfuse, {"fields": ["prompt"]})
+    assert (generation["promptName"], generation["promptVersion"]) == ("support-answer", 3)
+    assert root["promptName"] is None
+    data = events[f"generation.created:{generation['id']}"].data
+    assert {k: data[k] for k in PROMPT_KEYS} == {
+        "promptId": generation["promptId"],
+        "promptName": "support-answer",
+        "promptVersion": 3,
+    }
+
+
 # --- io -------------------------------------------------------------------------------------------------------------
 
 

@@ -133,12 +133,14 @@ class Records:
         session_id: str | None = None,
         tags: Iterable[str] = (),
         generation: bool = True,
+        prompt: tuple[str, int] | None = None,
     ) -> list[Record]:
         """Store a trace as Langfuse v4 sees it: a root observation plus ``observations`` children.
 
         The root is a SPAN named ``name`` with ``isRootObservation`` true, no parent, and ``level``. The
         children are parented to it with level DEFAULT; the first is a GENERATION (model ``gpt-4o`` with
-        usage, cost and latency) when ``generation`` is true, the rest are SPANs. All share the trace's start
+        usage, cost and latency; made from the Langfuse prompt ``prompt``, a (name, version), when given)
+        when ``generation`` is true, the rest are SPANs. All share the trace's start
         time (so a time window never splits a trace), environment, user, session, tags and trace name.
         Returns the stored records, root first.
         """
@@ -167,6 +169,13 @@ class Records:
             **context,
         )
         records = [root]
+        used: dict[str, Any] = {}
+        if prompt is not None:
+            used = {
+                "prompt_id": f"prompt-{prompt[0]}-{prompt[1]}",
+                "prompt_name": prompt[0],
+                "prompt_version": prompt[1],
+            }
         for i in range(observations):
             if i == 0 and generation:
                 tokens_in, tokens_out = 50 + h % 200, 10 + (h >> 8) % 100
@@ -189,6 +198,7 @@ class Records:
                     total_cost=cost_in + cost_out,
                     input=[{"role": "user", "content": "Hello"}],
                     output={"role": "assistant", "content": "Hi there"},
+                    **used,
                     **context,
                 )
             else:
