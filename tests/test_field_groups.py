@@ -310,3 +310,15 @@ def test_what_is_added_never_changes_which_events_are_made_nor_their_ids(
             text = new.data.get(key)
             if isinstance(text, str) and io_max_chars:
                 assert len(text.partition("…[truncated ")[0]) <= io_max_chars
+
+
+def test_the_readme_and_the_example_config_say_what_each_group_adds() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme, example = (root / "README.md").read_text(), (root / "config.example.toml").read_text()
+    for text in (readme, example):
+        for word in ("io_max_chars", "redact_io", "expand_metadata", "promptVersion", "metadata", "input"):
+            assert word in text
+        for group in ("prompt", "metadata", "io"):
+            assert f'"{group}"' in text

@@ -102,7 +102,9 @@ def observation_from_v1(record: Any, trace: Mapping[str, Any] | None) -> Any:
     latency, timeToFirstToken), except: `isRootObservation` (a v3 trace's root is its observation without a
     parent, the span the SDK opened first), `totalCost` (v1: `calculatedTotalCost`), `internalModelId` (v1:
     `modelId`), and the trace context (`traceName`, `userId`, `sessionId`, `tags`, `release`), which is the
-    trace's. Anything that is not a JSON object is passed on as it is, to become a dead letter.
+    trace's. What `[poll] fields` reads on v2 a v1 observation always has (input and output parsed, metadata
+    uncut, promptId, promptName, promptVersion): it passes through, and the events take it only when asked.
+    Anything that is not a JSON object is passed on as it is, to become a dead letter.
     """
     if not isinstance(record, Mapping):
         return record
