@@ -21,7 +21,7 @@ from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
 from .notifiers.base import BatchNotifier, Notifier, RawBatchNotifier
-from .store import Due, Store, Transaction
+from .store import DueDelivery, Store, Transaction
 from .util.backoff import backoff_seconds, jittered_backoff
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class DeliveryWorker:
             sent += ok
         return sent
 
-    def _send_each(self, name: str, target: Notifier, batch: Sequence[Due]) -> int:
+    def _send_each(self, name: str, target: Notifier, batch: Sequence[DueDelivery]) -> int:
         ok = 0
         for due in batch:
             if self.cancel.is_set():
@@ -196,7 +196,7 @@ class DeliveryWorker:
                 break
         return ok
 
-    def _apply_batch(self, name: str, target: InProcessTarget, batch: Sequence[Due]) -> int:
+    def _apply_batch(self, name: str, target: InProcessTarget, batch: Sequence[DueDelivery]) -> int:
         """Apply deliveries to an in-process target in the transaction that records them done."""
         try:
             with self.store.write() as tx:
@@ -209,7 +209,7 @@ class DeliveryWorker:
         self.stats.add(self.stats.delivered, name, len(batch))
         return len(batch)
 
-    def _deliver_one(self, name: str, target: Notifier, due: Due) -> Exception | None:
+    def _deliver_one(self, name: str, target: Notifier, due: DueDelivery) -> Exception | None:
         """Send one delivery and record its outcome; the failure, if any."""
         if isinstance(target, InProcessTarget):
             return None if self._apply_batch(name, target, [due]) else DeliveryError(f"{name} failed")
@@ -226,7 +226,7 @@ class DeliveryWorker:
         """Whether a target that looked down is waiting for its retry."""
         return self._resting_until.get(name, 0.0) > (self.clock() if now is None else now)
 
-    def _send_batch(self, name: str, target: BatchNotifier | RawBatchNotifier, batch: Sequence[Due]) -> int:
+    def _send_batch(self, name: str, target: BatchNotifier | RawBatchNotifier, batch: Sequence[DueDelivery]) -> int:
         try:
             if isinstance(target, RawBatchNotifier):
                 target.send_raw([(due.event_id, due.body) for due in batch])
@@ -240,7 +240,7 @@ class DeliveryWorker:
         self.stats.add(self.stats.delivered, name, len(batch))
         return len(batch)
 
-    def _failed(self, name: str, due: Due, exc: Exception) -> None:
+    def _failed(self, name: str, due: DueDelivery, exc: Exception) -> None:
         attempts = due.attempts + 1
         if isinstance(exc, DeliveryError):
             message, retryable, retry_after, rest = str(exc), exc.retryable, exc.retry_after, exc.retryable
