@@ -166,7 +166,7 @@ class DeliveryWorker:
             now = self.clock()
             if self._resting(name, now):
                 # a short rest is waited out by this thread: left to the next delivery tick, each retry of a
-                # flaky target would wait up to a tick longer (bench/chaos.py: 10 events/s at 30% failures).
+                # flaky target would wait up to a tick longer (BENCHMARKS.md, "Chaos").
                 # Waiting only passes real time, so an injected clock (tests) leaves it to the ticks
                 rest = self._resting_until[name] - now
                 if self.clock is time.time and rest <= SHORT_REST and not self.cancel.wait(rest):
