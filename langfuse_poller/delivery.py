@@ -46,17 +46,21 @@ class HandlerTarget(Notifier):
         self.func = func
 
     def send(self, event: Event) -> None:
+        """Call the handler; whatever it raises is the delivery's failure (DeliveryError to choose no retry)."""
         self.func(event)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the handler belongs to its module."""
 
 
 @runtime_checkable
 class InProcessTarget(Protocol):
     """A target inside this process whose work is a state change: done in the transaction that records it."""
 
-    def apply(self, tx: Transaction, events: Sequence[Event]) -> None: ...
+    def apply(self, tx: Transaction, events: Sequence[Event]) -> None:
+        """Apply the events' effect through `tx`, the transaction that also marks them delivered; raise to roll
+        both back (the deliveries are then retried)."""
+        ...
 
 
 @dataclass
@@ -68,6 +72,7 @@ class DeliveryStats:
     dead: dict[str, int] = field(default_factory=dict)
 
     def add(self, bucket: dict[str, int], target: str, count: int = 1) -> None:
+        """Count `count` outcomes of `target` in one of the buckets above."""
         bucket[target] = bucket.get(target, 0) + count
 
 
@@ -143,6 +148,7 @@ class DeliveryWorker:
                 return
 
     def close(self) -> None:
+        """Stop: cancel waits, let the deliveries in flight finish, then close every target."""
         self.cancel.set()
         self._pool.shutdown(wait=True)
         for target in self.targets.values():
