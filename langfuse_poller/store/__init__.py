@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .alerts import AlertTables, SilenceRow, SqliteAlertState
+from .alerts import AlertTables, SqliteAlertState
 from .database import Database, SqliteError, Transaction
 from .migrations import MIGRATIONS
 from .outbox import ROWS_PER_INSERT, DeadLetter, DueDelivery, Outbox, StoredEvent, event_id_hash
@@ -28,7 +28,6 @@ __all__ = [
     "ROWS_PER_INSERT",
     "DeadLetter",
     "DueDelivery",
-    "SilenceRow",
     "SqliteAlertState",
     "SqliteError",
     "Store",
