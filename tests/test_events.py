@@ -1,4 +1,4 @@
-"""Event outcome: which records yield which events, with which ids."""
+"""Event making: which records yield which events, with which ids."""
 
 from __future__ import annotations
 
