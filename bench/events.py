@@ -1,4 +1,4 @@
-"""Event synthesis: microseconds per observation record in `EventFactory.from_record` and `events_of`.
+"""Event making: microseconds per observation record in `EventFactory.from_record` and `events_of`.
 
     python bench/events.py                        # 2000 traces (10100 records), 20 rounds
     python bench/events.py --traces 5000 --rounds 15 --dump events.txt

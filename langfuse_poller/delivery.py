@@ -21,7 +21,7 @@ from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
 from .notifiers.base import BatchNotifier, Notifier, RawBatchNotifier
-from .store import Due, Store, Transaction
+from .store import DueDelivery, Store, Transaction
 from .util.backoff import backoff_seconds, jittered_backoff
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,21 @@ class HandlerTarget(Notifier):
         self.func = func
 
     def send(self, event: Event) -> None:
+        """Call the handler; whatever it raises is the delivery's failure (DeliveryError to choose no retry)."""
         self.func(event)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the handler belongs to its module."""
 
 
 @runtime_checkable
 class InProcessTarget(Protocol):
     """A target inside this process whose work is a state change: done in the transaction that records it."""
 
-    def apply(self, tx: Transaction, events: Sequence[Event]) -> None: ...
+    def apply(self, tx: Transaction, events: Sequence[Event]) -> None:
+        """Apply the events' effect through `tx`, the transaction that also marks them delivered; raise to roll
+        both back (the deliveries are then retried)."""
+        ...
 
 
 @dataclass
@@ -68,6 +72,7 @@ class DeliveryStats:
     dead: dict[str, int] = field(default_factory=dict)
 
     def add(self, bucket: dict[str, int], target: str, count: int = 1) -> None:
+        """Count `count` outcomes of `target` in one of the buckets above."""
         bucket[target] = bucket.get(target, 0) + count
 
 
@@ -143,6 +148,7 @@ class DeliveryWorker:
                 return
 
     def close(self) -> None:
+        """Stop: cancel waits, let the deliveries in flight finish, then close every target."""
         self.cancel.set()
         self._pool.shutdown(wait=True)
         for target in self.targets.values():
@@ -166,7 +172,7 @@ class DeliveryWorker:
             now = self.clock()
             if self._resting(name, now):
                 # a short rest is waited out by this thread: left to the next delivery tick, each retry of a
-                # flaky target would wait up to a tick longer (bench/chaos.py: 10 events/s at 30% failures).
+                # flaky target would wait up to a tick longer (BENCHMARKS.md, "Chaos").
                 # Waiting only passes real time, so an injected clock (tests) leaves it to the ticks
                 rest = self._resting_until[name] - now
                 if self.clock is time.time and rest <= SHORT_REST and not self.cancel.wait(rest):
@@ -185,7 +191,7 @@ class DeliveryWorker:
             sent += ok
         return sent
 
-    def _send_each(self, name: str, target: Notifier, batch: Sequence[Due]) -> int:
+    def _send_each(self, name: str, target: Notifier, batch: Sequence[DueDelivery]) -> int:
         ok = 0
         for due in batch:
             if self.cancel.is_set():
@@ -196,7 +202,7 @@ class DeliveryWorker:
                 break
         return ok
 
-    def _apply_batch(self, name: str, target: InProcessTarget, batch: Sequence[Due]) -> int:
+    def _apply_batch(self, name: str, target: InProcessTarget, batch: Sequence[DueDelivery]) -> int:
         """Apply deliveries to an in-process target in the transaction that records them done."""
         try:
             with self.store.write() as tx:
@@ -209,7 +215,7 @@ class DeliveryWorker:
         self.stats.add(self.stats.delivered, name, len(batch))
         return len(batch)
 
-    def _deliver_one(self, name: str, target: Notifier, due: Due) -> Exception | None:
+    def _deliver_one(self, name: str, target: Notifier, due: DueDelivery) -> Exception | None:
         """Send one delivery and record its outcome; the failure, if any."""
         if isinstance(target, InProcessTarget):
             return None if self._apply_batch(name, target, [due]) else DeliveryError(f"{name} failed")
@@ -226,7 +232,7 @@ class DeliveryWorker:
         """Whether a target that looked down is waiting for its retry."""
         return self._resting_until.get(name, 0.0) > (self.clock() if now is None else now)
 
-    def _send_batch(self, name: str, target: BatchNotifier | RawBatchNotifier, batch: Sequence[Due]) -> int:
+    def _send_batch(self, name: str, target: BatchNotifier | RawBatchNotifier, batch: Sequence[DueDelivery]) -> int:
         try:
             if isinstance(target, RawBatchNotifier):
                 target.send_raw([(due.event_id, due.body) for due in batch])
@@ -240,7 +246,7 @@ class DeliveryWorker:
         self.stats.add(self.stats.delivered, name, len(batch))
         return len(batch)
 
-    def _failed(self, name: str, due: Due, exc: Exception) -> None:
+    def _failed(self, name: str, due: DueDelivery, exc: Exception) -> None:
         attempts = due.attempts + 1
         if isinstance(exc, DeliveryError):
             message, retryable, retry_after, rest = str(exc), exc.retryable, exc.retry_after, exc.retryable

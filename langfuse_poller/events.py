@@ -182,7 +182,7 @@ class MalformedRecord(ValueError):
     """Raised when a record from the API lacks what an event needs; it becomes a dead letter with its raw JSON."""
 
 
-# Seen and Synthesis are named tuples rather than frozen dataclasses: a catch-up makes one of each per record,
+# Seen and RecordOutcome are named tuples rather than frozen dataclasses: a catch-up makes one of each per record,
 # and a named tuple costs half as much to make. Only Seen is compared, always with another Seen.
 class Seen(NamedTuple):
     """What the store remembers of a record it has turned into events: its version, and its level."""
@@ -191,7 +191,7 @@ class Seen(NamedTuple):
     level: str = ""
 
 
-class Synthesis(NamedTuple):
+class RecordOutcome(NamedTuple):
     """The events made from one record, and what to remember of the record from now on."""
 
     key: str
@@ -363,7 +363,7 @@ class EventFactory:
             return f"{self.base_url}/project/{project_id}/traces/{trace_id}"
         return f"{self.base_url}/project/{project_id}"
 
-    def from_record(self, stream: str, record: Any, previous: Seen | None) -> Synthesis:
+    def from_record(self, stream: str, record: Any, previous: Seen | None) -> RecordOutcome:
         """Events for a record of `stream` ("observations" or "scores")."""
         if stream == "observations":
             return self.from_observation(record, previous)
@@ -377,16 +377,16 @@ class EventFactory:
             return self._observation(record, previous, remember=False)[0]
         return self.from_score(record, previous).events
 
-    def from_observation(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
+    def from_observation(self, record: Mapping[str, Any], previous: Seen | None) -> RecordOutcome:
         """Events for an observation seen for the first time (`previous` None) or seen again."""
-        synthesis = self._observation(record, previous, remember=True)[1]
-        assert synthesis is not None  # made whenever the record is to be remembered
-        return synthesis
+        outcome = self._observation(record, previous, remember=True)[1]
+        assert outcome is not None  # made whenever the record is to be remembered
+        return outcome
 
     def _observation(
         self, record: Mapping[str, Any], previous: Seen | None, *, remember: bool
-    ) -> tuple[tuple[Event, ...], Synthesis | None]:
-        """The events of an observation, and, when it is to be remembered, its Synthesis."""
+    ) -> tuple[tuple[Event, ...], RecordOutcome | None]:
+        """The events of an observation, and, when it is to be remembered, its RecordOutcome."""
         if not isinstance(record, Mapping):
             raise MalformedRecord(f"an observation must be a JSON object, found {type(record).__name__}")
         obs_id = _required_str(record, "id")
@@ -409,7 +409,7 @@ class EventFactory:
             # most observations of a trace are spans that yield nothing: only what the dedup key needs
             if not remember:
                 return (), None
-            return (), Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), ())
+            return (), RecordOutcome(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), ())
         common = {
             "projectId": project_id,
             "traceId": trace_id,
@@ -436,9 +436,9 @@ class EventFactory:
         made = tuple(events)
         if not remember:
             return made, None
-        return made, Synthesis(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), made)
+        return made, RecordOutcome(KEY_PREFIXES["observations"] + obs_id, start, Seen(version, level), made)
 
-    def from_score(self, record: Mapping[str, Any], previous: Seen | None) -> Synthesis:
+    def from_score(self, record: Mapping[str, Any], previous: Seen | None) -> RecordOutcome:
         """score.created for a score seen for the first time, score.updated when its updatedAt moved."""
         if not isinstance(record, Mapping):
             raise MalformedRecord(f"a score must be a JSON object, found {type(record).__name__}")
@@ -448,7 +448,7 @@ class EventFactory:
         timestamp = _required_time(record, "timestamp")
         version = record_version(record)
         if previous is not None and previous.version == version:
-            return Synthesis(KEY_PREFIXES["scores"] + score_id, timestamp, previous, ())
+            return RecordOutcome(KEY_PREFIXES["scores"] + score_id, timestamp, previous, ())
         raw_subject = record.get("subject")
         subject: Mapping[str, Any] = raw_subject if isinstance(raw_subject, Mapping) else {}
         kind = subject.get("kind")
@@ -485,7 +485,7 @@ class EventFactory:
             event = Event(f"score.created:{score_id}", "score.created", timestamp, "poll", data)
         else:
             event = Event(f"score.updated:{score_id}:{version}", "score.updated", timestamp, "poll", data)
-        return Synthesis(KEY_PREFIXES["scores"] + score_id, timestamp, Seen(version), (event,))
+        return RecordOutcome(KEY_PREFIXES["scores"] + score_id, timestamp, Seen(version), (event,))
 
 
 def test_event(event_type: str = "trace.created", *, base_url: str = "https://cloud.langfuse.com") -> Event:

@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .events import Event, Seen, Synthesis
+from .events import Event, RecordOutcome, Seen
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class PollTransaction(Protocol):
         writes included; keys never seen are absent. Raises StateError when the state cannot be read."""
         ...
 
-    def remember(self, stream: str, syntheses: Iterable[Synthesis]) -> None:
+    def remember(self, stream: str, outcomes: Iterable[RecordOutcome]) -> None:
         """Keep the dedup keys of records of `stream` with their record time; their version and level replace
         what was kept of the same keys."""
         ...

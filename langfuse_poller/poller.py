@@ -47,7 +47,7 @@ from typing import Any
 
 from .config import PollConfig
 from .errors import LangfusePollerError
-from .events import Event, EventFactory, MalformedRecord, Seen, Synthesis, record_key
+from .events import Event, EventFactory, MalformedRecord, RecordOutcome, Seen, record_key
 from .langfuse.reader import Cancelled, LangfuseReader, Page, utc_from_timestamp
 from .poll_state import PollState, PollTransaction, StreamState
 
@@ -158,14 +158,15 @@ class PollResult:
         return [f"{s.stream}: {s.error}" for s in self.streams if s.error]
 
 
-Router = Callable[[Event], Sequence[str]]
+# an event's delivery targets: `registry.Router.targets`, as the poller sees it
+TargetsOf = Callable[[Event], Sequence[str]]
 
 
 @dataclass
 class PreparedPage:
     """A page turned into what its transaction writes."""
 
-    changed: list[Synthesis] = field(default_factory=list)
+    changed: list[RecordOutcome] = field(default_factory=list)
     routed: list[tuple[Event, Sequence[str]]] = field(default_factory=list)
     bad: list[tuple[Any, Exception]] = field(default_factory=list)
 
@@ -229,7 +230,7 @@ class Poller:
         store: PollState,
         reader: LangfuseReader,
         factory: EventFactory,
-        router: Router,
+        router: TargetsOf,
         *,
         clock: Callable[[], float] = time.time,
         on_commit: Callable[[], None] = lambda: None,
@@ -374,7 +375,8 @@ class Poller:
         # ignores by id, and a record changed in between is missed as it would be without the crash: no read
         # of this slice comes after it
         keep_keys = state is None or any(
-            _moved(tier, watermark, start, end, read_at, age) < end for tier, watermark in state.sweeps.items()
+            _watermark_after(tier, watermark, start, end, read_at, age) < end
+            for tier, watermark in state.sweeps.items()
         )
         # nor, when no key lies in the slice (its first read: no earlier read of it kept any), does it need to
         # look keys up
@@ -423,11 +425,11 @@ class Poller:
                     raise MalformedRecord("the record has no string 'id'")
                 seen = previous.get(key)
                 if keep_keys:
-                    synthesis = factory.from_record(stream, record, seen)
+                    outcome = factory.from_record(stream, record, seen)
                     # a record that yields events always comes with a new version or level: one check covers both
-                    if seen != synthesis.seen:
-                        prepared.changed.append(synthesis)
-                    events = synthesis.events
+                    if seen != outcome.seen:
+                        prepared.changed.append(outcome)
+                    events = outcome.events
                 else:
                     # nothing of the record is remembered: most observations then cost no parse of their version
                     events = factory.events_of(stream, record, seen)
@@ -457,7 +459,7 @@ class Poller:
         # Its own time may be what is broken; the window's end is no earlier, so the key outlives every re-read.
         if tx.seen_states([key]):
             return
-        tx.remember(stream, [Synthesis(key, utc_from_timestamp(window_end), Seen("bad"), ())])
+        tx.remember(stream, [RecordOutcome(key, utc_from_timestamp(window_end), Seen("bad"), ())])
         tx.add_bad_record(stream, raw, f"{type(exc).__name__}: {exc}")
         log.warning("a %s record could not be parsed (%s); kept as a dead letter", stream, exc)
 
@@ -477,11 +479,13 @@ class Poller:
         for tier_age, watermark in tx.sweep_watermarks(stream).items():
             if tier_age == age:
                 tx.set_sweep(stream, tier_age, end, ran=True)
-            elif (reach := _moved(tier_age, watermark, start, end, read_at, age)) > watermark:
+            elif (reach := _watermark_after(tier_age, watermark, start, end, read_at, age)) > watermark:
                 tx.set_sweep(stream, tier_age, reach)
 
 
-def _moved(tier_age: float, watermark: float, start: float, end: float, read_at: float, age: float | None) -> float:
+def _watermark_after(
+    tier_age: float, watermark: float, start: float, end: float, read_at: float, age: float | None
+) -> float:
     """Where a read of [start, end) at `read_at` (by the sweep tier `age`, or the head) leaves the watermark of
     the sweep tier `tier_age`."""
     if tier_age == age:

@@ -51,6 +51,9 @@ class Registry:
         return decorator
 
     def register(self, func: HandlerFunc, patterns: Sequence[str], *, name: str | None = None) -> Handler:
+        """Register `func` for the event types matching `patterns` (globs) under `name` (default: its module and
+        qualified name), the delivery target `handler:<name>`. The same function registered again takes the new
+        patterns; raises ValueError when another function already has the name."""
         handler_name = name or f"{func.__module__}.{func.__qualname__}"
         existing = self._handlers.get(handler_name)
         if existing is not None and existing.func is not func:
@@ -60,10 +63,12 @@ class Registry:
         return handler
 
     def unregister(self, name: str) -> None:
+        """Forget the handler of that name, if any."""
         self._handlers.pop(name, None)
 
     @property
     def handlers(self) -> Mapping[str, Handler]:
+        """A copy of the registered handlers, by name."""
         return dict(self._handlers)
 
 

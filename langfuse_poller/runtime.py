@@ -123,9 +123,9 @@ class Runtime:
         )
         return cls(config, store, router, reader, poller, worker, alerter, cancel, None, replica, shared, jobs)
 
-    def term(self) -> AbstractContextManager[int | None]:
+    def leader_term(self) -> AbstractContextManager[int | None]:
         """Around one poll: with standby pollers, pins the fencing token the poll runs under (None without)."""
-        return self.shared.term() if self.shared is not None else nullcontext()
+        return self.shared.leader_term() if self.shared is not None else nullcontext()
 
     def start_receiver(self) -> WebhookReceiver:
         """Receive Langfuse's webhooks (`[webhook]`) into this store and router, in the background; `close`

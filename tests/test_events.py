@@ -1,4 +1,4 @@
-"""Event synthesis: which records yield which events, with which ids."""
+"""Event making: which records yield which events, with which ids."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def obs(**fields: object) -> dict[str, object]:
     return record
 
 
-def types(synthesis: object) -> list[str]:
-    return [e.id for e in synthesis.events]  # type: ignore[attr-defined]
+def types(outcome: object) -> list[str]:
+    return [e.id for e in outcome.events]  # type: ignore[attr-defined]
 
 
 def test_a_root_generation_with_an_error() -> None:

@@ -31,7 +31,7 @@ import pytest
 
 from langfuse_poller.config import parse_config
 from langfuse_poller.errors import ConfigError
-from langfuse_poller.events import Seen, Synthesis
+from langfuse_poller.events import RecordOutcome, Seen
 from langfuse_poller.events import test_event as make_test_event
 from langfuse_poller.redis.queue import QUEUE_TARGET, RedisQueueTarget, sync_client
 from langfuse_poller.redis.standby.keys import PollerKeys
@@ -125,8 +125,8 @@ def members(server: RedisServer, tmp_path: Path, count: int, lease: float = 5.0)
             member.store.close()
 
 
-def synthesis(key: str, version: str = "1") -> Synthesis:
-    return Synthesis(key, datetime.fromtimestamp(1000, UTC), Seen(version), ())
+def outcome(key: str, version: str = "1") -> RecordOutcome:
+    return RecordOutcome(key, datetime.fromtimestamp(1000, UTC), Seen(version), ())
 
 
 def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_pa
         a.state.ensure_stream("scores", 100.0, [60.0])
         first = make_test_event("score.created")
         with a.state.write() as tx:
-            tx.remember("scores", [synthesis("s:1")])
+            tx.remember("scores", [outcome("s:1")])
             tx.enqueue_many([(first, [QUEUE_TARGET, "rule:grouped"])])
             tx.set_head("scores", 200.0)
             tx.set_sweep("scores", 60.0, 150.0, ran=True)
@@ -154,7 +154,7 @@ def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_pa
         assert b.replica.role == "leader" and a.replica.token() is not None
         late = make_test_event("trace.created")
         with pytest.raises(Deposed), a.state.write() as tx:
-            tx.remember("scores", [synthesis("s:2")])
+            tx.remember("scores", [outcome("s:2")])
             tx.enqueue_many([(late, [QUEUE_TARGET])])
             tx.set_head("scores", 300.0)
         # refused as a whole: no dedup key, no watermark; its job (a re-add of the same id by the new leader is a
@@ -199,8 +199,8 @@ def test_dedup_keys_are_pruned_below_every_watermark(redis: RedisServer, tmp_pat
     with members(redis, tmp_path, 1) as (a,):
         a.replica.tick()
         a.state.ensure_stream("scores", 0.0, [60.0])
-        old = Synthesis("s:old", datetime.fromtimestamp(10, UTC), Seen("1"), ())
-        new = Synthesis("s:new", datetime.fromtimestamp(500, UTC), Seen("2", "ERROR"), ())
+        old = RecordOutcome("s:old", datetime.fromtimestamp(10, UTC), Seen("1"), ())
+        new = RecordOutcome("s:new", datetime.fromtimestamp(500, UTC), Seen("2", "ERROR"), ())
         with a.state.write() as tx:
             tx.remember("scores", [old, new])
             assert tx.seen_states(["s:old", "s:new", "s:none"]) == {"s:old": Seen("1"), "s:new": Seen("2", "ERROR")}
@@ -646,12 +646,12 @@ def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: Re
         a.replica.tick()
         a.state.ensure_stream("scores", 100.0, [60.0])
         with pytest.raises(Deposed), a.state.write() as tx:
-            tx.remember("scores", [synthesis("s:1", version="1")])
+            tx.remember("scores", [outcome("s:1", version="1")])
             tx.set_head("scores", 200.0)
             sync_client(redis.url, 1.0).delete(PollerKeys(QUEUE).lease)
             b.replica.tick()
             with b.state.write() as newer:
-                newer.remember("scores", [synthesis("s:1", version="2")])
+                newer.remember("scores", [outcome("s:1", version="2")])
             b.replica.close()
             a.replica.tick()
             assert a.replica.token() == 3 and not a.replica.cancel.is_set()
@@ -675,7 +675,7 @@ def test_a_redis_that_lost_the_poll_state_resumes_from_the_leaders_last_head(
         assert a.replica is not None and a.shared is not None
         a.replica.tick()
         clock.advance(60)
-        with a.term():
+        with a.leader_term():
             a.poller.start_streams()
             assert not a.poller.poll_once().errors
         head = a.shared.stream("observations")
@@ -686,7 +686,7 @@ def test_a_redis_that_lost_the_poll_state_resumes_from_the_leaders_last_head(
         (late,) = fake.add_trace(start_time=datetime.fromtimestamp(clock.now - 30, UTC))
         a.replica.tick()  # the lease went with the data: lost, then taken again
         assert a.replica.role == "leader"
-        with a.term():
+        with a.leader_term():
             a.poller.start_streams()
             assert not a.poller.poll_once().errors
         assert "has no poll state for observations" in caplog.text

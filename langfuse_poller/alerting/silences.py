@@ -58,7 +58,7 @@ class SqliteSilenceBook:
         return replace(silence, id=silence_id)
 
     def list(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
-        return [Silence(*row) for row in self.store.silences(now=now, ids=ids)]
+        return self.store.silences(now=now, ids=ids)
 
     def expire(self, silence_id: int, now: float) -> bool:
         return self.store.expire_silence(silence_id, now)

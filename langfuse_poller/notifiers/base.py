@@ -26,23 +26,33 @@ class Notifier(Protocol):
     queue target: giving up would turn an outage into dead letters). A failure that says no retry can help
     still makes one."""
 
-    def send(self, event: Event) -> None: ...
+    def send(self, event: Event) -> None:
+        """Send one event; return once it arrived. Raises DeliveryError (`retryable=False` when no retry can help,
+        `retry_after` when the other side said when to come back), or any exception, which is retried."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release clients and files; called once, when the routing that built this target is replaced or the
+        process stops."""
+        ...
 
 
 @runtime_checkable
 class BatchNotifier(Notifier, Protocol):
     """A notifier that can make a batch durable at once (one fsync), and knows what it already holds."""
 
-    def send_many(self, events: Sequence[Event]) -> None: ...
+    def send_many(self, events: Sequence[Event]) -> None:
+        """Send a batch, all of it or none: raises as `send` does, and then every event of the batch is retried."""
+        ...
 
 
 @runtime_checkable
 class RawBatchNotifier(Notifier, Protocol):
     """A batch notifier that takes the events' stored JSON as it is: (event id, envelope JSON) pairs."""
 
-    def send_raw(self, items: Sequence[tuple[str, str]]) -> None: ...
+    def send_raw(self, items: Sequence[tuple[str, str]]) -> None:
+        """Send a batch of (event id, envelope JSON) pairs, all or none; raises as `send` does."""
+        ...
 
 
 def retry_after(headers: Mapping[str, Any] | None) -> float | None:

@@ -64,7 +64,7 @@ class Daemon:
         result: PollResult | None = None
         failure: str | None = None
         try:
-            with self.runtime.term() as term:
+            with self.runtime.leader_term() as term:
                 if term != self._streams_term:
                     # a new leader shapes the shared streams (their sweep tiers) by its config, under its token
                     self.runtime.poller.start_streams()

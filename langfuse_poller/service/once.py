@@ -57,7 +57,7 @@ def run_once(runtime: Runtime) -> OnceResult:
         # a long catch-up outlives the lease: renew it meanwhile, until `close` sets `cancel`
         runtime.replica.start(runtime.cancel)
     try:
-        with runtime.term():
+        with runtime.leader_term():
             runtime.poller.start_streams()
             runtime.alerter.start()
             result = runtime.poller.poll_once(force_sweeps=True)

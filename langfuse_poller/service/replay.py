@@ -20,10 +20,10 @@ def replay_dead_letters(runtime: Runtime, ids: Sequence[int] | None) -> tuple[in
             queued += 1
             continue
         try:
-            synthesis = factory.from_record(letter.stream or "observations", json.loads(letter.raw or "null"), None)
+            outcome = factory.from_record(letter.stream or "observations", json.loads(letter.raw or "null"), None)
         except (MalformedRecord, ValueError, TypeError, KeyError, AttributeError):
             still_bad += 1
             continue
-        routed = [(event, targets) for event in synthesis.events if (targets := runtime.router.targets(event))]
+        routed = [(event, targets) for event in outcome.events if (targets := runtime.router.targets(event))]
         queued += store.requeue_record(letter.id, routed)
     return queued, still_bad

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .alerts import AlertTables, SilenceRow, SqliteAlertState
+from .alerts import AlertTables, SqliteAlertState
 from .database import Database, SqliteError, Transaction
 from .migrations import MIGRATIONS
-from .outbox import ROWS_PER_INSERT, DeadLetter, Due, Outbox, StoredEvent, event_id_hash
+from .outbox import ROWS_PER_INSERT, DeadLetter, DueDelivery, Outbox, StoredEvent, event_id_hash
 from .streams import READ_PATH_KEY, StreamTables
 
 __all__ = [
@@ -27,8 +27,7 @@ __all__ = [
     "READ_PATH_KEY",
     "ROWS_PER_INSERT",
     "DeadLetter",
-    "Due",
-    "SilenceRow",
+    "DueDelivery",
     "SqliteAlertState",
     "SqliteError",
     "Store",

@@ -11,9 +11,10 @@ import json
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import Any
 
 from ..alerting.groups import Group
+from ..alerting.silence_book import Silence
 from .base import Tables, TransactionBase
 
 COLUMNS = (
@@ -130,20 +131,6 @@ class AlertWrites(TransactionBase):
         return SqliteAlertState(self.conn)
 
 
-class SilenceRow(NamedTuple):
-    """A row of the `silences` table, in the order of `alerting.silences.Silence`'s fields."""
-
-    id: int
-    rule: str
-    condition: str | None
-    starts_at: float
-    ends_at: float
-    comment: str
-    created_by: str
-    created_at: float
-    matched: int
-
-
 class AlertTables(Tables[AlertWrites]):
     """The store's reads of the alert groups, and its reads and writes of the silences."""
 
@@ -171,7 +158,7 @@ class AlertTables(Tables[AlertWrites]):
             )
         return int(cursor.lastrowid or 0)
 
-    def silences(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[SilenceRow]:
+    def silences(self, *, now: float | None = None, ids: Sequence[int] | None = None) -> list[Silence]:
         """Silences by id (only those in `ids`, when given); with `now`, only those not yet ended."""
         query = "SELECT id, rule, condition, starts_at, ends_at, comment, created_by, created_at, matched FROM silences"
         params: list[Any] = []
@@ -184,7 +171,7 @@ class AlertTables(Tables[AlertWrites]):
             params.extend(ids)
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
-        return [SilenceRow(*row) for row in self._conn().execute(query + " ORDER BY id", params)]
+        return [Silence(*row) for row in self._conn().execute(query + " ORDER BY id", params)]
 
     def expire_silence(self, silence_id: int, now: float) -> bool:
         """End a silence at `now`; False when no silence has that id or it already ended."""

@@ -67,9 +67,8 @@ class Database(Tables["Transaction"]):
                 conn.execute("PRAGMA foreign_keys = ON")
                 # the page cache stays at SQLite's default 2 MB: a connection drops its whole cache whenever another
                 # one has committed since its last read, and the poller and the delivery threads commit in turns.
-                # A larger cache was only refilled, and it made the peak RSS grow with the backlog (8 MB: 10,300 /
-                # 10,700 events/s and 74-79 / 84-85 MB at 100k / 1M observations; 2 MB: 11,100-12,200 events/s,
-                # 69-70 / 72-74 MB; BENCHMARKS.md). Fewer, larger checkpoints do pay in a catch-up
+                # A larger cache was only refilled, and it made the peak RSS grow with the backlog (BENCHMARKS.md,
+                # "Catch-up", has the figures). Fewer, larger checkpoints do pay in a catch-up
                 conn.execute("PRAGMA wal_autocheckpoint = 4000")
                 conn.execute("PRAGMA busy_timeout = 30000")
             except sqlite3.Error as exc:

@@ -114,7 +114,7 @@ MIGRATIONS: tuple[str, ...] = (
     # shapes outbox.py (deliveries)
     # 3: the index that prune_delivered reads holds only the finished deliveries it looks for. Over every
     # delivery, (state, updated_at) cost an insert when an event was queued and a move when it was delivered;
-    # the partial index costs one insert, on delivery (a catch-up: 10-14% of the SQLite time, BENCHMARKS.md)
+    # the partial index costs one insert, on delivery (BENCHMARKS.md, "Catch-up", has what it saves)
     """
     DROP INDEX IF EXISTS deliveries_by_state;
     CREATE INDEX deliveries_done ON deliveries (updated_at) WHERE state = 'done';
@@ -122,12 +122,13 @@ MIGRATIONS: tuple[str, ...] = (
     # shapes outbox.py (events)
     # 4: events are found by a 32-bit hash of their id (the id compared on a match) instead of a unique index
     # of the id text. Event ids are long and random, so each new event rewrote a page of that index; once the
-    # index outgrew the page cache, every commit wrote thousands of its pages to the WAL (the 620,000 events of
-    # a 1M-observation catch-up, their inserts alone: 18.7 s with the text index, 12.3-13.8 s with this one).
+    # index outgrew the page cache, every commit wrote thousands of its pages to the WAL (BENCHMARKS.md,
+    # "Catch-up", measures both at 1M observations).
     # SQLite cannot drop a column's UNIQUE, so the table is rebuilt, with its seq and its AUTOINCREMENT counter
     # kept (deliveries refer to seq). created_at becomes stored_at so that an older release still writing to the
     # file fails on the column it names: its INSERT OR IGNORE, without id_hash, would skip every event (NOT NULL)
-    # and still commit the poll's watermark. (A trigger that refuses a missing id_hash costs 2-3 us per event.)
+    # and still commit the poll's watermark. (A trigger that refuses a missing id_hash would cost a little on
+    # every insert; the rename costs nothing.)
     """
     CREATE TABLE events_v4 (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -26,7 +26,7 @@ def event_id_hash(event_id: str) -> int:
 
 
 @dataclass(frozen=True)
-class Due:
+class DueDelivery:
     """A delivery that is due: which event (its id and stored JSON), to which target, how many attempts so far."""
 
     id: int
@@ -173,7 +173,7 @@ class Outbox(Tables[OutboxWrites]):
             row[0] for row in self._conn().execute("SELECT DISTINCT target FROM deliveries WHERE state = 'pending'")
         ]
 
-    def due(self, target: str, now: float, limit: int = 100) -> list[Due]:
+    def due(self, target: str, now: float, limit: int = 100) -> list[DueDelivery]:
         """Pending deliveries of one target whose time has come, oldest event first."""
         rows = (
             self._conn()
@@ -184,9 +184,9 @@ class Outbox(Tables[OutboxWrites]):
             )
             .fetchall()
         )
-        return [Due(row[0], target, row[1], row[2], row[3]) for row in rows]
+        return [DueDelivery(row[0], target, row[1], row[2], row[3]) for row in rows]
 
-    def pending_of_event(self, event_id: str) -> list[Due]:
+    def pending_of_event(self, event_id: str) -> list[DueDelivery]:
         """The pending deliveries of one event, whatever their due time."""
         rows = (
             self._conn()
@@ -197,7 +197,7 @@ class Outbox(Tables[OutboxWrites]):
             )
             .fetchall()
         )
-        return [Due(*row) for row in rows]
+        return [DueDelivery(*row) for row in rows]
 
     def next_due_at(self, target: str) -> float | None:
         """When the next pending delivery of `target` falls due, None when it has none."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Sequence
 
-from ..events import Seen, Synthesis
+from ..events import RecordOutcome, Seen
 from ..poll_state import StreamState
 from .base import Tables, TransactionBase
 
@@ -37,12 +37,12 @@ class StreamWrites(TransactionBase):
         """What is remembered of these records; records never seen are absent."""
         return _seen_states(self.conn, keys)
 
-    def remember(self, stream: str, syntheses: Iterable[Synthesis]) -> None:
+    def remember(self, stream: str, outcomes: Iterable[RecordOutcome]) -> None:
         """Keep the dedup keys (version and level) of records, in one statement."""
         self.conn.executemany(
             "INSERT INTO seen (key, stream, ts, version, level) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (key) DO UPDATE SET version = excluded.version, level = excluded.level",
-            [(s.key, stream, s.timestamp.timestamp(), s.seen.version, s.seen.level) for s in syntheses],
+            [(s.key, stream, s.timestamp.timestamp(), s.seen.version, s.seen.level) for s in outcomes],
         )
 
     def sweep_watermarks(self, stream: str) -> dict[float, float]:

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ...errors import StateError
-from ...events import Event, Seen, Synthesis
+from ...events import Event, RecordOutcome, Seen
 from ...poll_state import PollState, PollTransaction, StreamState
 from ...store import Store, StoredEvent
 from ..queue import QUEUE_TARGET
@@ -150,8 +150,8 @@ class SharedTransaction:
         found.update({key: self.remembered[key] for key in keys if key in self.remembered})
         return found
 
-    def remember(self, stream: str, syntheses: Iterable[Synthesis]) -> None:
-        items = list(syntheses)
+    def remember(self, stream: str, outcomes: Iterable[RecordOutcome]) -> None:
+        items = list(outcomes)
         if not items:
             return
         self.remembered.update({s.key: s.seen for s in items})
@@ -355,7 +355,7 @@ class SharedPollState:
             self.local.record_poll(stream, error=error, now=now)
 
     @contextmanager
-    def term(self) -> Iterator[int]:
+    def leader_term(self) -> Iterator[int]:
         """Pin the token this replica leads under for one poll: what the poll read (dedup keys, watermarks)
         belongs to that term, so if the replica loses the lease and takes it again meanwhile (a new token), the
         rest of the poll is refused rather than committed under the new token over another leader's writes."""
