@@ -233,7 +233,9 @@ class LegacyReader:
         """Pages of scores with timestamp in [start, end), newest first, mapped to the v3 shape."""
         lo, hi = _window_ms(start, end)
         # the `score` field group alone: the `trace` group costs the server a join the events do not need
-        params = {"fields": "score"}
+        params: dict[str, Any] = {"fields": "score"}
+        if self.environments:
+            params["environment"] = list(self.environments)  # repeated or comma-separated: both work here
         bounds = ("fromTimestamp", "toTimestamp")
         for records, last in self._walk(SCORES_V2_PATH, params, "timestamp", bounds, lo, hi, newest_first=True):
             yield [score_from_v2(record) for record in records], last

@@ -352,6 +352,10 @@ class LangfuseReader:
             "fromTimestamp": format_time(start),
             "toTimestamp": format_time(end),
         }
+        if self.environments:
+            # one comma-separated value: the endpoint's strict schema answers 400 to a repeated parameter
+            # (packages/shared/src/features/scores/interfaces/api/v3/endpoints.ts)
+            params["environment"] = ",".join(self.environments)
         return self._pages(SCORES_PATH, params)
 
     def _pages(self, path: str, params: dict[str, Any]) -> Iterator[Page]:

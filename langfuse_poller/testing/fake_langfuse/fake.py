@@ -160,6 +160,8 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         try:
             response = self._get_trace(trace_id) if trace_id is not None else listings[path](query)
         except BadRequest as exc:
-            response = error_response(400, "Invalid request data", error=str(exc))
+            response = error_response(
+                400, "Invalid request data", error=exc.issues if exc.issues is not None else str(exc)
+            )
         response.headers.extend(rate_headers)
         return response

@@ -13,7 +13,17 @@ from typing import Any, Final
 
 from .fields import LEVELS
 from .index import Entry
-from .query import BadRequest, Query, ceil_div, check, equality_checks, parse_limit, query_value, time_bounds
+from .query import (
+    BadRequest,
+    Query,
+    ceil_div,
+    check,
+    comma_values,
+    equality_checks,
+    parse_limit,
+    query_value,
+    time_bounds,
+)
 from .records import Records
 from .wire import Record, Response, error_response, json_response
 
@@ -48,7 +58,7 @@ class LegacyLists(Records):
         parent = query_value(query, "parentObservationId")
         if parent is not None:
             checks.append(("parentObservationId", parent or None))
-        environments = frozenset(query.get("environment", ()))
+        environments = comma_values(query, "environment")
 
         def matches(_: Entry, rec: Record) -> bool:
             return check(rec, checks) and (not environments or rec.get("environment") in environments)
@@ -69,7 +79,7 @@ class LegacyLists(Records):
         lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
         checks = equality_checks(query, ("userId", "sessionId", "version", "release"))
         name = query_value(query, "name")
-        environments = frozenset(query.get("environment", ()))
+        environments = comma_values(query, "environment")
         tags = frozenset(query.get("tags", ()))
 
         def matches(entry: Entry, rec: Record) -> bool:
@@ -148,7 +158,8 @@ class LegacyLists(Records):
             query, ("name", "source", "dataType", "traceId", "sessionId", "configId", "queueId", "observationId")
         )
         ids = frozenset(i.strip() for i in (query_value(query, "scoreIds") or "").split(",") if i.strip())
-        environments = frozenset(query.get("environment", ()))
+        # repeated or comma-separated, unlike /v3/scores (web/src/pages/api/public/v2/scores/index.ts)
+        environments = comma_values(query, "environment")
 
         def matches(_: Entry, rec: Record) -> bool:
             return (

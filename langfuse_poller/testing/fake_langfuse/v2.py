@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from .fields import LEVELS, OBSERVATION_FIELD_GROUPS, SCORE_FIELD_GROUPS
 from .index import trace_hash
-from .query import BadRequest, Query, parse_bool, parse_limit, query_value, time_bounds
+from .query import BadRequest, Query, comma_values, parse_bool, parse_limit, query_value, time_bounds
 from .records import Records
 from .wire import Record, Response, format_ms, json_response, parse_iso_us
 
@@ -28,6 +28,38 @@ OBSERVATIONS_MAX_LIMIT: Final = 1000
 SCORES_DEFAULT_LIMIT: Final = 50
 SCORES_MAX_LIMIT: Final = 100
 _METADATA_CUT: Final = 200
+# /v3/scores reads its query with a strict zod schema: any other parameter is a 400, and every parameter is one
+# string, so a repeated one (an array) is a 400 too; the filters among them take comma-separated values
+# (packages/shared/src/features/scores/interfaces/api/v3/endpoints.ts)
+_SCORES_V3_FILTERS: Final = (
+    "id",
+    "name",
+    "environment",
+    "configId",
+    "queueId",
+    "authorUserId",
+    "traceId",
+    "sessionId",
+    "observationId",
+    "source",
+    "dataType",
+)
+_SCORES_V3_PARAMS: Final = frozenset(
+    {
+        *_SCORES_V3_FILTERS,
+        "limit",
+        "fields",
+        "cursor",
+        "value",
+        "experimentId",
+        "valueMin",
+        "valueMax",
+        "fromTimestamp",
+        "toTimestamp",
+        "userId",
+        "traceTags",
+    }
+)
 
 
 class V2Lists(Records):
@@ -69,7 +101,8 @@ class V2Lists(Records):
         parent = query_value(query, "parentObservationId")
         if parent is not None:
             checks.append(("parentObservationId", parent or None))
-        environments = frozenset(query.get("environment", ()))
+        # repeated or comma-separated, both work here (web/src/pages/api/public/v2/observations/index.ts)
+        environments = comma_values(query, "environment")
 
         def matches(rec: Record) -> bool:
             for name, expected in checks:
@@ -102,6 +135,7 @@ class V2Lists(Records):
         return json_response(200, {"data": data, "meta": meta})
 
     def _list_scores(self, query: Query) -> Response:
+        _check_strict_scores_query(query)
         groups = _parse_groups(query_value(query, "fields"), SCORE_FIELD_GROUPS, ())
         limit = parse_limit(query_value(query, "limit"), SCORES_DEFAULT_LIMIT, SCORES_MAX_LIMIT)
         cursor = query_value(query, "cursor")
@@ -113,29 +147,12 @@ class V2Lists(Records):
             except (ValueError, KeyError, TypeError, binascii.Error) as exc:
                 raise BadRequest(f"invalid cursor: {exc}") from exc
         lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
-        checks: list[tuple[str, Any]] = []
-        for param in (
-            "id",
-            "name",
-            "source",
-            "dataType",
-            "traceId",
-            "observationId",
-            "sessionId",
-            "configId",
-            "queueId",
-            "authorUserId",
-        ):
-            value = query_value(query, param)
-            if value is not None:
-                checks.append((param, value))
-        environments = frozenset(query.get("environment", ()))
+        if "userId" in query or "traceTags" in query:
+            raise BadRequest("userId and traceTags require a trace JOIN and are not supported in v3; use v2")
+        filters = [(param, allowed) for param in _SCORES_V3_FILTERS if (allowed := comma_values(query, param))]
 
         def matches(rec: Record) -> bool:
-            for name, expected in checks:
-                if rec.get(name) != expected:
-                    return False
-            return not environments or rec.get("environment") in environments
+            return all(rec.get(name) in allowed for name, allowed in filters)
 
         keys = tuple(k for g in SCORE_FIELD_GROUPS if g == "core" or g in groups for k in SCORE_FIELD_GROUPS[g])
         page, last, more = self._page(self._scores, lo, hi, cursor_key, limit, matches)
@@ -145,6 +162,35 @@ class V2Lists(Records):
             token = {"lastTimestamp": format_ms(last.key[0]), "lastId": last.key[1]}
             meta["cursor"] = base64.urlsafe_b64encode(json.dumps(token).encode()).decode().rstrip("=")
         return json_response(200, {"data": data, "meta": meta})
+
+
+def _check_strict_scores_query(query: Query) -> None:
+    """A 400 with zod's issues for what the strict schema of /v3/scores refuses: unknown or repeated parameters."""
+    issues: list[dict[str, Any]] = []
+    unknown = sorted(name for name in query if name not in _SCORES_V3_PARAMS)
+    if unknown:
+        keys = ", ".join(f"'{name}'" for name in unknown)
+        issues.append(
+            {
+                "code": "unrecognized_keys",
+                "keys": unknown,
+                "path": [],
+                "message": f"Unrecognized key(s) in object: {keys}",
+            }
+        )
+    for name, values in query.items():
+        if name in _SCORES_V3_PARAMS and len(values) > 1:
+            issues.append(
+                {
+                    "code": "invalid_type",
+                    "expected": "string",
+                    "received": "array",
+                    "path": [name],
+                    "message": "Expected string, received array",
+                }
+            )
+    if issues:
+        raise BadRequest("; ".join(issue["message"] for issue in issues), issues)
 
 
 def _b64decode_json(text: str) -> Any:

@@ -1,0 +1,93 @@
+"""What the real Langfuse server does that a lenient stand-in would hide: the stand-in refuses what the server
+refuses, and the reader reads what the server sends (query forms, rate-limit headers, duplicate rows, score
+subjects, ties inside one millisecond, single-trace lookups, unexpected bodies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from langfuse_poller.config import parse_config
+from langfuse_poller.langfuse.reader import LangfuseReader
+from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+
+from .conftest import Clock, at, delivered, make_config, poll, runtime_for
+
+V2_OBSERVATIONS = "/api/public/v2/observations"
+V3_SCORES = "/api/public/v3/scores"
+V2_SCORES = "/api/public/v2/scores"
+V1_OBSERVATIONS = "/api/public/observations"
+TRACES = "/api/public/traces"
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def reader_for(fake: FakeLangfuse, clock: Clock, api: str = "auto", **reader: Any) -> LangfuseReader:
+    section = {"base_url": fake.url, "public_key": "pk-lf-test", "secret_key": "sk-lf-test", "api": api}
+    config = parse_config({"langfuse": section}, "test-config")
+    return LangfuseReader(config.langfuse, clock=clock, backoff_initial=0.001, backoff_max=0.01, **reader)
+
+
+def get(fake: FakeLangfuse, path: str, params: Any) -> httpx.Response:
+    return httpx.get(fake.url + path, params=params, auth=(fake.public_key, fake.secret_key))
+
+
+def window(clock: Clock) -> dict[str, str]:
+    return {
+        "fromTimestamp": at(clock, 3600).isoformat(),
+        "toTimestamp": at(clock, -1).isoformat(),
+    }
+
+
+# --- 1. scores follow [poll] environments --------------------------------------------------------------------
+
+
+def test_v3_scores_has_a_strict_query_and_takes_environment_as_one_comma_separated_value(
+    fake: FakeLangfuse, clock: Clock
+) -> None:
+    prod = fake.add_score(environment="production", timestamp=at(clock, 10))
+    stage = fake.add_score(environment="staging", timestamp=at(clock, 9))
+    fake.add_score(environment="dev", timestamp=at(clock, 8))
+
+    both = get(fake, V3_SCORES, {**window(clock), "environment": "production,staging"})
+    assert both.status_code == 200
+    assert {s["id"] for s in both.json()["data"]} == {prod["id"], stage["id"]}
+
+    repeated = get(fake, V3_SCORES, {**window(clock), "environment": ["production", "staging"]})
+    assert repeated.status_code == 400
+    assert repeated.json()["message"] == "Invalid request data"
+    assert repeated.json()["error"][0]["path"] == ["environment"]
+
+    unknown = get(fake, V3_SCORES, {**window(clock), "page": "1"})
+    assert unknown.status_code == 400
+    assert unknown.json()["error"][0]["code"] == "unrecognized_keys"
+    assert unknown.json()["error"][0]["keys"] == ["page"]
+
+    # the legacy list takes either form
+    fake.serve = "both"
+    for form in ("production,staging", ["production", "staging"]):
+        legacy = get(fake, V2_SCORES, {**window(clock), "environment": form})
+        assert legacy.status_code == 200
+        assert {s["id"] for s in legacy.json()["data"]} == {prod["id"], stage["id"]}
+
+
+@pytest.mark.parametrize("api", ["v2", "legacy"])
+def test_scores_follow_poll_environments_on_either_read_path(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, api: str
+) -> None:
+    fake.serve = "both"
+    config = make_config(
+        fake, tmp_path, langfuse={"api": api}, poll={"environments": ["production", "staging"], "start": "-10m"}
+    )
+    kept = [
+        fake.add_score(environment="production", timestamp=at(clock, 30)),
+        fake.add_score(environment="staging", timestamp=at(clock, 20)),
+    ]
+    fake.add_score(environment="dev", timestamp=at(clock, 10))
+    with runtime_for(config, clock) as runtime:
+        poll(runtime)
+    assert set(delivered(tmp_path)) == {f"score.created:{s['id']}" for s in kept}
+    assert not fake.errors
