@@ -91,3 +91,45 @@ def test_scores_follow_poll_environments_on_either_read_path(
         poll(runtime)
     assert set(delivered(tmp_path)) == {f"score.created:{s['id']}" for s in kept}
     assert not fake.errors
+
+
+# --- 2. rate-limit headers as the server sends them ----------------------------------------------------------
+
+
+def test_only_a_429_carries_rate_limit_headers_and_its_reset_is_a_javascript_date(
+    fake: FakeLangfuse, clock: Clock
+) -> None:
+    clock.now = 1_787_386_960.0  # Sat Aug 22 2026 08:22:40 UTC
+    fake.set_rate_limit(1)
+    ok = get(fake, V3_SCORES, window(clock))
+    assert ok.status_code == 200
+    assert not [name for name in ok.headers if name.lower().startswith(("x-ratelimit", "retry-after"))]
+    refused = get(fake, V3_SCORES, window(clock))
+    assert refused.status_code == 429
+    assert refused.headers["Retry-After"] == "20"
+    assert refused.headers["X-RateLimit-Limit"] == "1"
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert refused.headers["X-RateLimit-Reset"] == "Sat Aug 22 2026 08:23:00 GMT+0000 (Coordinated Universal Time)"
+    assert refused.json() == {
+        "message": "Rate limit exceeded",
+        "code": "rate_limited",
+        "details": {"retryAfterSeconds": 20, "limit": 1, "remaining": 0, "resetAt": "2026-08-22T08:23:00.000Z"},
+    }
+
+
+def test_a_429_without_retry_after_waits_until_its_javascript_reset_date(fake: FakeLangfuse, clock: Clock) -> None:
+    reader = reader_for(fake, clock, "v2")
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.advance(seconds)
+
+    reader._sleep = sleep  # type: ignore[method-assign]
+    fake.rate_limit_next(1, retry_after=42, retry_after_header=False)
+    try:
+        assert list(reader.observations(at(clock, 60), at(clock, 0)))
+    finally:
+        reader.close()
+    assert waits == [pytest.approx(42, abs=1)]
+    assert [r.status for r in fake.requests] == [429, 200]

@@ -14,13 +14,16 @@ the watermarks and dedup keys are the same.
 
 Requests are paced per rate-limit bucket, as Langfuse Cloud counts them: the legacy reads (traces, v1
 observations) have their own, smaller bucket. `max_requests_per_minute` budgets each bucket apart
-(`legacy_max_requests_per_minute` the legacy one, when set), and `X-RateLimit-Remaining: 0` pauses only the
-bucket whose endpoint answered it. A 429 waits out its Retry-After before the same request is tried again.
+(`legacy_max_requests_per_minute` the legacy one, when set). Only a 429 carries rate-limit headers (a
+successful answer has none, so none is looked at): it pauses the bucket whose endpoint answered it for its
+`Retry-After`, or, should that be missing, until its `X-RateLimit-Reset` (a JavaScript date string), and the
+same request is tried again after that.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -115,8 +118,37 @@ def _bucket_name(path: str) -> str:
     return "legacy" if path.startswith(LEGACY_BUCKET_PREFIXES) else "current"
 
 
+# JavaScript's Date.toString(): "Sat Aug 22 2026 08:22:47 GMT+0000 (Coordinated Universal Time)"
+_JS_DATE = re.compile(
+    r"^\w{3} (?P<month>\w{3}) (?P<day>\d{1,2}) (?P<year>\d{4}) (?P<hms>\d{2}:\d{2}:\d{2}) GMT(?P<offset>[+-]\d{4})"
+)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _javascript_date(text: str) -> float | None:
+    """Unix seconds of a JavaScript `Date.toString()` string (its offset applied), None when it is not one."""
+    match = _JS_DATE.match(text.strip())
+    if match is None or match["month"] not in _MONTHS:
+        return None
+    # the month by a fixed English table: strptime's %b follows this process's locale, JavaScript's does not
+    month = _MONTHS.index(match["month"]) + 1
+    try:
+        moment = datetime.strptime(
+            f"{match['year']}-{month:02d}-{int(match['day']):02d} {match['hms']} {match['offset']}",
+            "%Y-%m-%d %H:%M:%S %z",
+        )
+    except ValueError:
+        return None
+    return moment.timestamp()
+
+
 def _retry_after(response: httpx.Response, now: float) -> float | None:
-    """Seconds to wait from Retry-After (seconds or an HTTP date), else from X-RateLimit-Reset."""
+    """Seconds a 429 asks to wait: its Retry-After (whole seconds, or an HTTP date), else its X-RateLimit-Reset.
+
+    Langfuse always sends Retry-After on a 429; X-RateLimit-Reset is the fallback for a proxy that drops it. The
+    server writes that header with JavaScript's `Date.toString()`, not as Unix seconds
+    (web/src/features/public-api/server/RateLimitService.ts); Unix seconds are still read, as other servers send them.
+    """
     header = response.headers.get("retry-after")
     if header:
         try:
@@ -126,13 +158,16 @@ def _retry_after(response: httpx.Response, now: float) -> float | None:
                 return max(0.0, parsedate_to_datetime(header).timestamp() - now)
             except (TypeError, ValueError):
                 pass
-    reset = response.headers.get("x-ratelimit-reset")
-    if reset:
+    reset = (response.headers.get("x-ratelimit-reset") or "").strip()
+    if not reset:
+        return None
+    at = _javascript_date(reset)
+    if at is None:
         try:
-            return max(0.0, float(reset) - now)
+            at = float(reset)
         except ValueError:
             return None
-    return None
+    return max(0.0, at - now)
 
 
 class LangfuseReader:
@@ -434,10 +469,13 @@ class LangfuseReader:
             self.on_request(path, "error")
             raise _Retry(f"cannot reach {self.host}: {exc}") from None
         self.on_request(path, str(response.status_code))
-        self._note_rate_limit(response, bucket)
         status = response.status_code
         if status == 429:
-            raise _Retry("rate limited (429)", _retry_after(response, self.clock()))
+            wait = _retry_after(response, self.clock())
+            if wait:
+                # the bucket is spent for every endpoint counted in it, not only for this request
+                bucket.not_before = max(bucket.not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
+            raise _Retry("rate limited (429)", wait)
         if status >= 500 or status in (408, 409):
             raise _Retry(f"HTTP {status}")
         if status in (401, 403):
@@ -451,13 +489,6 @@ class LangfuseReader:
             return orjson.loads(response.content)
         except ValueError:
             raise _Retry("the answer was not valid JSON") from None
-
-    def _note_rate_limit(self, response: httpx.Response, bucket: _Bucket) -> None:
-        remaining = response.headers.get("x-ratelimit-remaining")
-        if remaining is not None and remaining.strip() == "0":
-            wait = _retry_after(response, self.clock())
-            if wait:
-                bucket.not_before = max(bucket.not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
 
     def auth_error(self, status: int, detail: str) -> AuthError:
         return AuthError(

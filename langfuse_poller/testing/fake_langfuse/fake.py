@@ -147,7 +147,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         refused = self._injected_fault()
         if refused is not None:
             return refused
-        refused, rate_headers = self._take_rate_limit(path)
+        refused = self._take_rate_limit(path)
         if refused is not None:
             return refused
         listings: dict[str, Callable[[Query], Response]] = {
@@ -163,5 +163,4 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
             response = error_response(
                 400, "Invalid request data", error=exc.issues if exc.issues is not None else str(exc)
             )
-        response.headers.extend(rate_headers)
         return response
