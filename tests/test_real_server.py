@@ -133,3 +133,37 @@ def test_a_429_without_retry_after_waits_until_its_javascript_reset_date(fake: F
         reader.close()
     assert waits == [pytest.approx(42, abs=1)]
     assert [r.status for r in fake.requests] == [429, 200]
+
+
+# --- 3. one id twice in a page of /v2/observations -------------------------------------------------------------
+
+
+def test_the_stand_in_can_serve_an_older_row_beside_the_newer_one(fake: FakeLangfuse, clock: Clock) -> None:
+    root = fake.add_trace(start_time=at(clock, 30))[0]
+    clock.advance(1)
+    newer = fake.update_observation(root["id"], tags=["checked"])
+    params = {
+        "fromStartTime": at(clock, 60).isoformat(),
+        "toStartTime": at(clock, 0).isoformat(),
+        "fields": "core,time",
+    }
+    assert [r["id"] for r in get(fake, V2_OBSERVATIONS, params).json()["data"]] == [root["id"]]
+    fake.duplicate_rows = True
+    rows = get(fake, V2_OBSERVATIONS, params).json()["data"]
+    assert [r["id"] for r in rows] == [root["id"], root["id"]]
+    assert sorted(r["updatedAt"] for r in rows) == sorted([root["updatedAt"], newer["updatedAt"]])
+
+
+def test_a_row_served_twice_in_a_page_makes_no_extra_trace_updated(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+) -> None:
+    config = make_config(fake, tmp_path, langfuse={"api": "v2"}, poll={"start": "-10m"})
+    root = fake.add_trace(start_time=at(clock, 30))[0]
+    clock.advance(1)
+    fake.update_observation(root["id"], tags=["checked"])
+    fake.duplicate_rows = True
+    with runtime_for(config, clock) as runtime:
+        poll(runtime)
+        clock.advance(120)
+        poll(runtime, force_sweeps=True)
+    assert dict(delivered(tmp_path)) == {f"trace.created:{root['traceId']}": 1}

@@ -39,6 +39,7 @@ import tenacity
 
 from ..config import LangfuseConfig
 from ..errors import ApiError, AuthError, LangfusePollerError
+from ..events import record_version
 from ..util.backoff import jittered_backoff
 from ..util.durations import format_time
 from .legacy import OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH, LegacyReader
@@ -378,7 +379,7 @@ class LangfuseReader:
         }
         if self.environments:
             params["environment"] = list(self.environments)
-        return self._pages(OBSERVATIONS_PATH, params)
+        return (Page(newest_rows(page.records), page.cursor) for page in self._pages(OBSERVATIONS_PATH, params))
 
     def _v2_scores(self, start: datetime, end: datetime) -> Iterator[Page]:
         params: dict[str, Any] = {
@@ -536,6 +537,31 @@ class LangfuseReader:
             version=str(getattr(health, "version", "?")),
             projects=tuple((p.id, p.name) for p in projects.data),
         )
+
+
+def newest_rows(records: list[Any]) -> list[Any]:
+    """The records of a page with each id once: the row with the newest updatedAt, where the first of it stood.
+
+    `/v2/observations` reads a ReplacingMergeTree without FINAL, so until its parts merge one page can serve an
+    id twice, an older version beside the newer (packages/shared/src/server/repositories/events.ts). Both rows
+    would each be taken for a version of their own: the older one, seen after the newer, for a root that moved
+    (an extra trace.updated), and for the dedup key to keep, disagreeing with the newer. The newest is the
+    record as it now stands; an older row says nothing the newer does not.
+    """
+    kept: dict[str, int] = {}  # id -> its position in `out`
+    out: list[Any] = []
+    for record in records:
+        record_id = record.get("id") if isinstance(record, Mapping) else None
+        if not isinstance(record_id, str):
+            out.append(record)  # malformed: passed on, to become a dead letter
+            continue
+        where = kept.get(record_id)
+        if where is None:
+            kept[record_id] = len(out)
+            out.append(record)
+        elif int(record_version(record)) > int(record_version(out[where])):
+            out[where] = record
+    return out
 
 
 def _body_message(body: Any) -> str:

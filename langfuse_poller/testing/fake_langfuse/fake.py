@@ -74,6 +74,9 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         """Exceptions raised while handling requests (each answered with a 500); empty in a healthy test."""
         self.healthy = True
         """When False, the health endpoint answers 503."""
+        self.duplicate_rows = False
+        """When True, /v2/observations serves an updated record's previous version beside it in the same page,
+        as the server does until its table's parts merge."""
         self._serving = "v2"
         self.on_data_request: Callable[[str, dict[str, list[str]]], None] | None = None
         """Called with (path, query) before each data request is answered, e.g. to add records between pages."""

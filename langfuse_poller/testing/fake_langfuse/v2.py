@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from .fields import LEVELS, OBSERVATION_FIELD_GROUPS, SCORE_FIELD_GROUPS
-from .index import trace_hash
+from .index import Entry, trace_hash
 from .query import BadRequest, Query, comma_values, parse_bool, parse_limit, query_value, time_bounds
 from .records import Records
 from .wire import Record, Response, format_ms, json_response, parse_iso_us
@@ -64,6 +64,8 @@ _SCORES_V3_PARAMS: Final = frozenset(
 
 class V2Lists(Records):
     """The cursor-paginated list endpoints, as a mixin of ``FakeLangfuse`` reading its records."""
+
+    duplicate_rows: bool
 
     def _list_observations(self, query: Query) -> Response:
         groups = _parse_groups(query_value(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
@@ -115,6 +117,8 @@ class V2Lists(Records):
         cut_metadata = "metadata" in groups
 
         page, last, more = self._page(self._observations, lo, hi, cursor_key, limit, matches)
+        if self.duplicate_rows:
+            page, last, more = self._with_unmerged_rows(page, last, more, limit)
         data: list[Record] = []
         for entry, rec in page:
             if entry.raw:
@@ -133,6 +137,29 @@ class V2Lists(Records):
             }
             meta["cursor"] = base64.b64encode(json.dumps(token).encode()).decode()
         return json_response(200, {"data": data, "meta": meta})
+
+    def _with_unmerged_rows(
+        self, page: list[tuple[Entry, Record]], last: Entry | None, more: bool, limit: int
+    ) -> tuple[list[tuple[Entry, Record]], Entry | None, bool]:
+        """The page as a not yet merged table serves it: each updated record's previous version beside it.
+
+        The endpoint reads a ReplacingMergeTree without FINAL or LIMIT 1 BY, so until a background merge one page
+        can hold two rows of one id with different updatedAt
+        (packages/shared/src/server/repositories/events.ts, `getObservationsV2FromEventsTableForPublicApi`).
+        Both rows count against the limit, as the server's LIMIT counts rows.
+        """
+        now = self.clock()
+        rows: list[tuple[Entry, Record]] = []
+        with self._lock:
+            for entry, rec in page:
+                rows.append((entry, rec))
+                visible = [version for at, version in entry.versions if at <= now and version is not None]
+                if len(visible) > 1 and visible[-1] is rec:
+                    rows.append((entry, visible[-2]))
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return rows, rows[-1][0], True
+        return rows, last, more
 
     def _list_scores(self, query: Query) -> Response:
         _check_strict_scores_query(query)
