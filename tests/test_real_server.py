@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from langfuse_poller.config import parse_config
+from langfuse_poller.events import EventFactory
 from langfuse_poller.langfuse.reader import LangfuseReader
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
@@ -167,3 +168,40 @@ def test_a_row_served_twice_in_a_page_makes_no_extra_trace_updated(
         clock.advance(120)
         poll(runtime, force_sweeps=True)
     assert dict(delivered(tmp_path)) == {f"trace.created:{root['traceId']}": 1}
+
+
+# --- 4. one score, one event, on either read path ------------------------------------------------------------
+
+
+def test_a_score_makes_the_same_event_on_either_read_path(fake: FakeLangfuse, clock: Clock) -> None:
+    fake.serve = "both"
+    trace_id = fake.add_trace(start_time=at(clock, 60), observations=1)[1]["traceId"]
+    child = fake.add_trace(start_time=at(clock, 60), observations=1)[1]
+    scores = [
+        fake.add_score(trace_id=trace_id, timestamp=at(clock, 50)),
+        fake.add_score(trace_id=child["traceId"], observation_id=child["id"], timestamp=at(clock, 40)),
+        fake.add_score(trace_id=trace_id, session_id="session-1", timestamp=at(clock, 30)),
+        fake.add_score(trace_id=trace_id, dataset_run_id="run-1", timestamp=at(clock, 20)),
+        fake.add_score(session_id="session-2", timestamp=at(clock, 10)),
+    ]
+    factory = EventFactory("https://langfuse.example")
+    events: dict[str, dict[str, Any]] = {}
+    for api in ("v2", "legacy"):
+        reader = reader_for(fake, clock, api)
+        try:
+            records = [r for page in reader.scores(at(clock, 120), at(clock, 0)) for r in page.records]
+        finally:
+            reader.close()
+        made = [e for r in records for e in factory.from_record("scores", r, None).events]
+        events[api] = {e.id: e.envelope() for e in made}
+    assert len(events["v2"]) == len(scores)
+    assert events["v2"] == events["legacy"]
+    # /v3/scores picks experiment, observation, session, trace; only an observation subject names its trace
+    by_score = {e["data"]["scoreId"]: e["data"] for e in events["v2"].values()}
+    assert [(by_score[s["id"]]["traceId"], by_score[s["id"]]["sessionId"]) for s in scores] == [
+        (trace_id, None),
+        (child["traceId"], None),
+        (None, "session-1"),
+        (None, None),
+        (None, "session-2"),
+    ]

@@ -141,14 +141,17 @@ def score_from_v2(record: Any) -> Any:
     trace_id, observation_id = record.get("traceId"), record.get("observationId")
     session_id, run_id = record.get("sessionId"), record.get("datasetRunId")
     if "subject" not in record:
-        if observation_id:
+        # /v3/scores's order, so that one score makes the same event on either path: experiment (dataset run),
+        # observation, session, trace; only the observation subject names a trace
+        # (packages/shared/src/server/repositories/scores.ts, `deriveSubjectForV3`)
+        if run_id:
+            out["subject"] = {"kind": "experiment", "id": run_id}
+        elif observation_id:
             out["subject"] = {"kind": "observation", "id": observation_id, "traceId": trace_id}
-        elif trace_id:
-            out["subject"] = {"kind": "trace", "id": trace_id}
         elif session_id:
             out["subject"] = {"kind": "session", "id": session_id}
-        elif run_id:
-            out["subject"] = {"kind": "experiment", "id": run_id}
+        elif trace_id:
+            out["subject"] = {"kind": "trace", "id": trace_id}
         for key in ("traceId", "observationId", "sessionId"):
             out.pop(key, None)
     return out

@@ -290,7 +290,7 @@ def _v2_score(rec: Record, root: Record | bool | None) -> Record:
         "traceId": rec["traceId"],
         "observationId": rec["observationId"],
         "sessionId": rec["sessionId"],
-        "datasetRunId": None,
+        "datasetRunId": rec.get("datasetRunId"),
         "name": rec["name"],
         "dataType": data_type,
         "source": rec["source"],
