@@ -205,3 +205,29 @@ def test_a_score_makes_the_same_event_on_either_read_path(fake: FakeLangfuse, cl
         (None, None),
         (None, "session-2"),
     ]
+
+
+# --- 6. one trace by id: its core alone ----------------------------------------------------------------------
+
+
+def test_a_single_trace_is_read_with_its_core_fields_alone(fake: FakeLangfuse, clock: Clock) -> None:
+    fake.serve = "legacy"
+    # a child in the window whose trace (its root) started before it: the reader looks the trace up by id
+    records = fake.add_trace(start_time=at(clock, 600), observations=1, name="checkout", tags=["shop"])
+    child = fake.update_observation(records[1]["id"], start_time=at(clock, 30), level="ERROR")
+    trace_id = child["traceId"]
+
+    full = get(fake, f"{TRACES}/{trace_id}", {}).json()
+    assert any(o["input"] for o in full["observations"]) and full["latency"] >= 0
+    core = get(fake, f"{TRACES}/{trace_id}", {"fields": "core"}).json()
+    assert (core["observations"], core["scores"], core["latency"], core["totalCost"]) == ([], [], -1, -1)
+    assert (core["name"], core["tags"]) == ("checkout", ["shop"])
+
+    reader = reader_for(fake, clock, "legacy")
+    try:
+        [observation] = [r for page in reader.observations(at(clock, 60), at(clock, 0)) for r in page.records]
+    finally:
+        reader.close()
+    assert (observation["traceName"], observation["tags"]) == ("checkout", ["shop"])
+    lookups = [r for r in fake.requests if r.path == f"{TRACES}/{trace_id}"][2:]
+    assert [r.query for r in lookups] == [{"fields": ["core"]}]

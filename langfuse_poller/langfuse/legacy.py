@@ -296,7 +296,10 @@ class LegacyReader:
         """One trace by id: for a child whose trace started before the window (or a trace not yet visible)."""
         read_at = self.clock()
         try:
-            trace = self.get(f"{TRACES_PATH}/{quote(trace_id, safe='')}", {})
+            # without `fields` the server sends every observation of the trace with its input and output, its
+            # scores and metrics (megabytes for a large trace); the context needs the trace alone
+            # (web/src/pages/api/public/traces/[traceId].ts)
+            trace = self.get(f"{TRACES_PATH}/{quote(trace_id, safe='')}", {"fields": "core"})
         except ApiError as exc:
             if exc.status != 404:
                 raise

@@ -161,7 +161,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
             SCORES_V2_PATH: self._list_scores_v2,
         }
         try:
-            response = self._get_trace(trace_id) if trace_id is not None else listings[path](query)
+            response = self._get_trace(trace_id, query) if trace_id is not None else listings[path](query)
         except BadRequest as exc:
             response = error_response(
                 400, "Invalid request data", error=exc.issues if exc.issues is not None else str(exc)

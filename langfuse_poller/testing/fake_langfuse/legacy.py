@@ -97,15 +97,30 @@ class LegacyLists(Records):
         chunk, meta = _page_of(found, page, limit)
         return json_response(200, {"data": [self._trace(rec, groups) for _, rec in chunk], "meta": meta})
 
-    def _get_trace(self, trace_id: str) -> Response:
+    def _get_trace(self, trace_id: str, query: Query) -> Response:
+        """One trace: without `fields` (or with no group the server knows) all of it, its observations with their
+        input and output, its scores and metrics; with `fields=core` the trace alone, `latency` and `totalCost`
+        -1 (web/src/pages/api/public/traces/[traceId].ts)."""
         root = self._roots().get(trace_id)
         if root is None:
-            return error_response(404, f"Trace {trace_id} not found within authorized project")
-        trace = self._trace(root, frozenset(("core", "io", "metrics")))
-        members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
-        trace["observations"] = [rec if entry.raw else _v1_observation(rec) for entry, rec in members]
-        scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
-        trace["scores"] = [_v2_score(rec, None) for _, rec in scores]
+            return error_response(
+                404, f"Trace {trace_id} not found within authorized project", error="LangfuseNotFoundError"
+            )
+        text = query_value(query, "fields") or ""
+        groups = {g.strip() for g in text.split(",")} & set(TRACE_FIELD_GROUPS) or set(TRACE_FIELD_GROUPS)
+        trace = self._trace(root, frozenset(groups | {"io", "metrics"}))
+        if "io" not in groups:
+            trace.update(input="", output="", metadata={})
+        if "metrics" not in groups:
+            trace.update(latency=-1, totalCost=-1)
+        trace["observations"] = []
+        if "observations" in groups:
+            members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
+            trace["observations"] = [rec if entry.raw else _v1_observation(rec) for entry, rec in members]
+        trace["scores"] = []
+        if "scores" in groups:
+            scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
+            trace["scores"] = [_v2_score(rec, None) for _, rec in scores]
         return json_response(200, trace)
 
     def _trace(self, root: Record, groups: frozenset[str]) -> Record:
