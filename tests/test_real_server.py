@@ -4,6 +4,7 @@ subjects, ties inside one millisecond, single-trace lookups, unexpected bodies).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,67 @@ def test_a_single_trace_is_read_with_its_core_fields_alone(fake: FakeLangfuse, c
     assert (observation["traceName"], observation["tags"]) == ("checkout", ["shop"])
     lookups = [r for r in fake.requests if r.path == f"{TRACES}/{trace_id}"][2:]
     assert [r.query for r in lookups] == [{"fields": ["core"]}]
+
+
+# --- 7. /v2/observations: lenient field groups, totalCost 0 ----------------------------------------------------
+
+
+def test_v2_observations_drops_unknown_field_groups_and_serves_no_cost_as_zero(
+    fake: FakeLangfuse, clock: Clock
+) -> None:
+    root = fake.add_observation(start_time=at(clock, 30), name="root")
+    free = fake.add_observation(start_time=at(clock, 20), trace_id=root["traceId"], type="GENERATION", model="local")
+    params = {"fromStartTime": at(clock, 60).isoformat(), "toStartTime": at(clock, 0).isoformat()}
+
+    def keys(fields: Any) -> set[str]:
+        answer = get(fake, V2_OBSERVATIONS, {**params, "fields": fields})
+        assert answer.status_code == 200, answer.text
+        return set(answer.json()["data"][0])
+
+    core = {"id", "traceId", "startTime", "endTime", "projectId", "parentObservationId", "type"}
+    assert keys("core,usage,bogus") == core | {"usageDetails", "costDetails", "totalCost", "usagePricingTierName"}
+    assert keys("bogus") == core  # nothing valid left: core alone, not the default core,basic
+    assert (
+        keys("")
+        == keys(None)
+        == core
+        | {"name", "level", "statusMessage", "version", "environment"}
+        | {
+            "bookmarked",
+            "public",
+            "userId",
+            "sessionId",
+            "isRootObservation",
+        }
+    )
+    assert get(fake, V2_OBSERVATIONS, {**params, "fields": ["core", "bogus"]}).status_code == 400
+    usage = get(fake, V2_OBSERVATIONS, {**params, "fields": "usage"}).json()["data"]
+    assert {r["id"]: r["totalCost"] for r in usage} == {root["id"]: 0, free["id"]: 0}
+
+
+def test_a_generation_without_cost_makes_the_same_event_on_either_read_path(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path
+) -> None:
+    fake.serve = "both"
+    root = fake.add_observation(start_time=at(clock, 30), name="root", trace_name="root")
+    child = {"trace_id": root["traceId"], "parent_observation_id": root["id"], "trace_name": "root"}
+    fake.add_observation(start_time=at(clock, 20), type="GENERATION", model="local", **child)
+    fake.add_observation(
+        start_time=at(clock, 10),
+        **child,
+        type="GENERATION",
+        model="gpt-4o",
+        cost_details={"input": 0.25, "output": 0.5, "total": 0.75},
+        total_cost=0.75,
+    )
+    outputs = []
+    for api in ("v2", "legacy"):
+        directory = tmp_path / api
+        directory.mkdir()
+        config = make_config(fake, directory, langfuse={"api": api}, poll={"start": "-10m"})
+        with runtime_for(config, clock) as runtime:
+            poll(runtime)
+        outputs.append(sorted((directory / "events.jsonl").read_text().splitlines()))
+    assert outputs[0] == outputs[1]
+    costs = sorted(json.loads(line)["data"].get("totalCost", -1) for line in outputs[0])
+    assert costs == [-1, 0, 0.75]  # the trace.created has none; a generation without cost costs 0, as on v2

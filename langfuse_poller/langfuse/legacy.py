@@ -100,15 +100,16 @@ def observation_from_v1(record: Any, trace: Mapping[str, Any] | None) -> Any:
     A v1 observation carries what the events need under the same names (id, traceId, projectId, type, name,
     level, statusMessage, environment, startTime, createdAt, updatedAt, model, usageDetails, costDetails,
     latency, timeToFirstToken), except: `isRootObservation` (a v3 trace's root is its observation without a
-    parent, the span the SDK opened first), `totalCost` (v1: `calculatedTotalCost`), `internalModelId` (v1:
-    `modelId`), and the trace context (`traceName`, `userId`, `sessionId`, `tags`, `release`), which is the
-    trace's. Anything that is not a JSON object is passed on as it is, to become a dead letter.
+    parent, the span the SDK opened first), `totalCost` (v1: `calculatedTotalCost`; 0 without a cost, as v2
+    serves it), `internalModelId` (v1: `modelId`), and the trace context (`traceName`, `userId`, `sessionId`,
+    `tags`, `release`), which is the trace's. Anything that is not a JSON object is passed on as it is, to
+    become a dead letter.
     """
     if not isinstance(record, Mapping):
         return record
     out = dict(record)
     out.setdefault("isRootObservation", not record.get("parentObservationId"))
-    out.setdefault("totalCost", record.get("calculatedTotalCost"))
+    out.setdefault("totalCost", _total_cost(record))
     out.setdefault("internalModelId", record.get("modelId"))
     context = trace or {}
     for key in TRACE_CONTEXT:
@@ -116,6 +117,17 @@ def observation_from_v1(record: Any, trace: Mapping[str, Any] | None) -> Any:
     if out.get("tags") is None:
         out["tags"] = []
     return out
+
+
+def _total_cost(record: Mapping[str, Any]) -> float:
+    """totalCost as `/v2/observations` serves it: the cost details' total, 0 (not null) when there is none
+    (packages/shared/src/server/repositories/observations_converters.ts); v1's `calculatedTotalCost` when the
+    details have no total."""
+    details = record.get("costDetails")
+    for total in (details.get("total") if isinstance(details, Mapping) else None, record.get("calculatedTotalCost")):
+        if isinstance(total, int | float) and not isinstance(total, bool):
+            return float(total)
+    return 0
 
 
 def score_from_v2(record: Any) -> Any:

@@ -68,7 +68,7 @@ class V2Lists(Records):
     duplicate_rows: bool
 
     def _list_observations(self, query: Query) -> Response:
-        groups = _parse_groups(query_value(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
+        groups = _observation_groups(query)
         limit = parse_limit(query_value(query, "limit"), OBSERVATIONS_DEFAULT_LIMIT, OBSERVATIONS_MAX_LIMIT)
         if parse_bool(query, "parseIoAsJson"):
             raise BadRequest("parseIoAsJson=true is no longer supported; input/output are raw strings")
@@ -125,6 +125,8 @@ class V2Lists(Records):
                 data.append(rec)
                 continue
             out = {k: rec[k] for k in keys}
+            if "totalCost" in out:
+                out["totalCost"] = _total_cost(rec)
             if cut_metadata:
                 out["metadata"] = _cut_metadata(out["metadata"], expand)
             data.append(out)
@@ -226,6 +228,28 @@ def _b64decode_json(text: str) -> Any:
     padded = text + "=" * (-len(text) % 4)
     raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
     return json.loads(raw)
+
+
+def _observation_groups(query: Query) -> frozenset[str]:
+    """The field groups /v2/observations serves: unknown ones dropped without a word, core alone when nothing
+    valid is left, core and basic when `fields` is empty or absent; repeated, `fields` is a 400, as only the
+    single string is filtered (web/src/pages/api/public/v2/observations/index.ts)."""
+    values = query.get("fields") or []
+    if len(values) > 1:
+        raise BadRequest("fields must be one comma-separated string")
+    text = values[0] if values else ""
+    if not text.strip():
+        return frozenset(("core", "basic"))
+    groups = {g.strip() for g in text.split(",")} & OBSERVATION_FIELD_GROUPS.keys()
+    return frozenset(groups | {"core"})
+
+
+def _total_cost(rec: Record) -> float:
+    """totalCost as the server serves it: the cost details' total, 0 (not null) when there is none
+    (packages/shared/src/server/repositories/observations_converters.ts, `reduceUsageOrCostDetails`)."""
+    details = rec.get("costDetails")
+    total = details.get("total") if isinstance(details, Mapping) else None
+    return float(total) if isinstance(total, int | float) else 0
 
 
 def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], default: tuple[str, ...]) -> frozenset[str]:
