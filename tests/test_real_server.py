@@ -5,6 +5,8 @@ subjects, ties inside one millisecond, single-trace lookups, unexpected bodies).
 from __future__ import annotations
 
 import json
+from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +298,49 @@ def test_a_generation_without_cost_makes_the_same_event_on_either_read_path(
     assert outputs[0] == outputs[1]
     costs = sorted(json.loads(line)["data"].get("totalCost", -1) for line in outputs[0])
     assert costs == [-1, 0, 0.75]  # the trace.created has none; a generation without cost costs 0, as on v2
+
+
+# --- 5. legacy lists: more than a page inside one millisecond, in an order that changes -------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_crowded_millisecond_whose_tie_order_shuffles_is_read_whole_once(
+    fake: FakeLangfuse, clock: Clock, seed: int
+) -> None:
+    fake.serve = "legacy"
+    fake.shuffle_ties(seed)
+    start, end = at(clock, 1000), at(clock, 700)
+    crowd = start + timedelta(seconds=100)
+    starts = [start + timedelta(seconds=i) for i in range(50)] + [crowd] * 230
+    starts += [crowd + timedelta(seconds=1 + i) for i in range(60)]
+    roots = [fake.add_trace(start_time=t)[0]["id"] for t in starts]
+    scores = [fake.add_score(timestamp=t)["id"] for t in [crowd] * 150 + [crowd + timedelta(seconds=1)] * 20]
+    reader = reader_for(fake, clock, "legacy")
+    try:
+        observations = [r for page in reader.observations(start, end) for r in page.records]
+        read_scores = [r["id"] for page in reader.scores(start, end) for r in page.records]
+    finally:
+        reader.close()
+    assert Counter(r["id"] for r in observations) == Counter(roots)
+    assert Counter(read_scores) == Counter(scores)
+    # every root found its trace in the traces list, read the same way
+    assert all(r["traceName"] == "trace" for r in observations)
+    assert fake.errors == []
+
+
+def test_the_stand_in_orders_ties_differently_on_each_request_repeatably(fake: FakeLangfuse, clock: Clock) -> None:
+    fake.serve = "legacy"
+    moment = at(clock, 30)
+    for _ in range(20):
+        fake.add_trace(start_time=moment)
+    params = {"fromStartTime": at(clock, 60).isoformat(), "toStartTime": at(clock, 0).isoformat()}
+
+    def orders(seed: int | None) -> list[list[str]]:
+        fake.shuffle_ties(seed)
+        return [[r["id"] for r in get(fake, V1_OBSERVATIONS, params).json()["data"]] for _ in range(3)]
+
+    stable = orders(None)
+    assert stable[0] == stable[1] == stable[2]
+    shuffled = orders(5)
+    assert len({tuple(o) for o in shuffled}) == 3 and all(sorted(o) == sorted(stable[0]) for o in shuffled)
+    assert orders(5) == shuffled

@@ -27,8 +27,10 @@ record of page N+1 is never served). Three rules make both harmless:
    and the reader drops the ids it already returned at that millisecond (the store's dedup keys would catch
    them anyway). Only when one millisecond holds a whole page does the reader page by number, inside
    [t, t + 1 ms), where only records of that same millisecond can shift, and repeats are dropped again.
-   (The server orders by time alone, so that one case trusts ClickHouse to serve a millisecond's ties in the
-   same order from one request to the next, as it does for data that does not change under it.)
+   The server orders by time alone, and ClickHouse serves a millisecond's ties in an order that can change
+   from one request to the next, so pages 1..n of that millisecond can serve a record twice and another
+   never: the reader reads the millisecond's pages round and round, dropping ids it has, until it holds as
+   many as `totalItems` says there are (at most `TIE_PASSES` rounds).
 3. Records that appear inside the window late. One whose start time lies below the current bound (older than
    everything served so far) is served by this pass. One above it, in the part already read, is not (as with
    the keyset cursor of `/v2/observations`); the next sweep reads the window again at each `reread` age and at
@@ -62,6 +64,10 @@ LEGACY_PAGE = 100  # the maximum of every legacy list; above it the server answe
 # what a v1 observation lacks and its trace has: trace context, under the names of /v2/observations
 TRACE_CONTEXT = ("traceName", "userId", "sessionId", "tags", "release")
 TRACE_CACHE_SIZE = 20_000
+# rounds over the pages of one crowded millisecond, whose ties come in a new order on each request: each
+# round serves every record with some chance, so a few rounds nearly always find them all; past this many the
+# count is taken to be wrong (v2 scores count rows a merge has not yet deduplicated) and the pass goes on
+TIE_PASSES = 20
 
 Getter = Callable[[str, Mapping[str, Any]], Any]
 # one page of records, and whether it is the last of the pass
@@ -337,7 +343,7 @@ class LegacyReader:
         """Every record with `field` in [lo, hi) ms, page by page; the last batch says so (rules 1 and 2)."""
         at_edge: set[str] = set()  # ids already returned whose time is the current bound's millisecond
         while lo < hi:
-            records, more = self._page(path, params, bounds, lo, hi, 1)
+            records, more, _ = self._page(path, params, bounds, lo, hi, 1)
             fresh = [r for r in records if _id(r) not in at_edge]
             if not more:
                 yield fresh, True
@@ -353,7 +359,7 @@ class LegacyReader:
             if (edge + 1 >= hi) if newest_first else (edge <= lo):
                 # a whole page inside one millisecond: no time to cut at but the millisecond's own end
                 yield fresh, False
-                yield from self._numbered(path, params, bounds, edge, edge + 1, at_edge | _ids(records), final=False)
+                yield from self._millisecond(path, params, bounds, edge, at_edge | _ids(records))
                 if newest_first:
                     hi = edge
                 else:
@@ -382,7 +388,7 @@ class LegacyReader:
         """Page through [lo, hi) by page number from page 1, dropping ids already returned."""
         page = 1
         while True:
-            records, more = self._page(path, params, bounds, lo, hi, page)
+            records, more, _ = self._page(path, params, bounds, lo, hi, page)
             fresh = [r for r in records if _id(r) not in returned]
             returned.update(_ids(records))
             yield fresh, final and not more
@@ -390,10 +396,48 @@ class LegacyReader:
                 return
             page += 1
 
+    def _millisecond(
+        self, path: str, params: Mapping[str, Any], bounds: tuple[str, str], ms: int, returned: set[str]
+    ) -> Iterator[Batch]:
+        """Every record of millisecond `ms` not in `returned` (ids of that millisecond already returned).
+
+        Its pages are read by number, round after round, until as many ids as the meta's `totalItems` are held:
+        the ties of one millisecond come in an order that can change with each request, so one round of pages
+        can serve one record twice and miss another.
+        """
+        # `returned` holds ids of this millisecond alone: those of the pages that found it
+        page, requests = 1, 0
+        while True:
+            records, more, total = self._page(path, params, bounds, ms, ms + 1, page)
+            requests += 1
+            fresh = [r for r in records if _id(r) not in returned]
+            returned.update(_ids(records))
+            yield fresh, False
+            if total is None:
+                if not more:  # no count to go by: one round, as far as the pages go
+                    return
+                page += 1
+                continue
+            if len(returned) >= total:
+                return
+            if requests >= TIE_PASSES * max(1, -(-total // LEGACY_PAGE)):
+                log.warning(
+                    "%s %s: %d of the %d records at %s read after %d requests; going on without the rest "
+                    "(the next sweep reads the millisecond again)",
+                    self.host,
+                    path,
+                    len(returned),
+                    total,
+                    _at_ms(ms),
+                    requests,
+                )
+                return
+            page = page + 1 if more else 1
+
     def _page(
         self, path: str, params: Mapping[str, Any], bounds: tuple[str, str], lo: int, hi: int, page: int
-    ) -> tuple[list[Any], bool]:
-        """One page of [lo, hi), and whether another follows it."""
+    ) -> tuple[list[Any], bool, int | None]:
+        """One page of [lo, hi), whether another follows it, and how many records [lo, hi) holds (if said)."""
         query = {**params, bounds[0]: _at_ms(lo), bounds[1]: _at_ms(hi), "page": page, "limit": LEGACY_PAGE}
         body = self.get(path, query)
         data = body.get("data") if isinstance(body, Mapping) else None
@@ -402,7 +446,8 @@ class LegacyReader:
         meta = body.get("meta") if isinstance(body.get("meta"), Mapping) else {}
         total_pages = meta.get("totalPages")
         more = len(data) >= LEGACY_PAGE and (not isinstance(total_pages, int) or page < total_pages)
-        return data, more
+        total_items = meta.get("totalItems")
+        return data, more, total_items if isinstance(total_items, int) and not isinstance(total_items, bool) else None
 
 
 def _ids(records: Iterable[Any]) -> set[str]:

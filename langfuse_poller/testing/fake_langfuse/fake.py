@@ -84,6 +84,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         self._observations = Index()
         self._scores = Index()
         self._faults: deque[Fault] = deque()
+        self._ties = None
         # data requests per fixed one-minute window: the current bucket, and the legacy endpoints' own
         self._bucket = RateBucket()
         self._legacy_bucket = RateBucket()

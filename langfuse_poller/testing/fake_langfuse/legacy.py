@@ -8,7 +8,9 @@ root observation. These are what ``serve="legacy"`` and ``serve="both"`` answer.
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from typing import Any, Final
 
 from .fields import LEVELS
@@ -40,6 +42,33 @@ TRACE_FIELD_GROUPS: Final = ("core", "io", "scores", "observations", "metrics")
 class LegacyLists(Records):
     """The page-based list endpoints, as a mixin of ``FakeLangfuse`` reading its records."""
 
+    _ties: random.Random | None
+
+    def shuffle_ties(self, seed: int | None = 0) -> None:
+        """Serve records that share a millisecond in a new order on each request (drawn from ``seed``, so a test
+        sees the same orders each run); None serves them in one stable order again.
+
+        The legacy lists sort by time alone: v1 observations by start time, traces by timestamp, v2 scores by
+        timestamp and write time, with no tie-break, and ClickHouse does not promise one order of equal rows
+        from one query to the next (web/src/pages/api/public/observations/index.ts,
+        packages/shared/src/server/repositories/traces.ts, packages/shared/src/server/repositories/scores.ts).
+        """
+        with self._lock:
+            self._ties = None if seed is None else random.Random(seed)
+
+    def _order_ties(self, found: list[tuple[Entry, Record]]) -> list[tuple[Entry, Record]]:
+        """``found`` (sorted by time) with each run of one millisecond in this request's order."""
+        with self._lock:
+            ties = self._ties
+            if ties is None:
+                return found
+            out: list[tuple[Entry, Record]] = []
+            for _, run in itertools.groupby(found, key=lambda item: item[0].key[0]):
+                group = list(run)
+                ties.shuffle(group)
+                out.extend(group)
+            return out
+
     def _roots(self) -> dict[str, Record]:
         """The visible root observation of each trace, by trace id: what the legacy endpoints serve as traces."""
         found = self._visible_range(self._observations, None, None, _is_root)
@@ -64,7 +93,7 @@ class LegacyLists(Records):
             return check(rec, checks) and (not environments or rec.get("environment") in environments)
 
         # start_time DESC: the only order this endpoint has
-        found = self._visible_range(self._observations, lo, hi, matches)[::-1]
+        found = self._order_ties(self._visible_range(self._observations, lo, hi, matches)[::-1])
         chunk, meta = _page_of(found, page, limit)
         data = [rec if entry.raw else _v1_observation(rec) for entry, rec in chunk]
         return json_response(200, {"data": data, "meta": meta})
@@ -94,6 +123,7 @@ class LegacyLists(Records):
         found = self._visible_range(self._observations, lo, hi, matches)
         if direction.lower() == "desc":
             found.reverse()
+        found = self._order_ties(found)
         chunk, meta = _page_of(found, page, limit)
         return json_response(200, {"data": [self._trace(rec, groups) for _, rec in chunk], "meta": meta})
 
@@ -183,8 +213,8 @@ class LegacyLists(Records):
                 and (not environments or rec.get("environment") in environments)
             )
 
-        # timestamp DESC, id DESC
-        found = self._visible_range(self._scores, lo, hi, matches)[::-1]
+        # timestamp DESC, then write time: no tie-break that holds from one request to the next
+        found = self._order_ties(self._visible_range(self._scores, lo, hi, matches)[::-1])
         roots = self._roots() if "trace" in groups else {}
         user_id = query_value(query, "userId")
         tags = frozenset(query.get("traceTags", ()))
