@@ -344,3 +344,44 @@ def test_the_stand_in_orders_ties_differently_on_each_request_repeatably(fake: F
     shuffled = orders(5)
     assert len({tuple(o) for o in shuffled}) == 3 and all(sorted(o) == sorted(stable[0]) for o in shuffled)
     assert orders(5) == shuffled
+
+
+# --- 8. never a traceback from what a server sends -------------------------------------------------------------
+
+
+def test_the_key_check_does_not_depend_on_a_projects_organization(fake: FakeLangfuse, clock: Clock) -> None:
+    fake.projects_organization = False
+    assert "organization" not in get(fake, "/api/public/projects", {}).json()["data"][0]
+    reader = reader_for(fake, clock)
+    try:
+        result = reader.check()
+    finally:
+        reader.close()
+    assert result.projects == (("proj-test", "test-project"),)
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ("list", "a JSON list, not an object with a 'data' list"),
+        ("no-data", "no 'data' list"),
+        ("data-not-list", "no 'data' list"),
+        ("cursor", "meta.cursor that is not a string"),
+        ("html", "text/html, not JSON"),
+        ("empty", "an empty body"),
+    ],
+)
+def test_an_unexpected_answer_is_one_error_naming_the_endpoint_and_the_next_poll_reads_again(
+    fake: FakeLangfuse, clock: Clock, tmp_path: Path, body: str, said: str
+) -> None:
+    config = make_config(fake, tmp_path, langfuse={"api": "v2"}, poll={"start": "-10m"})
+    root = fake.add_trace(start_time=at(clock, 30))[0]
+    with runtime_for(config, clock) as runtime:
+        fake.unexpected_next(2, body)
+        result = runtime.poller.poll_once()
+        assert [error.split(":", 1)[0] for error in result.errors] == ["observations", "scores"], result.errors
+        for error, path in zip(result.errors, (V2_OBSERVATIONS, V3_SCORES), strict=True):
+            assert f"GET {path}" in error and said in error, error
+        assert [r.status for r in fake.requests] == [200, 200]  # no retry: the answer will not change in seconds
+        poll(runtime)
+    assert set(delivered(tmp_path)) == {f"trace.created:{root['traceId']}"}

@@ -92,6 +92,18 @@ def _at_ms(ms: int) -> str:
     return format_time(_EPOCH + ms * _MS)
 
 
+def list_body(host: str, path: str, body: Any) -> tuple[list[Any], Mapping[str, Any]]:
+    """The `data` list and the `meta` object of a list endpoint's answer; ApiError saying what is unexpected."""
+    if not isinstance(body, Mapping):
+        kind = "a JSON list" if isinstance(body, list) else f"JSON {type(body).__name__}"
+        raise ApiError(f"{host} answered GET {path} with {kind}, not an object with a 'data' list")
+    data = body.get("data")
+    if not isinstance(data, list):
+        raise ApiError(f"{host} answered GET {path} with JSON that has no 'data' list")
+    meta = body.get("meta")
+    return data, meta if isinstance(meta, Mapping) else {}
+
+
 def _id(record: Any) -> str | None:
     value = record.get("id") if isinstance(record, Mapping) else None
     return value if isinstance(value, str) else None
@@ -439,11 +451,7 @@ class LegacyReader:
     ) -> tuple[list[Any], bool, int | None]:
         """One page of [lo, hi), whether another follows it, and how many records [lo, hi) holds (if said)."""
         query = {**params, bounds[0]: _at_ms(lo), bounds[1]: _at_ms(hi), "page": page, "limit": LEGACY_PAGE}
-        body = self.get(path, query)
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            raise ApiError(f"{self.host} answered GET {path} with JSON that has no 'data' list")
-        meta = body.get("meta") if isinstance(body.get("meta"), Mapping) else {}
+        data, meta = list_body(self.host, path, self.get(path, query))
         total_pages = meta.get("totalPages")
         more = len(data) >= LEGACY_PAGE and (not isinstance(total_pages, int) or page < total_pages)
         total_items = meta.get("totalItems")

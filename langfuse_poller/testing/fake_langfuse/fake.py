@@ -74,6 +74,8 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         """Exceptions raised while handling requests (each answered with a 500); empty in a healthy test."""
         self.healthy = True
         """When False, the health endpoint answers 503."""
+        self.projects_organization = True
+        """When False, /api/public/projects answers without `organization`, as servers before v3.143.0 do."""
         self.duplicate_rows = False
         """When True, /v2/observations serves an updated record's previous version beside it in the same page,
         as the server does until its table's parts merge."""
@@ -143,7 +145,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         if not self._authorized(auth):
             return error_response(401, UNAUTHORIZED_MESSAGE)
         if path == PROJECTS_PATH:
-            return projects_response(self.project_id)
+            return projects_response(self.project_id, organization=self.projects_organization)
 
         hook = self.on_data_request
         if hook is not None:

@@ -29,6 +29,16 @@ _DEFAULT_REPORTED_LIMIT: Final = 1000
 
 UNAUTHORIZED_MESSAGE: Final = "Invalid credentials. Confirm that you've configured the correct host."
 _MALFORMED_BODY: Final = b'{"data": [{"id": "truncated-'
+# answers of an unexpected shape, as a proxy, a misconfigured base_url or a broken server gives them:
+# (body, Content-Type) by the name `unexpected_next` takes
+UNEXPECTED_BODIES: Final[dict[str, tuple[bytes, str]]] = {
+    "list": (b"[]", "application/json"),
+    "no-data": (b'{"meta": {}}', "application/json"),
+    "data-not-list": (b'{"data": {"id": "x"}, "meta": {}}', "application/json"),
+    "cursor": (b'{"data": [], "meta": {"cursor": 42}}', "application/json"),
+    "html": (b"<html><body><h1>Sign in</h1></body></html>", "text/html; charset=utf-8"),
+    "empty": (b"", "application/json"),
+}
 
 
 @dataclass
@@ -55,9 +65,10 @@ class RateBucket:
 class Fault:
     """One injected fault, for one data request."""
 
-    kind: str  # "fail" | "rate" | "malformed" | "slow"
+    kind: str  # "fail" | "rate" | "malformed" | "slow" | "unexpected"
     value: float = 0.0
     retry_after_header: bool = True  # "rate": whether the 429 carries Retry-After
+    body: str = ""  # "unexpected": the name of the body in UNEXPECTED_BODIES
 
 
 class Gate:
@@ -90,6 +101,13 @@ class Gate:
     def malformed_next(self, n: int = 1) -> None:
         """Answer the next ``n`` data requests with a 200 whose body is not valid JSON."""
         self._queue_faults(n, Fault("malformed"))
+
+    def unexpected_next(self, n: int = 1, body: str = "list") -> None:
+        """Answer the next ``n`` data requests with a 200 of an unexpected shape, by name (``UNEXPECTED_BODIES``):
+        a JSON list, no ``data``, ``data`` not a list, ``meta.cursor`` not a string, an HTML page, an empty body."""
+        if body not in UNEXPECTED_BODIES:
+            raise ValueError(f"body must be one of {sorted(UNEXPECTED_BODIES)}, got {body!r}")
+        self._queue_faults(n, Fault("unexpected", body=body))
 
     def slow_next(self, n: int = 1, seconds: float = 5.0) -> None:
         """Delay the next ``n`` data requests by ``seconds`` (wall time) before answering them normally."""
@@ -145,6 +163,9 @@ class Gate:
                 return refused
             if fault.kind == "malformed":
                 return Response(200, _MALFORMED_BODY)
+            if fault.kind == "unexpected":
+                body, content_type = UNEXPECTED_BODIES[fault.body]
+                return Response(200, body, [("Content-Type", content_type)])
             self._stopping.wait(fault.value)
         return None
 
