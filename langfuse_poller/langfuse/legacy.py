@@ -54,6 +54,7 @@ from urllib.parse import quote
 from ..errors import ApiError
 from ..events import ERROR_LEVELS
 from ..util.durations import format_time, parse_time
+from .answers import list_body
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,6 @@ def _ms(value: Any) -> int | None:
 
 def _at_ms(ms: int) -> str:
     return format_time(_EPOCH + ms * _MS)
-
-
-def list_body(host: str, path: str, body: Any) -> tuple[list[Any], Mapping[str, Any]]:
-    """The `data` list and the `meta` object of a list endpoint's answer; ApiError saying what is unexpected."""
-    if not isinstance(body, Mapping):
-        kind = "a JSON list" if isinstance(body, list) else f"JSON {type(body).__name__}"
-        raise ApiError(f"{host} answered GET {path} with {kind}, not an object with a 'data' list")
-    data = body.get("data")
-    if not isinstance(data, list):
-        raise ApiError(f"{host} answered GET {path} with JSON that has no 'data' list")
-    meta = body.get("meta")
-    return data, meta if isinstance(meta, Mapping) else {}
 
 
 def _id(record: Any) -> str | None:

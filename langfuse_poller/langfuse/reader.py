@@ -24,13 +24,11 @@ same request is tried again after that.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,10 +38,10 @@ import tenacity
 
 from ..config import LangfuseConfig
 from ..errors import ApiError, AuthError
-from ..events import record_version
 from ..util.backoff import jittered_backoff
 from ..util.durations import format_time
-from .legacy import OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH, LegacyReader, list_body
+from .answers import error_message, list_body, newest_rows, retry_after
+from .legacy import OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH, LegacyReader
 
 log = logging.getLogger(__name__)
 
@@ -118,58 +116,6 @@ class _Bucket:
 
 def _bucket_name(path: str) -> str:
     return "legacy" if path.startswith(LEGACY_BUCKET_PREFIXES) else "current"
-
-
-# JavaScript's Date.toString(): "Sat Aug 22 2026 08:22:47 GMT+0000 (Coordinated Universal Time)"
-_JS_DATE = re.compile(
-    r"^\w{3} (?P<month>\w{3}) (?P<day>\d{1,2}) (?P<year>\d{4}) (?P<hms>\d{2}:\d{2}:\d{2}) GMT(?P<offset>[+-]\d{4})"
-)
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def _javascript_date(text: str) -> float | None:
-    """Unix seconds of a JavaScript `Date.toString()` string (its offset applied), None when it is not one."""
-    match = _JS_DATE.match(text.strip())
-    if match is None or match["month"] not in _MONTHS:
-        return None
-    # the month by a fixed English table: strptime's %b follows this process's locale, JavaScript's does not
-    month = _MONTHS.index(match["month"]) + 1
-    try:
-        moment = datetime.strptime(
-            f"{match['year']}-{month:02d}-{int(match['day']):02d} {match['hms']} {match['offset']}",
-            "%Y-%m-%d %H:%M:%S %z",
-        )
-    except ValueError:
-        return None
-    return moment.timestamp()
-
-
-def _retry_after(response: httpx.Response, now: float) -> float | None:
-    """Seconds a 429 asks to wait: its Retry-After (whole seconds, or an HTTP date), else its X-RateLimit-Reset.
-
-    Langfuse always sends Retry-After on a 429; X-RateLimit-Reset is the fallback for a proxy that drops it. The
-    server writes that header with JavaScript's `Date.toString()`, not as Unix seconds
-    (web/src/features/public-api/server/RateLimitService.ts); Unix seconds are still read, as other servers send them.
-    """
-    header = response.headers.get("retry-after")
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(header).timestamp() - now)
-            except (TypeError, ValueError):
-                pass
-    reset = (response.headers.get("x-ratelimit-reset") or "").strip()
-    if not reset:
-        return None
-    at = _javascript_date(reset)
-    if at is None:
-        try:
-            at = float(reset)
-        except ValueError:
-            return None
-    return max(0.0, at - now)
 
 
 class LangfuseReader:
@@ -485,7 +431,7 @@ class LangfuseReader:
         self.on_request(path, str(response.status_code))
         status = response.status_code
         if status == 429:
-            wait = _retry_after(response, self.clock())
+            wait = retry_after(response, self.clock())
             if wait:
                 # the bucket is spent for every endpoint counted in it, not only for this request
                 bucket.not_before = max(bucket.not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
@@ -493,11 +439,11 @@ class LangfuseReader:
         if status >= 500 or status in (408, 409):
             raise _Retry(f"HTTP {status}")
         if status in (401, 403):
-            raise self.auth_error(status, _message(response))
+            raise self.auth_error(status, error_message(response))
         if status == 404 and path in DATA_LISTS:
             raise ApiError(self._missing_endpoint(path), status=status)
         if status >= 400:
-            raise ApiError(f"{self.host} refused GET {path}: HTTP {status}: {_message(response)}", status=status)
+            raise ApiError(f"{self.host} refused GET {path}: HTTP {status}: {error_message(response)}", status=status)
         return self._json(path, response)
 
     def _json(self, path: str, response: httpx.Response) -> Any:
@@ -556,51 +502,13 @@ class LangfuseReader:
             raise ApiError(f"cannot reach {self.config.base_url}: {exc}") from None
         status = response.status_code
         if status in (401, 403):
-            raise self.auth_error(status, _message(response))
+            raise self.auth_error(status, error_message(response))
         if status >= 400:
             raise ApiError(f"{self.host} {trouble}: GET {path} answered HTTP {status}", status=status)
         try:
             return self._json(path, response)
         except _Retry:
             raise ApiError(f"{self.host} answered GET {path} with JSON that breaks off") from None
-
-
-def newest_rows(records: list[Any]) -> list[Any]:
-    """The records of a page with each id once: the row with the newest updatedAt, where the first of it stood.
-
-    `/v2/observations` reads a ReplacingMergeTree without FINAL, so until its parts merge one page can serve an
-    id twice, an older version beside the newer (packages/shared/src/server/repositories/events.ts). Both rows
-    would each be taken for a version of their own: the older one, seen after the newer, for a root that moved
-    (an extra trace.updated), and for the dedup key to keep, disagreeing with the newer. The newest is the
-    record as it now stands; an older row says nothing the newer does not.
-    """
-    kept: dict[str, int] = {}  # id -> its position in `out`
-    out: list[Any] = []
-    for record in records:
-        record_id = record.get("id") if isinstance(record, Mapping) else None
-        if not isinstance(record_id, str):
-            out.append(record)  # malformed: passed on, to become a dead letter
-            continue
-        where = kept.get(record_id)
-        if where is None:
-            kept[record_id] = len(out)
-            out.append(record)
-        elif int(record_version(record)) > int(record_version(out[where])):
-            out[where] = record
-    return out
-
-
-def _body_message(body: Any) -> str:
-    if isinstance(body, Mapping) and body.get("message"):
-        return str(body["message"])
-    return str(body)[:200] if body else "no details"
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        return _body_message(response.json())
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
 
 
 def utc_from_timestamp(seconds: float) -> datetime:
