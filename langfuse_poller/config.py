@@ -6,6 +6,7 @@ and what was expected, so that a person can fix it without reading the code.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -498,10 +499,25 @@ def _parse_metrics(table: Table) -> MetricsConfig:
     return MetricsConfig(*_listen_address(table, text, LISTEN_FORM))
 
 
+def _importable(module: str) -> bool:
+    """Whether an optional dependency is installed, found without importing it (bullmq takes a while)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
 def _parse_queue(table: Table) -> QueueConfig:
     backend = table.string("backend", "sqlite") or "sqlite"
     if backend not in QUEUE_BACKENDS:
         raise table.error("backend", backend, "one of " + ", ".join(repr(b) for b in QUEUE_BACKENDS))
+    if backend == "redis" and (missing := [m for m in ("bullmq", "redis") if not _importable(m)]):
+        raise table.error(
+            "backend",
+            backend,
+            f'"sqlite", or the redis extra installed ({" and ".join(missing)} cannot be imported): '
+            'pip install "langfuse-poller[redis]"',
+        )
     url = table.string("url", QueueConfig.url, env=("LANGFUSE_POLLER_REDIS_URL",)) or QueueConfig.url
     if not url.startswith(("redis://", "rediss://", "unix://")):
         found = redacted_url(url) if "@" in url else url

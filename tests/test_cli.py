@@ -895,3 +895,63 @@ def test_run_delivers_holds_the_state_lock_and_stops_cleanly_on_sigterm(
         result = Cli.finish(started, timeout=20)
     assert result.returncode == 0, str(result)
     assert "stopped" in result.stderr
+
+
+# --- what a server (or a missing package) can do to the CLI: a message and an exit code, never a traceback ---
+
+
+def test_check_and_once_accept_keys_whose_projects_have_no_organization(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse
+) -> None:
+    langfuse.projects_organization = False  # servers before Langfuse v3.143.0
+    path = write_config(tmp_path / "config.toml", langfuse.url)
+    check, once = cli.many(["check", "--config", path], ["once", "--config", path])
+    assert check.returncode == 0, str(check)
+    assert f"accepts the keys: test-project ({PROJECT_ID})" in check.stdout, str(check)
+    assert once.returncode == 0, str(once)  # nothing to read: `once` proves the keys with the same check
+
+
+@pytest.mark.parametrize("body", ["list", "no-data", "cursor", "html", "empty"])
+def test_once_and_check_name_the_endpoint_of_an_unexpected_answer(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, body: str
+) -> None:
+    path = write_config(tmp_path / "config.toml", langfuse.url)
+    langfuse.unexpected_next(2, body)
+    once = cli("once", "--config", path)
+    assert once.returncode == 1, str(once)
+    errors = [line for line in once.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, str(once)
+    assert "GET /api/public/v2/observations" in errors[0] and "GET /api/public/v3/scores" in errors[1], str(once)
+    langfuse.unexpected_next(1, body)
+    check = cli("check", "--config", path)
+    assert check.returncode == 1, str(check)
+    assert "FAIL " in check.stdout and "GET /api/public/v2/observations" in check.stdout, str(check)
+
+
+# the CLI as it runs where the `redis` extra is not installed: bullmq and redis cannot be imported
+WITHOUT_REDIS = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NotInstalled(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("bullmq", "redis"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+from langfuse_poller.cli import main
+sys.exit(main())
+"""
+
+
+def test_the_redis_backend_without_the_redis_extra_is_a_config_error(cli: Cli, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "config.toml", NOWHERE, '[queue]\nbackend = "redis"\n')
+    blocked = [sys.executable, "-c", WITHOUT_REDIS]
+    results = [cli(command, "--config", path, exe=blocked) for command in ("check", "once", "run", "worker")]
+    for result in results:
+        assert result.returncode == 2, str(result)
+        assert "queue.backend" in result.stderr + result.stdout, str(result)
+        assert 'pip install "langfuse-poller[redis]"' in result.output, str(result)
+    # the same config where the extra is installed gets past the config (and fails on the unreachable host)
+    assert cli("check", "--config", path).returncode == 1

@@ -27,8 +27,10 @@ record of page N+1 is never served). Three rules make both harmless:
    and the reader drops the ids it already returned at that millisecond (the store's dedup keys would catch
    them anyway). Only when one millisecond holds a whole page does the reader page by number, inside
    [t, t + 1 ms), where only records of that same millisecond can shift, and repeats are dropped again.
-   (The server orders by time alone, so that one case trusts ClickHouse to serve a millisecond's ties in the
-   same order from one request to the next, as it does for data that does not change under it.)
+   The server orders by time alone, and ClickHouse serves a millisecond's ties in an order that can change
+   from one request to the next, so pages 1..n of that millisecond can serve a record twice and another
+   never: the reader reads the millisecond's pages round and round, dropping ids it has, until it holds as
+   many as `totalItems` says there are (at most `TIE_PASSES` rounds).
 3. Records that appear inside the window late. One whose start time lies below the current bound (older than
    everything served so far) is served by this pass. One above it, in the part already read, is not (as with
    the keyset cursor of `/v2/observations`); the next sweep reads the window again at each `reread` age and at
@@ -52,6 +54,7 @@ from urllib.parse import quote
 from ..errors import ApiError
 from ..events import ERROR_LEVELS
 from ..util.durations import format_time, parse_time
+from .answers import list_body
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ LEGACY_PAGE = 100  # the maximum of every legacy list; above it the server answe
 # what a v1 observation lacks and its trace has: trace context, under the names of /v2/observations
 TRACE_CONTEXT = ("traceName", "userId", "sessionId", "tags", "release")
 TRACE_CACHE_SIZE = 20_000
+# rounds over the pages of one crowded millisecond, whose ties come in a new order on each request: each
+# round serves every record with some chance, so a few rounds nearly always find them all; past this many the
+# count is taken to be wrong (v2 scores count rows a merge has not yet deduplicated) and the pass goes on
+TIE_PASSES = 20
 
 Getter = Callable[[str, Mapping[str, Any]], Any]
 # one page of records, and whether it is the last of the pass
@@ -100,17 +107,18 @@ def observation_from_v1(record: Any, trace: Mapping[str, Any] | None) -> Any:
     A v1 observation carries what the events need under the same names (id, traceId, projectId, type, name,
     level, statusMessage, environment, startTime, createdAt, updatedAt, model, usageDetails, costDetails,
     latency, timeToFirstToken), except: `isRootObservation` (a v3 trace's root is its observation without a
-    parent, the span the SDK opened first), `totalCost` (v1: `calculatedTotalCost`), `internalModelId` (v1:
-    `modelId`), and the trace context (`traceName`, `userId`, `sessionId`, `tags`, `release`), which is the
-    trace's. What `[poll] fields` reads on v2 a v1 observation always has (input and output parsed, metadata
-    uncut, promptId, promptName, promptVersion): it passes through, and the events take it only when asked.
-    Anything that is not a JSON object is passed on as it is, to become a dead letter.
+    parent, the span the SDK opened first), `totalCost` (v1: `calculatedTotalCost`; 0 without a cost, as v2
+    serves it), `internalModelId` (v1: `modelId`), and the trace context (`traceName`, `userId`, `sessionId`,
+    `tags`, `release`), which is the trace's. What `[poll] fields` reads on v2 a v1 observation always has
+    (input and output parsed, metadata uncut, promptId, promptName, promptVersion): it passes through, and the
+    events take it only when asked. Anything that is not a JSON object is passed on as it is, to become a dead
+    letter.
     """
     if not isinstance(record, Mapping):
         return record
     out = dict(record)
     out.setdefault("isRootObservation", not record.get("parentObservationId"))
-    out.setdefault("totalCost", record.get("calculatedTotalCost"))
+    out.setdefault("totalCost", _total_cost(record))
     out.setdefault("internalModelId", record.get("modelId"))
     context = trace or {}
     for key in TRACE_CONTEXT:
@@ -118,6 +126,17 @@ def observation_from_v1(record: Any, trace: Mapping[str, Any] | None) -> Any:
     if out.get("tags") is None:
         out["tags"] = []
     return out
+
+
+def _total_cost(record: Mapping[str, Any]) -> float:
+    """totalCost as `/v2/observations` serves it: the cost details' total, 0 (not null) when there is none
+    (packages/shared/src/server/repositories/observations_converters.ts); v1's `calculatedTotalCost` when the
+    details have no total."""
+    details = record.get("costDetails")
+    for total in (details.get("total") if isinstance(details, Mapping) else None, record.get("calculatedTotalCost")):
+        if isinstance(total, int | float) and not isinstance(total, bool):
+            return float(total)
+    return 0
 
 
 def score_from_v2(record: Any) -> Any:
@@ -143,14 +162,17 @@ def score_from_v2(record: Any) -> Any:
     trace_id, observation_id = record.get("traceId"), record.get("observationId")
     session_id, run_id = record.get("sessionId"), record.get("datasetRunId")
     if "subject" not in record:
-        if observation_id:
+        # /v3/scores's order, so that one score makes the same event on either path: experiment (dataset run),
+        # observation, session, trace; only the observation subject names a trace
+        # (packages/shared/src/server/repositories/scores.ts, `deriveSubjectForV3`)
+        if run_id:
+            out["subject"] = {"kind": "experiment", "id": run_id}
+        elif observation_id:
             out["subject"] = {"kind": "observation", "id": observation_id, "traceId": trace_id}
-        elif trace_id:
-            out["subject"] = {"kind": "trace", "id": trace_id}
         elif session_id:
             out["subject"] = {"kind": "session", "id": session_id}
-        elif run_id:
-            out["subject"] = {"kind": "experiment", "id": run_id}
+        elif trace_id:
+            out["subject"] = {"kind": "trace", "id": trace_id}
         for key in ("traceId", "observationId", "sessionId"):
             out.pop(key, None)
     return out
@@ -235,7 +257,9 @@ class LegacyReader:
         """Pages of scores with timestamp in [start, end), newest first, mapped to the v3 shape."""
         lo, hi = _window_ms(start, end)
         # the `score` field group alone: the `trace` group costs the server a join the events do not need
-        params = {"fields": "score"}
+        params: dict[str, Any] = {"fields": "score"}
+        if self.environments:
+            params["environment"] = list(self.environments)  # repeated or comma-separated: both work here
         bounds = ("fromTimestamp", "toTimestamp")
         for records, last in self._walk(SCORES_V2_PATH, params, "timestamp", bounds, lo, hi, newest_first=True):
             yield [score_from_v2(record) for record in records], last
@@ -293,7 +317,10 @@ class LegacyReader:
         """One trace by id: for a child whose trace started before the window (or a trace not yet visible)."""
         read_at = self.clock()
         try:
-            trace = self.get(f"{TRACES_PATH}/{quote(trace_id, safe='')}", {})
+            # without `fields` the server sends every observation of the trace with its input and output, its
+            # scores and metrics (megabytes for a large trace); the context needs the trace alone
+            # (web/src/pages/api/public/traces/[traceId].ts)
+            trace = self.get(f"{TRACES_PATH}/{quote(trace_id, safe='')}", {"fields": "core"})
         except ApiError as exc:
             if exc.status != 404:
                 raise
@@ -319,7 +346,7 @@ class LegacyReader:
         """Every record with `field` in [lo, hi) ms, page by page; the last batch says so (rules 1 and 2)."""
         at_edge: set[str] = set()  # ids already returned whose time is the current bound's millisecond
         while lo < hi:
-            records, more = self._page(path, params, bounds, lo, hi, 1)
+            records, more, _ = self._page(path, params, bounds, lo, hi, 1)
             fresh = [r for r in records if _id(r) not in at_edge]
             if not more:
                 yield fresh, True
@@ -335,7 +362,7 @@ class LegacyReader:
             if (edge + 1 >= hi) if newest_first else (edge <= lo):
                 # a whole page inside one millisecond: no time to cut at but the millisecond's own end
                 yield fresh, False
-                yield from self._numbered(path, params, bounds, edge, edge + 1, at_edge | _ids(records), final=False)
+                yield from self._millisecond(path, params, bounds, edge, at_edge | _ids(records))
                 if newest_first:
                     hi = edge
                 else:
@@ -364,7 +391,7 @@ class LegacyReader:
         """Page through [lo, hi) by page number from page 1, dropping ids already returned."""
         page = 1
         while True:
-            records, more = self._page(path, params, bounds, lo, hi, page)
+            records, more, _ = self._page(path, params, bounds, lo, hi, page)
             fresh = [r for r in records if _id(r) not in returned]
             returned.update(_ids(records))
             yield fresh, final and not more
@@ -372,19 +399,54 @@ class LegacyReader:
                 return
             page += 1
 
+    def _millisecond(
+        self, path: str, params: Mapping[str, Any], bounds: tuple[str, str], ms: int, returned: set[str]
+    ) -> Iterator[Batch]:
+        """Every record of millisecond `ms` not in `returned` (ids of that millisecond already returned).
+
+        Its pages are read by number, round after round, until as many ids as the meta's `totalItems` are held:
+        the ties of one millisecond come in an order that can change with each request, so one round of pages
+        can serve one record twice and miss another.
+        """
+        # `returned` holds ids of this millisecond alone: those of the pages that found it
+        page, requests = 1, 0
+        while True:
+            records, more, total = self._page(path, params, bounds, ms, ms + 1, page)
+            requests += 1
+            fresh = [r for r in records if _id(r) not in returned]
+            returned.update(_ids(records))
+            yield fresh, False
+            if total is None:
+                if not more:  # no count to go by: one round, as far as the pages go
+                    return
+                page += 1
+                continue
+            if len(returned) >= total:
+                return
+            if requests >= TIE_PASSES * max(1, -(-total // LEGACY_PAGE)):
+                log.warning(
+                    "%s %s: %d of the %d records at %s read after %d requests; going on without the rest "
+                    "(the next sweep reads the millisecond again)",
+                    self.host,
+                    path,
+                    len(returned),
+                    total,
+                    _at_ms(ms),
+                    requests,
+                )
+                return
+            page = page + 1 if more else 1
+
     def _page(
         self, path: str, params: Mapping[str, Any], bounds: tuple[str, str], lo: int, hi: int, page: int
-    ) -> tuple[list[Any], bool]:
-        """One page of [lo, hi), and whether another follows it."""
+    ) -> tuple[list[Any], bool, int | None]:
+        """One page of [lo, hi), whether another follows it, and how many records [lo, hi) holds (if said)."""
         query = {**params, bounds[0]: _at_ms(lo), bounds[1]: _at_ms(hi), "page": page, "limit": LEGACY_PAGE}
-        body = self.get(path, query)
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            raise ApiError(f"{self.host} answered GET {path} with JSON that has no 'data' list")
-        meta = body.get("meta") if isinstance(body.get("meta"), Mapping) else {}
+        data, meta = list_body(self.host, path, self.get(path, query))
         total_pages = meta.get("totalPages")
         more = len(data) >= LEGACY_PAGE and (not isinstance(total_pages, int) or page < total_pages)
-        return data, more
+        total_items = meta.get("totalItems")
+        return data, more, total_items if isinstance(total_items, int) and not isinstance(total_items, bool) else None
 
 
 def _ids(records: Iterable[Any]) -> set[str]:

@@ -1,8 +1,9 @@
 """Reading the Langfuse public API: read paths, cursor paging, field groups, rate limits, retries.
 
-The list endpoints are read over httpx with plain JSON decoding: the SDK's typed parsing costs about 5 ms per
-record, which a catch-up of a million observations cannot pay. The SDK's `LangfuseAPI` (no background
-threads) is used where typed answers are cheap and worth it: the health and key checks.
+Everything is read over httpx with plain JSON decoding: the SDK's typed parsing costs about 5 ms per record,
+which a catch-up of a million observations cannot pay, and its typed models refuse answers that lack fields
+the poller does not need (older servers send projects without `organization`). What each answer must hold is
+checked where it is read, so an unexpected one is an ApiError that names the endpoint, never a traceback.
 
 Two read paths yield the same records: "v2" (`/v2/observations` and `/v3/scores`, cursor paging) and
 "legacy" (the page-based lists of self-hosted Langfuse v3, see legacy.py). With `api = "auto"` each stream
@@ -14,8 +15,10 @@ the watermarks and dedup keys are the same.
 
 Requests are paced per rate-limit bucket, as Langfuse Cloud counts them: the legacy reads (traces, v1
 observations) have their own, smaller bucket. `max_requests_per_minute` budgets each bucket apart
-(`legacy_max_requests_per_minute` the legacy one, when set), and `X-RateLimit-Remaining: 0` pauses only the
-bucket whose endpoint answered it. A 429 waits out its Retry-After before the same request is tried again.
+(`legacy_max_requests_per_minute` the legacy one, when set). Only a 429 carries rate-limit headers (a
+successful answer has none, so none is looked at): it pauses the bucket whose endpoint answered it for its
+`Retry-After`, or, should that be missing, until its `X-RateLimit-Reset` (a JavaScript date string), and the
+same request is tried again after that.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -35,9 +37,10 @@ import orjson
 import tenacity
 
 from ..config import LangfuseConfig
-from ..errors import ApiError, AuthError, LangfusePollerError
+from ..errors import ApiError, AuthError
 from ..util.backoff import jittered_backoff
 from ..util.durations import format_time
+from .answers import error_message, list_body, newest_rows, retry_after
 from .legacy import OBSERVATIONS_V1_PATH, SCORES_V2_PATH, TRACES_PATH, LegacyReader
 
 log = logging.getLogger(__name__)
@@ -113,26 +116,6 @@ class _Bucket:
 
 def _bucket_name(path: str) -> str:
     return "legacy" if path.startswith(LEGACY_BUCKET_PREFIXES) else "current"
-
-
-def _retry_after(response: httpx.Response, now: float) -> float | None:
-    """Seconds to wait from Retry-After (seconds or an HTTP date), else from X-RateLimit-Reset."""
-    header = response.headers.get("retry-after")
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(header).timestamp() - now)
-            except (TypeError, ValueError):
-                pass
-    reset = response.headers.get("x-ratelimit-reset")
-    if reset:
-        try:
-            return max(0.0, float(reset) - now)
-        except ValueError:
-            return None
-    return None
 
 
 class LangfuseReader:
@@ -301,11 +284,16 @@ class LangfuseReader:
         else:
             params.update(fromTimestamp=start, toTimestamp=end)
         try:
-            self.get(endpoint, params)
+            body = self.get(endpoint, params)
         except ApiError as exc:
             if exc.status == 404:
                 return False
             raise
+        # an answer the poller could not read is no endpoint it can read from
+        if path == "legacy":
+            list_body(self.host, endpoint, body)
+        else:
+            self._cursor_page(endpoint, body)
         return True
 
     def find_read_path(self, stream: str) -> str:
@@ -349,7 +337,7 @@ class LangfuseReader:
             params["environment"] = list(self.environments)
         if self.expand_metadata:
             params["expandMetadata"] = self.expand_metadata
-        return self._pages(OBSERVATIONS_PATH, params)
+        return (Page(newest_rows(page.records), page.cursor) for page in self._pages(OBSERVATIONS_PATH, params))
 
     def _v2_scores(self, start: datetime, end: datetime) -> Iterator[Page]:
         params: dict[str, Any] = {
@@ -358,21 +346,32 @@ class LangfuseReader:
             "fromTimestamp": format_time(start),
             "toTimestamp": format_time(end),
         }
+        if self.environments:
+            # one comma-separated value: the endpoint's strict schema answers 400 to a repeated parameter
+            # (packages/shared/src/features/scores/interfaces/api/v3/endpoints.ts)
+            params["environment"] = ",".join(self.environments)
         return self._pages(SCORES_PATH, params)
 
     def _pages(self, path: str, params: dict[str, Any]) -> Iterator[Page]:
         cursor: str | None = None
         while True:
             page_params = dict(params, cursor=cursor) if cursor else params
-            body = self.get(path, page_params)
-            data = body.get("data") if isinstance(body, Mapping) else None
-            if not isinstance(data, list):
-                raise ApiError(f"{self.host} answered GET {path} with JSON that has no 'data' list")
-            meta = body.get("meta") if isinstance(body.get("meta"), Mapping) else {}
-            cursor = meta.get("cursor") or None
-            yield Page(data, cursor)
+            page = self._cursor_page(path, self.get(path, page_params))
+            cursor = page.cursor
+            yield page
             if not cursor:
                 return
+
+    def _cursor_page(self, path: str, body: Any) -> Page:
+        """A page of a cursor list from its answer; ApiError when the answer is not one."""
+        data, meta = list_body(self.host, path, body)
+        cursor = meta.get("cursor") or None
+        if cursor is not None and not isinstance(cursor, str):
+            raise ApiError(
+                f"{self.host} answered GET {path} with a meta.cursor that is not a string "
+                f"({type(cursor).__name__} {str(cursor)[:40]!r})"
+            )
+        return Page(data, cursor)
 
     # one request, with rate limits and retries
 
@@ -436,30 +435,42 @@ class LangfuseReader:
             self.on_request(path, "error")
             raise _Retry(f"cannot reach {self.host}: {exc}") from None
         self.on_request(path, str(response.status_code))
-        self._note_rate_limit(response, bucket)
         status = response.status_code
         if status == 429:
-            raise _Retry("rate limited (429)", _retry_after(response, self.clock()))
+            wait = retry_after(response, self.clock())
+            if wait:
+                # the bucket is spent for every endpoint counted in it, not only for this request
+                bucket.not_before = max(bucket.not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
+            raise _Retry("rate limited (429)", wait)
         if status >= 500 or status in (408, 409):
             raise _Retry(f"HTTP {status}")
         if status in (401, 403):
-            raise self.auth_error(status, _message(response))
+            raise self.auth_error(status, error_message(response))
         if status == 404 and path in DATA_LISTS:
             raise ApiError(self._missing_endpoint(path), status=status)
         if status >= 400:
-            raise ApiError(f"{self.host} refused GET {path}: HTTP {status}: {_message(response)}", status=status)
+            raise ApiError(f"{self.host} refused GET {path}: HTTP {status}: {error_message(response)}", status=status)
+        return self._json(path, response)
+
+    def _json(self, path: str, response: httpx.Response) -> Any:
+        """The JSON of a successful answer. An answer that is not JSON at all (empty, an HTML page from a proxy or
+        a login page) is an ApiError at once: it will not change within seconds, and the next poll asks again.
+        JSON that breaks off (a connection cut mid-body) is tried again."""
+        content = response.content
+        if not content.strip():
+            raise ApiError(f"{self.host} answered GET {path} with an empty body (HTTP {response.status_code})")
+        content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type and "json" not in content_type:
+            text = " ".join(response.text[:80].split())
+            raise ApiError(
+                f"{self.host} answered GET {path} with {content_type}, not JSON ({text!r}): check that "
+                f"[langfuse] base_url ({self.config.base_url}) is the Langfuse server itself"
+            )
         try:
             # a page of 1000 observations is a few megabytes of JSON: orjson reads it several times faster
-            return orjson.loads(response.content)
+            return orjson.loads(content)
         except ValueError:
             raise _Retry("the answer was not valid JSON") from None
-
-    def _note_rate_limit(self, response: httpx.Response, bucket: _Bucket) -> None:
-        remaining = response.headers.get("x-ratelimit-remaining")
-        if remaining is not None and remaining.strip() == "0":
-            wait = _retry_after(response, self.clock())
-            if wait:
-                bucket.not_before = max(bucket.not_before, self.clock() + min(wait, MAX_RETRY_AFTER))
 
     def auth_error(self, status: int, detail: str) -> AuthError:
         return AuthError(
@@ -469,57 +480,41 @@ class LangfuseReader:
             status=status,
         )
 
-    # the checks, through the SDK's typed client
+    # the checks, read as plain JSON
 
     def check(self) -> CheckResult:
-        """Reach the server (health) and prove the keys (projects); raises ApiError or AuthError saying which."""
+        """Reach the server (health) and prove the keys (projects); raises ApiError or AuthError saying which.
+
+        Both answers are read as plain JSON and only `version`, and each project's `id` and `name`, are looked
+        at: the SDK's typed models require fields that older servers omit (a project's `organization`, added in
+        Langfuse v3.143.0), and valid keys are valid whatever else the answer holds.
+        """
+        health = self._check_get("/api/public/health", "is not healthy")
+        version = health.get("version") if isinstance(health, Mapping) else None
+        body = self._check_get("/api/public/projects", "cannot list projects")
+        projects, _ = list_body(self.host, "/api/public/projects", body)
+        found: list[tuple[str, str]] = []
+        for project in projects:
+            if not isinstance(project, Mapping) or not isinstance(project.get("id"), str):
+                raise ApiError(f"{self.host} answered GET /api/public/projects with a project that has no 'id'")
+            found.append((project["id"], str(project.get("name") or "?")))
+        return CheckResult(version=str(version or "?"), projects=tuple(found))
+
+    def _check_get(self, path: str, trouble: str) -> Any:
+        """One request of `check`, without retries or pacing (neither endpoint is rate-limited)."""
         try:
-            from langfuse.api import LangfuseAPI
-            from langfuse.api.core.api_error import ApiError as SdkApiError
-        except ImportError as exc:  # pragma: no cover - the dependency is declared
-            raise LangfusePollerError(f"the langfuse package is missing: {exc}") from None
-
-        api = LangfuseAPI(
-            base_url=self.config.base_url,
-            username=self.config.public_key,
-            password=self.config.secret_key.reveal(),
-            timeout=self.config.timeout.total_seconds(),
-        )
-        no_retries: Any = {"max_retries": 0}
-
-        def call(path: str, request: Callable[[], Any], trouble: str) -> Any:
-            try:
-                return request()
-            except SdkApiError as exc:
-                if exc.status_code in (401, 403):
-                    raise self.auth_error(exc.status_code, _body_message(exc.body)) from None
-                raise ApiError(
-                    f"{self.host} {trouble}: GET {path} answered HTTP {exc.status_code}", status=exc.status_code
-                ) from None
-            except httpx.HTTPError as exc:
-                raise ApiError(f"cannot reach {self.config.base_url}: {exc}") from None
-
-        health = call("/api/public/health", lambda: api.health.health(request_options=no_retries), "is not healthy")
-        projects = call(
-            "/api/public/projects", lambda: api.projects.get(request_options=no_retries), "cannot list projects"
-        )
-        return CheckResult(
-            version=str(getattr(health, "version", "?")),
-            projects=tuple((p.id, p.name) for p in projects.data),
-        )
-
-
-def _body_message(body: Any) -> str:
-    if isinstance(body, Mapping) and body.get("message"):
-        return str(body["message"])
-    return str(body)[:200] if body else "no details"
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        return _body_message(response.json())
-    except ValueError:
-        return response.text[:200] or response.reason_phrase
+            response = self.client.get(path)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach {self.config.base_url}: {exc}") from None
+        status = response.status_code
+        if status in (401, 403):
+            raise self.auth_error(status, error_message(response))
+        if status >= 400:
+            raise ApiError(f"{self.host} {trouble}: GET {path} answered HTTP {status}", status=status)
+        try:
+            return self._json(path, response)
+        except _Retry:
+            raise ApiError(f"{self.host} answered GET {path} with JSON that breaks off") from None
 
 
 def utc_from_timestamp(seconds: float) -> datetime:

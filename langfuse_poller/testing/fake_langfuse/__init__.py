@@ -13,6 +13,14 @@ default, Langfuse Cloud today: 404 on the legacy endpoints), ``"legacy"`` (a sel
 ``/v2/observations`` and ``/v3/scores``) or ``"both"``; ``on_data_request`` lets a test change the data between
 two requests.
 
+It is as strict as the server where a lenient stand-in would hide a client's bug: ``/v3/scores`` refuses
+unknown and repeated query parameters, rate-limit headers come on the 429 alone (``X-RateLimit-Reset`` as a
+JavaScript date), ``/v2/observations`` drops unknown field groups and serves no cost as 0, and
+``/traces/{id}`` without ``fields`` is the whole trace. What the server does only at times is a switch:
+``duplicate_rows`` (one id twice in a page, before a merge), ``shuffle_ties`` (a new order of a millisecond's
+ties on each legacy request), ``projects_organization`` (older servers), ``unexpected_next`` (answers of
+another shape: a list, HTML, an empty body).
+
 Usage::
 
     with FakeLangfuse() as fake:

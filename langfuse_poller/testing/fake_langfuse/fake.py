@@ -74,6 +74,11 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         """Exceptions raised while handling requests (each answered with a 500); empty in a healthy test."""
         self.healthy = True
         """When False, the health endpoint answers 503."""
+        self.projects_organization = True
+        """When False, /api/public/projects answers without `organization`, as servers before v3.143.0 do."""
+        self.duplicate_rows = False
+        """When True, /v2/observations serves an updated record's previous version beside it in the same page,
+        as the server does until its table's parts merge."""
         self._serving = "v2"
         self.on_data_request: Callable[[str, dict[str, list[str]]], None] | None = None
         """Called with (path, query) before each data request is answered, e.g. to add records between pages."""
@@ -81,6 +86,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         self._observations = Index()
         self._scores = Index()
         self._faults: deque[Fault] = deque()
+        self._ties = None
         # data requests per fixed one-minute window: the current bucket, and the legacy endpoints' own
         self._bucket = RateBucket()
         self._legacy_bucket = RateBucket()
@@ -139,7 +145,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         if not self._authorized(auth):
             return error_response(401, UNAUTHORIZED_MESSAGE)
         if path == PROJECTS_PATH:
-            return projects_response(self.project_id)
+            return projects_response(self.project_id, organization=self.projects_organization)
 
         hook = self.on_data_request
         if hook is not None:
@@ -147,7 +153,7 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
         refused = self._injected_fault()
         if refused is not None:
             return refused
-        refused, rate_headers = self._take_rate_limit(path)
+        refused = self._take_rate_limit(path)
         if refused is not None:
             return refused
         listings: dict[str, Callable[[Query], Response]] = {
@@ -158,8 +164,9 @@ class FakeLangfuse(LoopbackServer, Gate, V2Lists, LegacyLists):
             SCORES_V2_PATH: self._list_scores_v2,
         }
         try:
-            response = self._get_trace(trace_id) if trace_id is not None else listings[path](query)
+            response = self._get_trace(trace_id, query) if trace_id is not None else listings[path](query)
         except BadRequest as exc:
-            response = error_response(400, "Invalid request data", error=str(exc))
-        response.headers.extend(rate_headers)
+            response = error_response(
+                400, "Invalid request data", error=exc.issues if exc.issues is not None else str(exc)
+            )
         return response

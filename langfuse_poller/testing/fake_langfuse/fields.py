@@ -61,7 +61,7 @@ SCORE_FIELD_GROUPS: Final[dict[str, tuple[str, ...]]] = {
 
 OBSERVATION_KEYS: Final = frozenset(k for keys in OBSERVATION_FIELD_GROUPS.values() for k in keys)
 # Scores also keep what they are attached to, for the traceId/observationId/sessionId filters and `subject`.
-_SCORE_LINK_KEYS: Final = ("traceId", "observationId", "sessionId")
+_SCORE_LINK_KEYS: Final = ("traceId", "observationId", "sessionId", "datasetRunId")
 SCORE_KEYS: Final = frozenset(k for keys in SCORE_FIELD_GROUPS.values() for k in keys) | frozenset(_SCORE_LINK_KEYS)
 _KEY_ALIASES: Final = {"is_root": "isRootObservation", "isRoot": "isRootObservation"}
 
@@ -110,13 +110,17 @@ def finish_score(rec: Record, *, subject_given: bool) -> None:
     else:
         rec["value"] = str(value)
     if not subject_given:
-        if rec["observationId"] is not None:
+        # the server's order: experiment (dataset run), observation, session, trace; only the observation arm
+        # carries traceId (packages/shared/src/server/repositories/scores.ts, `deriveSubjectForV3`)
+        if rec.get("datasetRunId") is not None:
+            rec["subject"] = {"kind": "experiment", "id": rec["datasetRunId"]}
+        elif rec["observationId"] is not None:
             rec["subject"] = {
                 "kind": "observation",
                 "id": rec["observationId"],
                 "traceId": rec["traceId"],
             }
-        elif rec["traceId"] is not None:
-            rec["subject"] = {"kind": "trace", "id": rec["traceId"]}
-        else:
+        elif rec["sessionId"] is not None:
             rec["subject"] = {"kind": "session", "id": rec["sessionId"]}
+        else:
+            rec["subject"] = {"kind": "trace", "id": rec["traceId"]}

@@ -8,12 +8,24 @@ root observation. These are what ``serve="legacy"`` and ``serve="both"`` answer.
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from typing import Any, Final
 
 from .fields import LEVELS
 from .index import Entry
-from .query import BadRequest, Query, ceil_div, check, equality_checks, parse_limit, query_value, time_bounds
+from .query import (
+    BadRequest,
+    Query,
+    ceil_div,
+    check,
+    comma_values,
+    equality_checks,
+    parse_limit,
+    query_value,
+    time_bounds,
+)
 from .records import Records
 from .wire import Record, Response, error_response, json_response
 
@@ -29,6 +41,33 @@ TRACE_FIELD_GROUPS: Final = ("core", "io", "scores", "observations", "metrics")
 
 class LegacyLists(Records):
     """The page-based list endpoints, as a mixin of ``FakeLangfuse`` reading its records."""
+
+    _ties: random.Random | None
+
+    def shuffle_ties(self, seed: int | None = 0) -> None:
+        """Serve records that share a millisecond in a new order on each request (drawn from ``seed``, so a test
+        sees the same orders each run); None serves them in one stable order again.
+
+        The legacy lists sort by time alone: v1 observations by start time, traces by timestamp, v2 scores by
+        timestamp and write time, with no tie-break, and ClickHouse does not promise one order of equal rows
+        from one query to the next (web/src/pages/api/public/observations/index.ts,
+        packages/shared/src/server/repositories/traces.ts, packages/shared/src/server/repositories/scores.ts).
+        """
+        with self._lock:
+            self._ties = None if seed is None else random.Random(seed)
+
+    def _order_ties(self, found: list[tuple[Entry, Record]]) -> list[tuple[Entry, Record]]:
+        """``found`` (sorted by time) with each run of one millisecond in this request's order."""
+        with self._lock:
+            ties = self._ties
+            if ties is None:
+                return found
+            out: list[tuple[Entry, Record]] = []
+            for _, run in itertools.groupby(found, key=lambda item: item[0].key[0]):
+                group = list(run)
+                ties.shuffle(group)
+                out.extend(group)
+            return out
 
     def _roots(self) -> dict[str, Record]:
         """The visible root observation of each trace, by trace id: what the legacy endpoints serve as traces."""
@@ -48,13 +87,13 @@ class LegacyLists(Records):
         parent = query_value(query, "parentObservationId")
         if parent is not None:
             checks.append(("parentObservationId", parent or None))
-        environments = frozenset(query.get("environment", ()))
+        environments = comma_values(query, "environment")
 
         def matches(_: Entry, rec: Record) -> bool:
             return check(rec, checks) and (not environments or rec.get("environment") in environments)
 
         # start_time DESC: the only order this endpoint has
-        found = self._visible_range(self._observations, lo, hi, matches)[::-1]
+        found = self._order_ties(self._visible_range(self._observations, lo, hi, matches)[::-1])
         chunk, meta = _page_of(found, page, limit)
         data = [rec if entry.raw else _v1_observation(rec) for entry, rec in chunk]
         return json_response(200, {"data": data, "meta": meta})
@@ -69,7 +108,7 @@ class LegacyLists(Records):
         lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
         checks = equality_checks(query, ("userId", "sessionId", "version", "release"))
         name = query_value(query, "name")
-        environments = frozenset(query.get("environment", ()))
+        environments = comma_values(query, "environment")
         tags = frozenset(query.get("tags", ()))
 
         def matches(entry: Entry, rec: Record) -> bool:
@@ -84,18 +123,34 @@ class LegacyLists(Records):
         found = self._visible_range(self._observations, lo, hi, matches)
         if direction.lower() == "desc":
             found.reverse()
+        found = self._order_ties(found)
         chunk, meta = _page_of(found, page, limit)
         return json_response(200, {"data": [self._trace(rec, groups) for _, rec in chunk], "meta": meta})
 
-    def _get_trace(self, trace_id: str) -> Response:
+    def _get_trace(self, trace_id: str, query: Query) -> Response:
+        """One trace: without `fields` (or with no group the server knows) all of it, its observations with their
+        input and output, its scores and metrics; with `fields=core` the trace alone, `latency` and `totalCost`
+        -1 (web/src/pages/api/public/traces/[traceId].ts)."""
         root = self._roots().get(trace_id)
         if root is None:
-            return error_response(404, f"Trace {trace_id} not found within authorized project")
-        trace = self._trace(root, frozenset(("core", "io", "metrics")))
-        members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
-        trace["observations"] = [rec if entry.raw else _v1_observation(rec) for entry, rec in members]
-        scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
-        trace["scores"] = [_v2_score(rec, None) for _, rec in scores]
+            return error_response(
+                404, f"Trace {trace_id} not found within authorized project", error="LangfuseNotFoundError"
+            )
+        text = query_value(query, "fields") or ""
+        groups = {g.strip() for g in text.split(",")} & set(TRACE_FIELD_GROUPS) or set(TRACE_FIELD_GROUPS)
+        trace = self._trace(root, frozenset(groups | {"io", "metrics"}))
+        if "io" not in groups:
+            trace.update(input="", output="", metadata={})
+        if "metrics" not in groups:
+            trace.update(latency=-1, totalCost=-1)
+        trace["observations"] = []
+        if "observations" in groups:
+            members = self._visible_range(self._observations, None, None, lambda e, r: r.get("traceId") == trace_id)
+            trace["observations"] = [rec if entry.raw else _v1_observation(rec) for entry, rec in members]
+        trace["scores"] = []
+        if "scores" in groups:
+            scores = self._visible_range(self._scores, None, None, lambda e, r: r.get("traceId") == trace_id)
+            trace["scores"] = [_v2_score(rec, None) for _, rec in scores]
         return json_response(200, trace)
 
     def _trace(self, root: Record, groups: frozenset[str]) -> Record:
@@ -148,7 +203,8 @@ class LegacyLists(Records):
             query, ("name", "source", "dataType", "traceId", "sessionId", "configId", "queueId", "observationId")
         )
         ids = frozenset(i.strip() for i in (query_value(query, "scoreIds") or "").split(",") if i.strip())
-        environments = frozenset(query.get("environment", ()))
+        # repeated or comma-separated, unlike /v3/scores (web/src/pages/api/public/v2/scores/index.ts)
+        environments = comma_values(query, "environment")
 
         def matches(_: Entry, rec: Record) -> bool:
             return (
@@ -157,8 +213,8 @@ class LegacyLists(Records):
                 and (not environments or rec.get("environment") in environments)
             )
 
-        # timestamp DESC, id DESC
-        found = self._visible_range(self._scores, lo, hi, matches)[::-1]
+        # timestamp DESC, then write time: no tie-break that holds from one request to the next
+        found = self._order_ties(self._visible_range(self._scores, lo, hi, matches)[::-1])
         roots = self._roots() if "trace" in groups else {}
         user_id = query_value(query, "userId")
         tags = frozenset(query.get("traceTags", ()))
@@ -279,7 +335,7 @@ def _v2_score(rec: Record, root: Record | bool | None) -> Record:
         "traceId": rec["traceId"],
         "observationId": rec["observationId"],
         "sessionId": rec["sessionId"],
-        "datasetRunId": None,
+        "datasetRunId": rec.get("datasetRunId"),
         "name": rec["name"],
         "dataType": data_type,
         "source": rec["source"],

@@ -17,7 +17,15 @@ Query = dict[str, list[str]]
 
 
 class BadRequest(Exception):
-    """A query the real server rejects with HTTP 400."""
+    """A query the real server rejects with HTTP 400.
+
+    ``issues``, when given, are the zod issues a strict schema reports: the server's body then carries them
+    as the ``error`` list (``{"message": "Invalid request data", "error": [...]}``).
+    """
+
+    def __init__(self, message: str, issues: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.issues = issues
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -71,6 +79,19 @@ def time_bounds(query: Query, from_name: str, to_name: str) -> tuple[int | None,
         except ValueError as exc:
             raise BadRequest(f"{name}: {exc}") from exc
     return bounds[0], bounds[1]
+
+
+def comma_values(query: Query, name: str) -> frozenset[str] | None:
+    """The values of a filter that is repeated (each value as it is) or one comma-separated string; None when absent.
+
+    The server's `StringOptionsFilter` params (`z.union([z.array(z.string()), z.string()])`) split only the
+    single-string form (packages/shared/src/server/queries/public-api-filter-builder.ts).
+    """
+    values = query.get(name)
+    if not values:
+        return None
+    parts = values if len(values) > 1 else values[0].split(",")
+    return frozenset(part.strip() for part in parts if part.strip())
 
 
 def equality_checks(query: Query, names: Iterable[str]) -> list[tuple[str, Any]]:

@@ -248,11 +248,13 @@ class Records:
     ) -> Record:
         """Store a score and return its full wire record.
 
-        ``value`` is coerced by ``data_type`` (NUMERIC: float, BOOLEAN: bool, others: str). The subject is the
-        observation if ``observation_id`` is given, else the trace, else the session; with none of the three
-        a new trace id is made up. ``extra`` sets ``config_id``, ``metadata``, ``author_user_id`` or
-        ``queue_id``.
-        The stored record also keeps ``traceId``/``observationId``/``sessionId`` (never served) for filtering.
+        ``value`` is coerced by ``data_type`` (NUMERIC: float, BOOLEAN: bool, others: str). The subject is, as the
+        server picks it, the observation if ``observation_id`` is given, else the session, else the trace; with
+        none of the three a new trace id is made up. ``extra`` sets ``config_id``, ``metadata``,
+        ``author_user_id``, ``queue_id`` or ``dataset_run_id`` (an experiment's score: its subject, before any
+        other).
+        The stored record also keeps ``traceId``/``observationId``/``sessionId``/``datasetRunId`` (never served by
+        /v3/scores) for filtering.
         """
         if data_type not in SCORE_DATA_TYPES:
             raise ValueError(f"unknown score dataType {data_type!r}")
@@ -281,6 +283,7 @@ class Records:
             "traceId": trace_id,
             "observationId": observation_id,
             "sessionId": session_id,
+            "datasetRunId": None,
         }
         rec.update(wire_changes(extra, SCORE_KEYS))
         finish_score(rec, subject_given="subject" in extra)

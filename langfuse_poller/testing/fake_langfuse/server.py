@@ -76,7 +76,8 @@ class _Handler(BaseHTTPRequestHandler):
         response = self.server.fake._handle(method, split.path, query, self.headers.get("Authorization"))
         try:
             self.send_response(response.status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            if not any(name.lower() == "content-type" for name, _ in response.headers):
+                self.send_header("Content-Type", "application/json; charset=utf-8")
             self.send_header("Content-Length", str(len(response.body)))
             for name, value in response.headers:
                 self.send_header(name, value)

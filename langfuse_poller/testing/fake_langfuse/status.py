@@ -23,19 +23,13 @@ def health_response(healthy: bool) -> Response:
     return json_response(200, {"status": "OK", "version": SERVER_VERSION})
 
 
-def projects_response(project_id: str) -> Response:
-    """The projects answer: the project of the key, in its organization."""
-    return json_response(
-        200,
-        {
-            "data": [
-                {
-                    "id": project_id,
-                    "name": "test-project",
-                    "metadata": {},
-                    "retentionDays": None,
-                    "organization": {"id": "org-test", "name": "test-org"},
-                }
-            ]
-        },
-    )
+def projects_response(project_id: str, *, organization: bool = True) -> Response:
+    """The projects answer: the project of the key, in its organization.
+
+    ``organization=False`` answers as servers before v3.143.0 do, which have no ``organization`` on a project
+    (it came with langfuse commit e10102eb0b, web/src/pages/api/public/projects/index.ts).
+    """
+    project: dict[str, object] = {"id": project_id, "name": "test-project", "metadata": {}, "retentionDays": None}
+    if organization:
+        project["organization"] = {"id": "org-test", "name": "test-org"}
+    return json_response(200, {"data": [project]})

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from .fields import LEVELS, OBSERVATION_FIELD_GROUPS, SCORE_FIELD_GROUPS
-from .index import trace_hash
-from .query import BadRequest, Query, parse_bool, parse_limit, query_value, time_bounds
+from .index import Entry, trace_hash
+from .query import BadRequest, Query, comma_values, parse_bool, parse_limit, query_value, time_bounds
 from .records import Records
 from .wire import Record, Response, format_ms, json_response, parse_iso_us
 
@@ -28,13 +28,47 @@ OBSERVATIONS_MAX_LIMIT: Final = 1000
 SCORES_DEFAULT_LIMIT: Final = 50
 SCORES_MAX_LIMIT: Final = 100
 _METADATA_CUT: Final = 200
+# /v3/scores reads its query with a strict zod schema: any other parameter is a 400, and every parameter is one
+# string, so a repeated one (an array) is a 400 too; the filters among them take comma-separated values
+# (packages/shared/src/features/scores/interfaces/api/v3/endpoints.ts)
+_SCORES_V3_FILTERS: Final = (
+    "id",
+    "name",
+    "environment",
+    "configId",
+    "queueId",
+    "authorUserId",
+    "traceId",
+    "sessionId",
+    "observationId",
+    "source",
+    "dataType",
+)
+_SCORES_V3_PARAMS: Final = frozenset(
+    {
+        *_SCORES_V3_FILTERS,
+        "limit",
+        "fields",
+        "cursor",
+        "value",
+        "experimentId",
+        "valueMin",
+        "valueMax",
+        "fromTimestamp",
+        "toTimestamp",
+        "userId",
+        "traceTags",
+    }
+)
 
 
 class V2Lists(Records):
     """The cursor-paginated list endpoints, as a mixin of ``FakeLangfuse`` reading its records."""
 
+    duplicate_rows: bool
+
     def _list_observations(self, query: Query) -> Response:
-        groups = _parse_groups(query_value(query, "fields"), OBSERVATION_FIELD_GROUPS, ("core", "basic"))
+        groups = _observation_groups(query)
         limit = parse_limit(query_value(query, "limit"), OBSERVATIONS_DEFAULT_LIMIT, OBSERVATIONS_MAX_LIMIT)
         if parse_bool(query, "parseIoAsJson"):
             raise BadRequest("parseIoAsJson=true is no longer supported; input/output are raw strings")
@@ -69,7 +103,8 @@ class V2Lists(Records):
         parent = query_value(query, "parentObservationId")
         if parent is not None:
             checks.append(("parentObservationId", parent or None))
-        environments = frozenset(query.get("environment", ()))
+        # repeated or comma-separated, both work here (web/src/pages/api/public/v2/observations/index.ts)
+        environments = comma_values(query, "environment")
 
         def matches(rec: Record) -> bool:
             for name, expected in checks:
@@ -82,12 +117,16 @@ class V2Lists(Records):
         cut_metadata = "metadata" in groups
 
         page, last, more = self._page(self._observations, lo, hi, cursor_key, limit, matches)
+        if self.duplicate_rows:
+            page, last, more = self._with_unmerged_rows(page, last, more, limit)
         data: list[Record] = []
         for entry, rec in page:
             if entry.raw:
                 data.append(rec)
                 continue
             out = {k: rec[k] for k in keys}
+            if "totalCost" in out:
+                out["totalCost"] = _total_cost(rec)
             if cut_metadata:
                 out["metadata"] = _cut_metadata(out["metadata"], expand)
             data.append(out)
@@ -101,7 +140,31 @@ class V2Lists(Records):
             meta["cursor"] = base64.b64encode(json.dumps(token).encode()).decode()
         return json_response(200, {"data": data, "meta": meta})
 
+    def _with_unmerged_rows(
+        self, page: list[tuple[Entry, Record]], last: Entry | None, more: bool, limit: int
+    ) -> tuple[list[tuple[Entry, Record]], Entry | None, bool]:
+        """The page as a not yet merged table serves it: each updated record's previous version beside it.
+
+        The endpoint reads a ReplacingMergeTree without FINAL or LIMIT 1 BY, so until a background merge one page
+        can hold two rows of one id with different updatedAt
+        (packages/shared/src/server/repositories/events.ts, `getObservationsV2FromEventsTableForPublicApi`).
+        Both rows count against the limit, as the server's LIMIT counts rows.
+        """
+        now = self.clock()
+        rows: list[tuple[Entry, Record]] = []
+        with self._lock:
+            for entry, rec in page:
+                rows.append((entry, rec))
+                visible = [version for at, version in entry.versions if at <= now and version is not None]
+                if len(visible) > 1 and visible[-1] is rec:
+                    rows.append((entry, visible[-2]))
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return rows, rows[-1][0], True
+        return rows, last, more
+
     def _list_scores(self, query: Query) -> Response:
+        _check_strict_scores_query(query)
         groups = _parse_groups(query_value(query, "fields"), SCORE_FIELD_GROUPS, ())
         limit = parse_limit(query_value(query, "limit"), SCORES_DEFAULT_LIMIT, SCORES_MAX_LIMIT)
         cursor = query_value(query, "cursor")
@@ -113,29 +176,12 @@ class V2Lists(Records):
             except (ValueError, KeyError, TypeError, binascii.Error) as exc:
                 raise BadRequest(f"invalid cursor: {exc}") from exc
         lo, hi = time_bounds(query, "fromTimestamp", "toTimestamp")
-        checks: list[tuple[str, Any]] = []
-        for param in (
-            "id",
-            "name",
-            "source",
-            "dataType",
-            "traceId",
-            "observationId",
-            "sessionId",
-            "configId",
-            "queueId",
-            "authorUserId",
-        ):
-            value = query_value(query, param)
-            if value is not None:
-                checks.append((param, value))
-        environments = frozenset(query.get("environment", ()))
+        if "userId" in query or "traceTags" in query:
+            raise BadRequest("userId and traceTags require a trace JOIN and are not supported in v3; use v2")
+        filters = [(param, allowed) for param in _SCORES_V3_FILTERS if (allowed := comma_values(query, param))]
 
         def matches(rec: Record) -> bool:
-            for name, expected in checks:
-                if rec.get(name) != expected:
-                    return False
-            return not environments or rec.get("environment") in environments
+            return all(rec.get(name) in allowed for name, allowed in filters)
 
         keys = tuple(k for g in SCORE_FIELD_GROUPS if g == "core" or g in groups for k in SCORE_FIELD_GROUPS[g])
         page, last, more = self._page(self._scores, lo, hi, cursor_key, limit, matches)
@@ -147,12 +193,63 @@ class V2Lists(Records):
         return json_response(200, {"data": data, "meta": meta})
 
 
+def _check_strict_scores_query(query: Query) -> None:
+    """A 400 with zod's issues for what the strict schema of /v3/scores refuses: unknown or repeated parameters."""
+    issues: list[dict[str, Any]] = []
+    unknown = sorted(name for name in query if name not in _SCORES_V3_PARAMS)
+    if unknown:
+        keys = ", ".join(f"'{name}'" for name in unknown)
+        issues.append(
+            {
+                "code": "unrecognized_keys",
+                "keys": unknown,
+                "path": [],
+                "message": f"Unrecognized key(s) in object: {keys}",
+            }
+        )
+    for name, values in query.items():
+        if name in _SCORES_V3_PARAMS and len(values) > 1:
+            issues.append(
+                {
+                    "code": "invalid_type",
+                    "expected": "string",
+                    "received": "array",
+                    "path": [name],
+                    "message": "Expected string, received array",
+                }
+            )
+    if issues:
+        raise BadRequest("; ".join(issue["message"] for issue in issues), issues)
+
+
 def _b64decode_json(text: str) -> Any:
     # Cursors travel in query strings, where "+" can turn into a space and padding may be dropped.
     text = text.strip().replace(" ", "+")
     padded = text + "=" * (-len(text) % 4)
     raw = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
     return json.loads(raw)
+
+
+def _observation_groups(query: Query) -> frozenset[str]:
+    """The field groups /v2/observations serves: unknown ones dropped without a word, core alone when nothing
+    valid is left, core and basic when `fields` is empty or absent; repeated, `fields` is a 400, as only the
+    single string is filtered (web/src/pages/api/public/v2/observations/index.ts)."""
+    values = query.get("fields") or []
+    if len(values) > 1:
+        raise BadRequest("fields must be one comma-separated string")
+    text = values[0] if values else ""
+    if not text.strip():
+        return frozenset(("core", "basic"))
+    groups = {g.strip() for g in text.split(",")} & OBSERVATION_FIELD_GROUPS.keys()
+    return frozenset(groups | {"core"})
+
+
+def _total_cost(rec: Record) -> float:
+    """totalCost as the server serves it: the cost details' total, 0 (not null) when there is none
+    (packages/shared/src/server/repositories/observations_converters.ts, `reduceUsageOrCostDetails`)."""
+    details = rec.get("costDetails")
+    total = details.get("total") if isinstance(details, Mapping) else None
+    return float(total) if isinstance(total, int | float) else 0
 
 
 def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], default: tuple[str, ...]) -> frozenset[str]:
