@@ -130,6 +130,27 @@ def test_a_state_in_use_by_a_running_older_release_is_not_updated_under_it(tmp_p
     Store(path).close()
 
 
+def test_commands_started_at_once_on_one_state_wait_for_each_other_s_update(tmp_path: Path) -> None:
+    import fcntl
+    import os
+    import threading
+
+    path = tmp_path / "state.db"
+    _old_state(path, 3)
+    # another process of this release is updating the same file at this moment: it holds the lock briefly
+    fd = os.open(tmp_path / "state.db.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    release = threading.Timer(0.5, os.close, (fd,))
+    release.start()
+    try:
+        Store(path).close()
+    finally:
+        release.join()
+    conn = sqlite3.connect(path)
+    assert max(row[0] for row in conn.execute("SELECT version FROM schema_migrations")) == len(MIGRATIONS)
+    conn.close()
+
+
 def test_an_older_release_that_still_writes_after_the_update_fails_instead_of_dropping_events(
     tmp_path: Path,
 ) -> None:

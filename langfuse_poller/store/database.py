@@ -31,6 +31,12 @@ from .streams import StreamWrites
 SqliteError = sqlite3.Error
 
 
+# how long an update of the schema waits for the state's lock: long enough for another process of this release that
+# creates or updates the same file at the same moment (several commands started at once on a new state), short
+# enough that a running daemon, which holds the lock for good, is named soon
+MIGRATION_LOCK_WAIT = 5.0
+
+
 class Transaction(StreamWrites, OutboxWrites, AlertWrites):
     """The writes of one transaction; obtained from `Store.write()`."""
 
@@ -127,7 +133,11 @@ class Database(Tables["Transaction"]):
         if applied:
             # an existing state is updated only under its lock: a langfuse-poller of the older release still
             # running on it would go on writing the old schema into the new one
-            fd = self._take_lock(f"and this release must update it (schema {max(applied)} to {len(MIGRATIONS)})")
+            # (waited for a while: another process of this release may be creating or updating it at this moment)
+            fd = self._take_lock(
+                f"and this release must update it (schema {max(applied)} to {len(MIGRATIONS)})",
+                wait=MIGRATION_LOCK_WAIT,
+            )
             # a rebuild of a large outbox takes a while (migration 4: about 7 s for 600,000 events)
             logging.getLogger(__name__).info(
                 "updating the state in %s from schema %d to %d", self.path, max(applied), len(MIGRATIONS)
@@ -169,22 +179,27 @@ class Database(Tables["Transaction"]):
             raise
         conn.execute("COMMIT")
 
-    def _take_lock(self, why: str = "") -> int:
+    def _take_lock(self, why: str = "", *, wait: float = 0.0) -> int:
         """The state's exclusive lock (an flock on `<path>.lock`, which holds the holder's pid): its descriptor.
-        Raises StateError naming the process that holds it."""
+        Tries for up to `wait` seconds; raises StateError naming the process that holds it."""
         import fcntl
 
         fd = os.open(lock_path(self.path), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
             holder = read_holder(fd)
             os.close(fd)
             raise StateError(
                 f"another langfuse-poller (pid {holder}) is using {self.path}{' ' + why if why else ''}; stop it "
                 "first, or give this one its own [state] path"
             ) from None
-        return fd
 
     def lock(self) -> None:
         """Take the state's exclusive lock: two pollers on one state would deliver everything twice."""
