@@ -173,6 +173,20 @@ def test_a_row_served_twice_in_a_page_makes_no_extra_trace_updated(
     assert dict(delivered(tmp_path)) == {f"trace.created:{root['traceId']}": 1}
 
 
+def test_a_time_that_cannot_be_read_fails_its_row_not_the_page() -> None:
+    from langfuse_poller.langfuse.answers import newest_rows
+
+    good = {"id": "o1", "updatedAt": "2026-12-01T10:00:00.000Z", "n": "good"}
+    broken = {"id": "o1", "updatedAt": "not a time", "n": "broken"}
+    newer = {"id": "o1", "updatedAt": "2026-12-01T10:00:05.000Z", "n": "newer"}
+    other = {"id": "o2", "updatedAt": "2026-12-01T10:00:00.000Z"}
+    # the readable row is the record, whichever comes first; the newest readable one wins
+    assert newest_rows([broken, other, good]) == [good, other]
+    assert newest_rows([good, broken, newer]) == [newer]
+    # two unreadable rows: the first stays, to become a dead letter when its events are made
+    assert newest_rows([broken, {**broken, "n": "again"}]) == [broken]
+
+
 # --- 4. one score, one event, on either read path ------------------------------------------------------------
 
 

@@ -104,9 +104,23 @@ def newest_rows(records: list[Any]) -> list[Any]:
         if where is None:
             kept[record_id] = len(out)
             out.append(record)
-        elif int(record_version(record)) > int(record_version(out[where])):
+        elif _newer(record, out[where]):
             out[where] = record
     return out
+
+
+def _newer(record: Mapping[str, Any], than: Mapping[str, Any]) -> bool:
+    """Whether `record` is a newer version than `than`. A row whose time cannot be read loses to one whose time
+    can (the readable row is the record; had it lost, the record would become a dead letter), and two such rows
+    keep the first, which then becomes one: a broken time fails its row, never the page."""
+    return _version(record) > _version(than)
+
+
+def _version(record: Mapping[str, Any]) -> int:
+    try:
+        return int(record_version(record))
+    except (TypeError, ValueError, OverflowError):
+        return -1
 
 
 def body_message(body: Any) -> str:
