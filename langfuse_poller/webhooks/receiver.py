@@ -355,7 +355,8 @@ class WebhookReceiver:
 
     def _store_now(self, event: Event) -> bool:
         targets = self.router.targets(event)
-        with self.store.write() as tx:
+        # urgent: the poller's page group and the delivery worker let it by (Langfuse gives up within a second)
+        with self.store.write(urgent=True) as tx:
             stored = tx.enqueue(event, targets)
         if stored:
             if not targets:
