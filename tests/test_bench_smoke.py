@@ -154,7 +154,7 @@ def test_redis_workers() -> None:
 
 def test_webhook_load() -> None:
     webhook_load = load("webhook_load")
-    f = webhook_load.main(["--observations", "3000", "--rate", "20", "--timeout", "90"])
+    f = webhook_load.main(["--observations", "10000", "--rate", "50", "--timeout", "90"])
     assert f.polled > 0 and f.events_per_second > 0, f
     # every webhook sent during the catch-up was answered 2xx and reached the notifier
     assert f.sent > 0 and f.failed == 0 and f.stored == f.sent, f
