@@ -103,6 +103,8 @@ class WebhookConfig:
     timeout: timedelta = timedelta(seconds=10)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # the URL configured in Langfuse (a reverse proxy's, or this receiver's on 443); `check` reads it
+    public_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -416,12 +418,45 @@ def _parse_webhook(table: Table) -> WebhookConfig:
         timeout=table.positive_duration("timeout", "10s"),
         tls_cert=tls_cert,
         tls_key=tls_key,
+        public_url=_public_url(table),
     )
     table.finish()  # first: a misspelt `secert` is named as such
     if enabled and not secrets:
         # the receiver never accepts unsigned input
         raise table.error("secret", None, WEBHOOK_SECRET_EXPECTED)
     return config
+
+
+# Langfuse checks a webhook URL when the automation is saved and at every attempt
+# (packages/shared/src/server/webhooks/validation.ts): http or https, no credentials, port 80 or 443 only
+WEBHOOK_PORTS = (80, 443)
+PUBLIC_URL_FORM = "the URL configured in Langfuse, such as https://hooks.example.com/api/webhooks/langfuse"
+
+
+def _public_url(table: Table) -> str | None:
+    """`public_url`: where Langfuse delivers. Refused here when Langfuse itself would refuse it."""
+    from urllib.parse import urlsplit
+
+    text = table.string("public_url")
+    if text is None:
+        return None
+    try:
+        url = urlsplit(text.strip())
+        port = url.port
+    except ValueError:
+        raise table.error("public_url", text, PUBLIC_URL_FORM) from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise table.error("public_url", text, f"an http:// or https:// URL: {PUBLIC_URL_FORM}")
+    if url.username is not None or url.password is not None:
+        raise table.error("public_url", text, "a URL without user:password@ (Langfuse refuses credentials in it)")
+    if port is not None and port not in WEBHOOK_PORTS:
+        raise table.error(
+            "public_url",
+            text,
+            f"a URL on port 80 or 443, or with no port (Langfuse delivers to no other port, not even to "
+            f"whitelisted hosts; put a reverse proxy on 443 in front of port {port})",
+        )
+    return text.strip()
 
 
 def _pem_file(table: Table, name: str) -> Path | None:

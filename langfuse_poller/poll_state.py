@@ -130,6 +130,11 @@ class PollState(Protocol):
         many were dropped. Raises StateError when the state cannot be written."""
         ...
 
+    def writers_waiting(self) -> bool:
+        """Whether another writer of this process waits for the lock that an open transaction of the poller holds
+        (the webhook receiver on the SQLite store): the poller then commits its page group between pages."""
+        ...
+
     def write(self) -> AbstractContextManager[PollTransaction]:
         """One transaction: what is written through it commits together when the block exits cleanly, and
         nothing of it when the block raises. Raises StateError when the state cannot be written; the Redis

@@ -202,7 +202,12 @@ class PageGroup:
         self._made += made
 
     def full(self) -> bool:
-        return self._pages >= COMMIT_PAGES or time.monotonic() - self._opened >= COMMIT_SECONDS
+        # a webhook waiting to be stored goes first: its sender gives up within a second
+        return (
+            self._pages >= COMMIT_PAGES
+            or time.monotonic() - self._opened >= COMMIT_SECONDS
+            or self.store.writers_waiting()
+        )
 
     def commit(self) -> None:
         """Commit the open transaction, if any, and tell the delivery of new events."""
@@ -389,6 +394,8 @@ class Poller:
             pages_read = self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end), group.commit)
             for page in pages_read:
                 pages += 1
+                if self.store.writers_waiting():
+                    group.commit()  # before this page's work, not after it
                 prepared = self._prepare_page(stream, page, keep_keys=keep_keys, look_up=look_up)
                 tx = group.transaction()
                 made = self._commit_page(tx, stream, prepared, end)

@@ -103,29 +103,44 @@ class CompiledRule:
 
     def __init__(self, rule: Rule, source: str = "config") -> None:
         self.rule = rule
-        self.program: Any = None
-        if rule.when:
-            import cel  # imported here: it costs a quarter of a second, which `status` need not pay
-
-            try:
-                self.program = cel.compile(rule.when)
-            except ValueError as exc:
-                raise ConfigError(source, f"{rule.key}.when", rule.when, f"a CEL expression ({exc})") from None
+        self.program: Any = _compile(rule.when, source, f"{rule.key}.when")
+        self.resolve_program: Any = _compile(rule.resolve_when, source, f"{rule.key}.resolve_when")
         self._warned = False
 
     def matches(self, event: Event, envelope: Mapping[str, Any]) -> bool:
         """Whether the condition holds for an event whose type the rule's globs match (the Router checked)."""
         if self.program is None:
             return True
+        return self._holds(self.program, "condition", event, envelope)
+
+    def resolves(self, event: Event, envelope: Mapping[str, Any]) -> bool:
+        """Whether the event meets `resolve_when` (False without one): it resolves its group, and is no match."""
+        if self.resolve_program is None:
+            return False
+        return self._holds(self.resolve_program, "resolve_when", event, envelope)
+
+    def _holds(self, program: Any, what: str, event: Event, envelope: Mapping[str, Any]) -> bool:
         try:
-            return self.program.execute(dict(envelope)) is True
+            return program.execute(dict(envelope)) is True
         except Exception as exc:
             # a field the event lacks, or of another type (a categorical score under `data.value < 0.5`),
             # is no match; say so once, so a typo in a field name does not go unnoticed
             if not self._warned:
-                log.info("rule %s: condition not met by %s (%s)", self.rule.name, event.type, exc)
+                log.info("rule %s: %s not met by %s (%s)", self.rule.name, what, event.type, exc)
                 self._warned = True
             return False
+
+
+def _compile(condition: str | None, source: str, key: str) -> Any:
+    """A CEL condition, compiled; None for none. A ConfigError names the key when it does not compile."""
+    if not condition:
+        return None
+    import cel  # imported here: it costs a quarter of a second, which `status` need not pay
+
+    try:
+        return cel.compile(condition)
+    except ValueError as exc:
+        raise ConfigError(source, key, condition, f"a CEL expression ({exc})") from None
 
 
 # (all targets in rule order, handler and notifier targets, alert group targets)
@@ -182,7 +197,7 @@ class Router:
             found = self._by_type[event_type] = _Candidates(
                 handlers,
                 rules,
-                all(r.program is None for r in rules),
+                all(r.program is None and r.resolve_program is None for r in rules),
                 tuple(r.rule.name for r in rules if r.rule.grouping is None),
             )
         return found
@@ -244,6 +259,13 @@ class Router:
         for compiled in rules:
             rule = compiled.rule
             # the envelope is built only when a condition or a silence reads it: most events meet neither
+            if compiled.resolve_program is not None:
+                envelope = envelope or event.envelope()
+                if compiled.resolves(event, envelope):
+                    # to the alert group, which it resolves; `when` is for matches
+                    alerts.append(rule.target)
+                    ordered.append(rule.target)
+                    continue
             if compiled.program is not None:
                 envelope = envelope or event.envelope()
                 if not compiled.matches(event, envelope):

@@ -4,6 +4,8 @@ A rule either forwards each matching event to its notifiers, or groups its match
 Alertmanager's semantics (`group_by`, `group_wait`, `group_interval`, `repeat_interval`, `resolve_after`).
 A rule groups when it sets any grouping key, when it is a `frequency` or `absence` rule, or when it notifies
 Slack or PagerDuty (unless `group = false`): people are paged by alerts, not by each of ten thousand events.
+An event rule's `resolve_when` resolves a group on an event that says the problem is over (a Langfuse monitor's
+`alert.ok`), rather than after `resolve_after` of quiet.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ if TYPE_CHECKING:
     from .util.toml_tables import Table
 
 KINDS = ("event", "frequency", "absence")
-GROUPING_KEYS = ("group_by", "group_wait", "group_interval", "repeat_interval", "resolve_after", "samples")
+GROUPING_KEYS = (
+    "group_by",
+    "group_wait",
+    "group_interval",
+    "repeat_interval",
+    "resolve_after",
+    "samples",
+    "resolve_when",
+)
 # notifier types that people read: a rule sending to them groups unless it says `group = false`
 ALERT_NOTIFIER_TYPES = frozenset({"slack", "pagerduty"})
 # the top-level keys of the event envelope, where group_by paths start
@@ -60,6 +70,9 @@ class Rule:
     grouping: Grouping | None = None
     threshold: int = 1  # frequency: at least this many matches...
     window: timedelta = timedelta(0)  # ...within this long; absence: no match for this long
+    # event rules: an event of `events` that meets this CEL condition resolves its group (Langfuse's monitor
+    # recovery, `alert.ok`) instead of counting as a match; `when` does not apply to it
+    resolve_when: str | None = None
 
     @property
     def target(self) -> str:
@@ -136,6 +149,7 @@ def _parse_rule(table: Table, name: str, notifiers: Mapping[str, NotifierConfig]
         grouping=grouping,
         threshold=threshold,
         window=window,
+        resolve_when=table.string("resolve_when"),
     )
 
 
@@ -148,7 +162,10 @@ def _parse_grouping(table: Table, kind: str) -> Grouping:
             )
     # keys a kind of rule has no use for are refused rather than ignored: frequency and absence rules resolve
     # when their condition clears, and an absence alert has no new matches to tell at intervals
-    unused = {"frequency": ("resolve_after",), "absence": ("resolve_after", "group_interval", "samples")}
+    unused = {
+        "frequency": ("resolve_after", "resolve_when"),
+        "absence": ("resolve_after", "resolve_when", "group_interval", "samples"),
+    }
     for key in unused.get(kind, ()):
         if table.has(key):
             raise table.error(

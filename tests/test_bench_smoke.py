@@ -150,3 +150,13 @@ def test_redis_workers() -> None:
         assert row.completed == row.events and row.exactly_once, row
         assert row.rate > 0 and row.worker_cpu > 0, row
     assert f.enqueue_jobs == 299 and f.enqueue_rate > 0
+
+
+def test_webhook_load() -> None:
+    webhook_load = load("webhook_load")
+    f = webhook_load.main(["--observations", "10000", "--rate", "50", "--timeout", "90"])
+    assert f.polled > 0 and f.events_per_second > 0, f
+    # every webhook sent during the catch-up was answered 2xx and reached the notifier
+    assert f.sent > 0 and f.failed == 0 and f.stored == f.sent, f
+    # the target is well under Langfuse's second of attempts; a tiny run on a shared machine gets some slack
+    assert f.max < 1.0, (f.p50, f.p99, f.max)

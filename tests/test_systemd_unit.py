@@ -17,6 +17,7 @@ import pytest
 
 from langfuse_poller.service.daemon import STOP_GRACE
 from langfuse_poller.service.lifecycle import READY_WITHIN
+from langfuse_poller.webhooks.activation import WEBHOOK_FD_NAME
 
 from . import test_cli
 from .test_cli import PUBLIC_KEY, SECRET_KEY, q
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.timeout(120)
 langfuse = test_cli.langfuse
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "langfuse-poller.service"
+SOCKET = UNIT.with_name("langfuse-poller-webhooks.socket")
 SCRIPT = Path(sys.executable).parent / "langfuse-poller"
 MAX_EXPOSURE = 2.0
 EXPOSURE = re.compile(r"Overall exposure level for langfuse-poller\.service: (\d+(?:\.\d+)?)")
@@ -121,6 +123,39 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "langfuse-poller.service" not in done.stderr, done.stderr
+
+
+def test_the_webhook_socket_is_held_by_systemd_on_443_and_handed_to_the_service() -> None:
+    socket_unit = {key: values[-1] for key, values in directives(SOCKET.read_text(encoding="utf-8")).items()}
+    # Langfuse delivers to ports 80 and 443 only; systemd binds it, so the unprivileged service needs no capability
+    assert socket_unit["ListenStream"] == "443"
+    assert socket_unit["FileDescriptorName"] == WEBHOOK_FD_NAME
+    assert socket_unit["Service"] == UNIT.name
+    assert socket_unit["WantedBy"] == "sockets.target"
+    service = directives(UNIT.read_text(encoding="utf-8"))
+    # the service takes the socket when it is installed, and runs without it when not (Sockets= only wants it)
+    assert service["Sockets"] == [SOCKET.name]
+    assert "CapabilityBoundingSet" in service and service["CapabilityBoundingSet"] == [""]
+
+
+def test_systemd_analyze_verify_accepts_the_socket_with_the_service(tmp_path: Path) -> None:
+    analyze = systemd_analyze()
+    if not SCRIPT.is_file():
+        pytest.skip(f"no installed console script at {SCRIPT}")
+    (tmp_path / UNIT.name).write_text(
+        UNIT.read_text(encoding="utf-8").replace("/opt/langfuse-poller/venv/bin/langfuse-poller", str(SCRIPT)),
+        encoding="utf-8",
+    )
+    (tmp_path / SOCKET.name).write_text(SOCKET.read_text(encoding="utf-8"), encoding="utf-8")
+    done = subprocess.run(
+        [analyze, "verify", "--no-pager", SOCKET.name, UNIT.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert SOCKET.name not in done.stderr and UNIT.name not in done.stderr, done.stderr
 
 
 def test_the_config_reads_the_secret_from_the_credentials_directory(

@@ -20,7 +20,7 @@ from ..notifiers.base import Notifier
 from ..registry import CompiledRule
 from ..rules import Rule
 from ..store import Store, Transaction
-from .groups import Group, alert_event, evaluate, group_key, labels_of, open_group, record_match
+from .groups import Group, alert_event, evaluate, group_key, labels_of, open_group, record_match, resolve
 from .silences import Silences
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ class Alerter:
     ) -> None:
         self.store = store
         self.rules: Mapping[str, Rule] = {c.rule.name: c.rule for c in rules if c.rule.grouping is not None}
+        # the compiled `resolve_when` conditions, by rule name
+        self._resolvers = {c.rule.name: c for c in rules if c.rule.grouping is not None and c.resolve_program}
         self.silences = silences
         self.streams = tuple(streams)
         self.clock = clock
@@ -110,10 +112,14 @@ class Alerter:
         """Count matches into their groups; notifications that this makes due are enqueued at once."""
         now = tx.now
         groups: dict[str, Group] = {}
+        resolver = self._resolvers.get(rule.name)
         for event in events:
             envelope = event.envelope()
             labels = labels_of(rule, envelope)
             key = group_key(labels)
+            if resolver is not None and resolver.resolves(event, envelope):
+                self._resolve(tx, rule, groups, key, event)
+                continue
             group = groups.get(key)
             if group is None:
                 found = tx.alert_state.group(rule.name, key)
@@ -125,7 +131,20 @@ class Alerter:
             record_match(rule, group, event, now, silenced=silenced)
         progress = self.progress(tx, rule) if rule.kind != "event" else now
         for group in groups.values():
-            self._settle(tx, rule, group, now, progress)
+            if group.state == "resolved":
+                tx.alert_state.save(group)  # resolved by `resolve_when` above, and told already
+            else:
+                self._settle(tx, rule, group, now, progress)
+
+    def _resolve(self, tx: Transaction, rule: Rule, groups: dict[str, Group], key: str, event: Event) -> None:
+        """An event met `resolve_when`: resolve its open group, telling the notifiers; no group, nothing to do."""
+        group = groups.get(key) or tx.alert_state.group(rule.name, key)
+        if group is None or group.state == "resolved":
+            log.info("alert %s: %s resolves no open group", rule.name, event.id)
+            return
+        groups[key] = group
+        muted = self.silences.covers(rule.name, group_envelope(group), tx.now)
+        self._enqueue(tx, rule.name, resolve(rule, group, tx.now, muted=muted), [f"notifier:{n}" for n in rule.notify])
 
     def _settle(self, tx: Transaction, rule: Rule, group: Group, now: float, progress: float) -> int:
         muted = self.silences.covers(rule.name, group_envelope(group), now)

@@ -8,7 +8,7 @@ of sparse errors read after an outage is not a burst, and an unreachable Langfus
 A group's life:
 - event rules: open at the first match (`firing`), notify after `group_wait`, then at most every
   `group_interval` while new matches arrive, repeat an unchanged group every `repeat_interval`, and resolve
-  once no match came for `resolve_after`.
+  once no match came for `resolve_after`, or at once on an event that meets `resolve_when` (`resolve`).
 - frequency rules: `pending` until `threshold` matches lie within `window` (by their timestamps), then as
   above; resolved once the window that ends at `progress` holds fewer than `threshold`.
 - absence rules: `watching` while matches keep coming; `firing` once none came for `window` before
@@ -213,6 +213,24 @@ def evaluate(rule: Rule, group: Group, now: float, progress: float, *, muted: bo
         if group.notified:
             wakes.append(_last(group) + grouping.repeat.total_seconds())
     group.next_at = min(wakes)
+    return notices
+
+
+def resolve(rule: Rule, group: Group, now: float, *, muted: bool = False) -> list[Event]:
+    """Resolve an open group at once (an event met the rule's `resolve_when`); the notifications it takes.
+
+    As when `resolve_after` runs out: matches nobody was told about are reported first (unless muted), so a
+    monitor that fired and recovered within `group_wait` still reaches PagerDuty as a trigger and a resolve.
+    """
+    if group.state == "resolved":
+        return []
+    notices: list[Event] = []
+    if group.count > group.notified_count and not muted:
+        notices.append(_notify(rule, group, now, "update" if group.notified else "new"))
+    if group.notified:
+        notices.append(_notify(rule, group, now, "resolved"))
+    group.state = "resolved"
+    group.next_at = None
     return notices
 
 

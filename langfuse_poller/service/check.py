@@ -7,11 +7,12 @@ section that adds a listener (the webhook receiver's `[webhook]`) extends that f
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 from dataclasses import dataclass
 from typing import TextIO
 
-from ..config import Config
+from ..config import WEBHOOK_PORTS, Config
 from ..errors import LangfusePollerError
 from ..util.listening import format_listen
 from ..util.lockfile import lock_holder
@@ -44,6 +45,9 @@ def run_check(config: Config, *, out: TextIO) -> int:
 
     for ok, what in check_listeners(config):
         report(ok, what)
+    for what in webhook_warnings(config):
+        # not a failure: a proxy or a whitelist this check cannot see may make it work
+        out.write(f"warn {what}\n")
 
     from ..store import Store
 
@@ -141,3 +145,37 @@ def check_listeners(config: Config) -> list[tuple[bool, str]]:
         return []
     running = lock_holder(config.state_path)
     return [describe_probe(address, probe(address), running) for address in addresses]
+
+
+# hostnames Langfuse refuses as they are (packages/shared/src/server/webhooks/ipBlocking.ts), besides private IPs
+_BLOCKED_NAMES = ("localhost", "internal", "intranet")
+
+
+def webhook_warnings(config: Config) -> list[str]:
+    """`check`'s warnings about where Langfuse can deliver: it sends only to ports 80 and 443, and only to public
+    addresses unless a self-hosted server whitelists others. Empty when the receiver is not configured."""
+    webhook = config.webhook
+    if not (webhook.enabled or webhook.secrets):
+        return []
+    warnings = []
+    if webhook.public_url is None and webhook.port not in WEBHOOK_PORTS:
+        warnings.append(
+            f"webhook.listen {format_listen(webhook.host, webhook.port)}: Langfuse delivers only to ports 80 and "
+            "443; put a reverse proxy on 443 in front of it (or use langfuse-poller-webhooks.socket) and set "
+            "webhook.public_url to the URL configured in Langfuse"
+        )
+    if webhook.public_url is not None:
+        from urllib.parse import urlsplit
+
+        host = (urlsplit(webhook.public_url).hostname or "").rstrip(".").lower()
+        try:
+            address = ipaddress.ip_address(host)
+            private = not address.is_global
+        except ValueError:
+            private = any(host == name or host.endswith(f".{name}") for name in _BLOCKED_NAMES)
+        if private:
+            warnings.append(
+                f"webhook.public_url {webhook.public_url}: Langfuse refuses private and loopback addresses unless "
+                "a self-hosted server whitelists them (LANGFUSE_WEBHOOK_WHITELISTED_HOST, _IPS or _IP_SEGMENTS)"
+            )
+    return warnings

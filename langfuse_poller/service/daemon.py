@@ -142,6 +142,11 @@ class Daemon:
         runtime = self.runtime
         if runtime.config.webhook.enabled:
             runtime.start_receiver()  # first: a port in use stops the start before anything runs
+        elif os.environ.get("LISTEN_FDS"):
+            log.warning(
+                "systemd handed over a socket (langfuse-poller-webhooks.socket), but [webhook] enabled is false: "
+                "webhooks sent to it wait unanswered; set enabled = true, or disable the socket unit"
+            )
         try:
             # a standby only seeds its local copy of the heads: the shared streams are the leader's to shape, at
             # its first poll (poll_job)

@@ -29,6 +29,8 @@ from .streams import StreamWrites
 # caller that answers such a failure itself (the webhook receiver: 503, so that Langfuse sends again) catches
 # it without importing sqlite3, which only the store package uses
 SqliteError = sqlite3.Error
+# the longest an ordinary writer stands aside for urgent ones (each holds the lock for one small insert)
+URGENT_TURN = 1.0
 
 
 # how long an update of the schema waits for the state's lock: long enough for another process of this release that
@@ -50,6 +52,10 @@ class Database(Tables["Transaction"]):
         self.clock = clock
         self._local = threading.local()
         self._write_lock = threading.Lock()
+        # urgent writers waiting for the write lock (the webhook receiver, whose sender gives up within a second),
+        # and the condition that ordinary writers wait on while there are any
+        self._urgent = 0
+        self._turn = threading.Condition()
         self._lock_fd: int | None = None
         # told of the events each transaction stored, once it committed (the metrics count them by type)
         self.on_stored: Callable[[Sequence[StoredEvent]], None] | None = None
@@ -82,16 +88,23 @@ class Database(Tables["Transaction"]):
             self._local.conn = conn
         return conn
 
+    def writers_waiting(self) -> bool:
+        """Whether an urgent writer waits for the write lock: whoever holds a long transaction commits it now."""
+        return self._urgent > 0
+
     @contextmanager
-    def write(self, now: float | None = None) -> Iterator[Transaction]:
+    def write(self, now: float | None = None, *, urgent: bool = False) -> Iterator[Transaction]:
         """One write transaction: everything inside commits together, or nothing does.
 
         Threads of this process queue on a lock first: SQLite's own busy handler sleeps in growing steps (up
         to 100 ms) before it retries, which in a catch-up made the poller and the delivery threads wait for
         each other far longer than their transactions last. Other processes still meet the busy timeout.
+        An `urgent` writer goes first: ordinary ones do not take the lock while one waits (the lock itself is
+        not fair: the poller, committing a page and opening the next, would take it again at once), and the
+        poller's page group commits early when `writers_waiting()` says so.
         """
         conn = self._conn()
-        with self._write_lock:
+        with self._locked(urgent):
             conn.execute("BEGIN IMMEDIATE")
             tx = Transaction(conn, self.clock() if now is None else now)
             try:
@@ -107,6 +120,28 @@ class Database(Tables["Transaction"]):
             except Exception:
                 # the transaction committed: an observer's failure must not look like the write's
                 logging.getLogger(__name__).exception("an observer of stored events failed")
+
+    @contextmanager
+    def _locked(self, urgent: bool) -> Iterator[None]:
+        """Hold the write lock; an urgent caller is counted while it waits, an ordinary one lets urgent ones by."""
+        if urgent:
+            with self._turn:
+                self._urgent += 1
+            try:
+                self._write_lock.acquire()
+            finally:
+                with self._turn:
+                    self._urgent -= 1
+                    self._turn.notify_all()
+        else:
+            with self._turn:
+                # bounded: an urgent writer holds the lock for one small insert and never waits on an ordinary one
+                self._turn.wait_for(lambda: self._urgent == 0, URGENT_TURN)
+            self._write_lock.acquire()
+        try:
+            yield
+        finally:
+            self._write_lock.release()
 
     def close(self) -> None:
         """Close this thread's connection and release the state's lock, if this store took it."""

@@ -1,11 +1,20 @@
 """Events from the webhooks Langfuse sends: prompt versions, monitor alerts, project notifications.
 
-| payload `type`         | event                                   | `data` holds                                  |
-|------------------------|-----------------------------------------|-----------------------------------------------|
-| `prompt-version`       | `prompt.created` / `updated` / `deleted` | projectId, promptId, name, version, labels, url |
-| `monitor-alert`        | `alert.<severity in lower case>`        | projectId, monitorId, title, body, severity, url |
-| `project-notification` | `project.notification`                  | projectId, eventType, severity, message, url  |
-| anything else          | `webhook.unknown`                       | type                                          |
+| payload `type`         | event                                    | `data` holds                                 |
+|------------------------|------------------------------------------|----------------------------------------------|
+| `prompt-version`       | `prompt.created` / `updated` / `deleted` | projectId, promptId, name, version, labels,  |
+|                        |                                          | url                                          |
+| `monitor-alert`        | `alert.<severity in lower case>`         | projectId, monitorId, title, body, severity, |
+|                        |                                          | url, dataUrl                                 |
+| `project-notification` | `project.notification`                   | projectId, eventType, severity, message, url |
+| anything else          | `webhook.unknown`                        | type                                         |
+
+Monitor severities are Langfuse's Prisma enum `MonitorSeverity`: PAUSED, UNKNOWN, NO_DATA, OK, WARNING, ALERT,
+hence `alert.paused` ... `alert.alert`. A monitor's recovery is sent as OK (`alert.ok`;
+packages/shared/src/features/monitors/processor/applyStateMachine.ts), and `monitorId` is the only id shared
+by a firing and its recovery: a rule that groups by `data.monitorId` and resolves on `alert.ok`
+(`resolve_when`) follows one incident per monitor. A severity Langfuse may add later follows the same rule;
+one that is not a word becomes `alert.unknown`.
 
 A payload that already has the event envelope's shape (`event`, `timestamp`, `data`) passes through as it is,
 with its own `id` if it has one; only its `source` becomes "webhook". Every other event keeps the whole
@@ -32,7 +41,9 @@ from ..util.durations import parse_time
 SOURCE = "webhook"
 UNKNOWN = "webhook.unknown"
 PROMPT_ACTIONS = ("created", "updated", "deleted")
-# an event type that passes through must look like one: "trace.updated", "alert.high", "my_team.deploy"
+# what a monitor-alert's payload.severity can be, in Langfuse's order (`MonitorSeverity`)
+MONITOR_SEVERITIES = ("PAUSED", "UNKNOWN", "NO_DATA", "OK", "WARNING", "ALERT")
+# an event type that passes through must look like one: "trace.updated", "alert.warning", "my_team.deploy"
 _EVENT_TYPE = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 _SEVERITY = re.compile(r"[a-z0-9_\-]{1,40}")
 
@@ -144,6 +155,8 @@ def _alert_data(alert: Mapping[str, Any]) -> dict[str, Any]:
         "body": message.get("body"),
         "severity": alert.get("severity"),
         "url": alert.get("permalink"),
+        # sent with WARNING and ALERT only: the data behind the alert
+        "dataUrl": alert.get("dataPermalink"),
     }
 
 

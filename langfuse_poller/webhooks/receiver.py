@@ -37,6 +37,7 @@ from ..events import Event
 from ..registry import Router
 from ..store import SqliteError, Store
 from . import signing
+from .activation import inherited_listener
 from .payloads import event_from_webhook
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ class WebhookReceiver:
     """Serves `WebhookApp` on `[webhook] listen` in a background thread; `start` and `stop` it.
 
     Each stored event kicks `kick` (the delivery worker). Binding happens in `start`, so a port in use or a
-    bad certificate is reported there, before anything runs.
+    bad certificate is reported there, before anything runs. A listening socket handed over by systemd
+    (activation.py: `LISTEN_FDS`, `LISTEN_PID`) is served instead of binding `listen`: it stays open across
+    restarts, so that connections wait in its queue rather than being refused.
     """
 
     def __init__(
@@ -266,7 +269,8 @@ class WebhookReceiver:
         """Bind the address, then serve in a background thread; raises when it cannot."""
         from hypercorn.config import Config as HypercornConfig
 
-        sock = self._bind()
+        inherited = inherited_listener()
+        sock = self._bind() if inherited is None else self._adopt(inherited)
         timeout = self.config.timeout.total_seconds()
         server = HypercornConfig()
         # hypercorn takes the bound socket over: a bind error was ours to report, in the caller's thread
@@ -308,7 +312,9 @@ class WebhookReceiver:
                 raise LangfusePollerError(
                     f"the webhook receiver on {self.url} did not start: {self._failure or 'timed out'}"
                 )
-        log.info("receiving Langfuse webhooks on %s", self.url)
+        log.info(
+            "receiving Langfuse webhooks on %s%s", self.url, " (a socket handed over by systemd)" if inherited else ""
+        )
 
     def _bind(self) -> socket.socket:
         host = "127.0.0.1" if self.config.host == "localhost" else self.config.host
@@ -325,6 +331,15 @@ class WebhookReceiver:
                 "stop what uses it, or change [webhook] listen"
             ) from None
         self.address = (host, int(sock.getsockname()[1]))
+        return sock
+
+    def _adopt(self, sock: socket.socket) -> socket.socket:
+        """Serve a listening socket handed over by socket activation; `[webhook] listen` is not bound then."""
+        host, port = sock.getsockname()[:2]
+        if (host, port) != (self.config.host, self.config.port):
+            log.info("[webhook] listen (%s:%d) is not used: systemd handed over %s:%d", self.config.host,
+                     self.config.port, host, port)  # fmt: skip
+        self.address = (host, int(port))
         return sock
 
     def _serve(self, server: Any) -> None:
@@ -355,7 +370,8 @@ class WebhookReceiver:
 
     def _store_now(self, event: Event) -> bool:
         targets = self.router.targets(event)
-        with self.store.write() as tx:
+        # urgent: the poller's page group and the delivery worker let it by (Langfuse gives up within a second)
+        with self.store.write(urgent=True) as tx:
             stored = tx.enqueue(event, targets)
         if stored:
             if not targets:

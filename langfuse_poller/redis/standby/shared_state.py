@@ -365,6 +365,10 @@ class SharedPollState:
         finally:
             self._term = None
 
+    def writers_waiting(self) -> bool:
+        # a page's writes are collected, then committed at once: an open transaction holds no lock
+        return False
+
     @contextmanager
     def write(self, now: float | None = None) -> Iterator[SharedTransaction]:
         """Collect a page's writes; on a clean exit, commit them in the order of the module docstring."""
