@@ -3,7 +3,7 @@ large backlog into the same state.
 
     python bench/webhook_load.py --observations 40000 --rate 20
 
-Langfuse gives a webhook 4 attempts within about a second and never sends it again (research: the worker's
+Langfuse gives a webhook 4 attempts within about a second and never sends it again (the Langfuse worker's
 `backOff(..., {numOfAttempts: 4})` in `worker/src/queues/webhooks.ts`): an answer that takes too long, or a
 503, is a lost event. Here `langfuse-poller run` (a subprocess) polls a backlog of `--observations` from a
 FakeLangfuse in this process, with the receiver on and a jsonl notifier, while a sender (another subprocess,
