@@ -313,8 +313,12 @@ def test_metadata_values_are_cut_unless_expanded(fake: FakeLangfuse, http: httpx
     fake.add_observation(metadata={"long": "x" * 500, "short": "y", "other": "z" * 300})
     meta = http.get(OBS, params={"fields": "metadata"}).json()["data"][0]["metadata"]
     assert meta == {"long": "x" * 200, "short": "y", "other": "z" * 200}
+    # naming any key, or reading io, reads every value whole, as the server does
+    whole = {"long": "x" * 500, "short": "y", "other": "z" * 300}
     meta = http.get(OBS, params={"fields": "metadata", "expandMetadata": "long"}).json()["data"][0]["metadata"]
-    assert meta == {"long": "x" * 500, "short": "y", "other": "z" * 200}
+    assert meta == whole
+    meta = http.get(OBS, params={"fields": "metadata,io"}).json()["data"][0]["metadata"]
+    assert meta == whole
 
 
 def test_time_filters_are_half_open(fake: FakeLangfuse, http: httpx.Client, api: LangfuseAPI) -> None:

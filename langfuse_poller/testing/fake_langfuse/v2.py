@@ -113,8 +113,11 @@ class V2Lists(Records):
             return not environments or rec.get("environment") in environments
 
         keys = tuple(k for g in OBSERVATION_FIELD_GROUPS if g in groups for k in OBSERVATION_FIELD_GROUPS[g])
-        expand = frozenset(k.strip() for k in (query_value(query, "expandMetadata") or "").split(",") if k.strip())
-        cut_metadata = "metadata" in groups
+        expand = [k for k in (query_value(query, "expandMetadata") or "").split(",") if k.strip()]
+        # the server reads metadata from events_core, whose values are cut at 200 characters, unless expandMetadata
+        # names any key or io is read: then from events_full, every value whole, named or not
+        # (packages/shared/src/server/repositories/events.ts, getObservationsV2FromEventsTableForPublicApi)
+        cut_metadata = "metadata" in groups and not expand and "io" not in groups
 
         page, last, more = self._page(self._observations, lo, hi, cursor_key, limit, matches)
         if self.duplicate_rows:
@@ -128,7 +131,7 @@ class V2Lists(Records):
             if "totalCost" in out:
                 out["totalCost"] = _total_cost(rec)
             if cut_metadata:
-                out["metadata"] = _cut_metadata(out["metadata"], expand)
+                out["metadata"] = _cut_metadata(out["metadata"])
             data.append(out)
         meta: dict[str, Any] = {}
         if more and last is not None:
@@ -262,12 +265,9 @@ def _parse_groups(text: str | None, table: Mapping[str, tuple[str, ...]], defaul
     return frozenset(groups | {"core"})
 
 
-def _cut_metadata(metadata: Any, expand: frozenset[str]) -> Any:
+def _cut_metadata(metadata: Any) -> Any:
     if not isinstance(metadata, dict):
         return metadata
     if not any(isinstance(v, str) and len(v) > _METADATA_CUT for v in metadata.values()):
         return metadata
-    return {
-        k: v[:_METADATA_CUT] if isinstance(v, str) and len(v) > _METADATA_CUT and k not in expand else v
-        for k, v in metadata.items()
-    }
+    return {k: v[:_METADATA_CUT] if isinstance(v, str) and len(v) > _METADATA_CUT else v for k, v in metadata.items()}
