@@ -191,14 +191,7 @@ def evaluate(rule: Rule, group: Group, now: float, progress: float, *, muted: bo
         clears_at = (group.last_match_at or group.opened_at) + grouping.resolve_after.total_seconds()
         clear = now >= clears_at
     if clear:
-        if group.count > group.notified_count and not muted:
-            # never resolve over matches nobody was told about
-            notices.append(_notify(rule, group, now, "update" if group.notified else "new"))
-        if group.notified:
-            notices.append(_notify(rule, group, now, "resolved"))
-        group.state = "resolved"
-        group.next_at = None
-        return notices
+        return notices + resolve(rule, group, now, muted=muted)
     wakes = [clears_at]
     if muted:
         # what waits for the silence to end is looked at again now and then, not at every tick
@@ -226,6 +219,7 @@ def resolve(rule: Rule, group: Group, now: float, *, muted: bool = False) -> lis
         return []
     notices: list[Event] = []
     if group.count > group.notified_count and not muted:
+        # never resolve over matches nobody was told about
         notices.append(_notify(rule, group, now, "update" if group.notified else "new"))
     if group.notified:
         notices.append(_notify(rule, group, now, "resolved"))
