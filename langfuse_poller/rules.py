@@ -3,7 +3,8 @@
 A rule either forwards each matching event to its notifiers, or groups its matches into alerts with
 Alertmanager's semantics (`group_by`, `group_wait`, `group_interval`, `repeat_interval`, `resolve_after`).
 A rule groups when it sets any grouping key, when it is a `frequency` or `absence` rule, or when it notifies
-Slack or PagerDuty (unless `group = false`): people are paged by alerts, not by each of ten thousand events.
+Slack, PagerDuty or Alertmanager (unless `group = false`): people are paged by alerts, not by each of ten
+thousand events.
 An event rule's `resolve_when` resolves a group on an event that says the problem is over (a Langfuse monitor's
 `alert.ok`), rather than after `resolve_after` of quiet.
 """
@@ -33,7 +34,7 @@ GROUPING_KEYS = (
     "resolve_when",
 )
 # notifier types that people read: a rule sending to them groups unless it says `group = false`
-ALERT_NOTIFIER_TYPES = frozenset({"slack", "pagerduty"})
+ALERT_NOTIFIER_TYPES = frozenset({"slack", "pagerduty", "alertmanager"})
 # the top-level keys of the event envelope, where group_by paths start
 ENVELOPE_KEYS = frozenset({"id", "event", "timestamp", "source", "data"})
 MAX_NAME = 100  # rule names go into PagerDuty's dedup_key, which holds 255 characters

@@ -455,7 +455,7 @@ BAD_CONFIGS = {
         f'{langfuse_section(NOWHERE)}[notifiers.mail]\ntype = "smtp"\nto = "ops@example.com"\n',
         "notifiers.mail.type",
         "found 'smtp'",
-        ("a notifier type: jsonl, log, pagerduty, slack, webhook",),
+        ("a notifier type: alertmanager, jsonl, log, pagerduty, slack, webhook",),
     ),
 }
 

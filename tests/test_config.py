@@ -29,7 +29,8 @@ def test_the_example_config_loads_with_every_section() -> None:
     assert config.poll.interval == timedelta(seconds=10)
     assert config.poll.lookback == timedelta(minutes=10)
     assert config.poll.sweep_ages == (timedelta(minutes=1), timedelta(minutes=10))
-    assert {n.type for n in config.notifiers.values()} == {"webhook", "jsonl", "log", "slack", "pagerduty"}
+    types = {"webhook", "jsonl", "log", "slack", "pagerduty", "alertmanager"}
+    assert {n.type for n in config.notifiers.values()} == types
     rules = {rule.name: rule for rule in config.rules}
     assert list(rules) == [
         "trace-errors",

@@ -16,6 +16,7 @@ class Settings(Protocol):
 
 def notifier_types() -> dict[str, Any]:
     """The built-in types, by the name used in `type = "..."`. Imported lazily: config is read by every command."""
+    from .alertmanager import AlertmanagerSettings
     from .jsonl import JsonlSettings
     from .log import LogSettings
     from .pagerduty import PagerDutySettings
@@ -28,6 +29,7 @@ def notifier_types() -> dict[str, Any]:
         "log": LogSettings,
         "slack": SlackSettings,
         "pagerduty": PagerDutySettings,
+        "alertmanager": AlertmanagerSettings,
     }
 
 
