@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ import pytest
 
 from langfuse_poller import events
 from langfuse_poller.alerting.groups import Group
+from langfuse_poller.alerting.resend import Resender
 from langfuse_poller.config import load_config, parse_config
 from langfuse_poller.errors import ConfigError, DeliveryError
 from langfuse_poller.events import Event
@@ -343,6 +346,88 @@ def test_alertmanager_refusing_an_alert_is_final_with_its_message(alertmanager: 
         notifier.close()
 
 
+def test_the_daemon_keeps_an_open_group_active_past_resolve_timeout(tmp_path: Path, alertmanager: Alertmanager) -> None:
+    port = free_port()
+    with FakeLangfuse() as fake:
+        fake.add_trace(name="chat", environment="production", level="ERROR", start_time=datetime.now(UTC))
+        config = tmp_path / "config.toml"
+        config.write_text(
+            f"""[langfuse]
+base_url = {json.dumps(fake.url)}
+public_key = "pk-lf-test"
+secret_key = "sk-lf-test"
+
+[poll]
+interval = "250ms"
+start = "-1h"
+settle = "0s"
+reread = []
+lookback = "5s"
+sweep_interval = "1s"
+
+[state]
+path = {json.dumps(str(tmp_path / "state.db"))}
+
+[metrics]
+listen = "127.0.0.1:{port}"
+
+[[rules]]
+name = "trace-errors"
+events = ["trace.updated"]
+when = 'data.level == "ERROR"'
+group_by = ["data.environment"]
+group_wait = "0s"
+resolve_after = "1h"
+notify = ["am"]
+
+[notifiers.am]
+type = "alertmanager"
+url = {json.dumps(alertmanager.url)}
+username = "langfuse-poller"
+password = {json.dumps(PASSWORD)}
+resend_interval = "1s"
+""",
+            encoding="utf-8",
+        )
+        log = tmp_path / "daemon.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LANGFUSE_", "NOTIFY_", "WATCHDOG_"))}
+        env["XDG_STATE_HOME"] = str(tmp_path / "xdg-state")
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "langfuse_poller", "run", "--config", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        try:
+            assert wait_for(lambda: len(alertmanager.active()) == 1, 30), log.read_text()
+            seen = time.monotonic()
+            # Alertmanager would end it RESOLVE_TIMEOUT after the first send; the daemon's re-sends keep it active
+            while time.monotonic() - seen < 2.5 * RESOLVE_TIMEOUT:
+                [alert] = alertmanager.active()
+                assert alert["labels"]["environment"] == "production"
+                time.sleep(0.25)
+            scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            [line] = [
+                line
+                for line in scrape.splitlines()
+                if line.startswith('langfuse_poller_alert_resends_total{notifier="am",outcome="sent"}')
+            ]
+            assert float(line.split()[-1]) >= 3
+            assert 'langfuse_poller_alert_resends_total{notifier="am",outcome="failed"} 0.0' in scrape
+        finally:
+            proc.terminate()
+            assert proc.wait(20) == 0
+        # the group is still open, but nobody re-sends it now: Alertmanager ends it after its resolve_timeout
+        assert wait_for(lambda: alertmanager.active() == [], 3 * RESOLVE_TIMEOUT)
+        text = log.read_text()
+        assert PASSWORD not in text and "Traceback" not in text, text
+
+
+# --- a stand-in in front: credentials, refusals, retries, HA pairs, re-sends -------------------------------
+
+
 def firing(rt: Any, recorder: Recorder) -> None:
     """Route one ERROR match to the rule, let it fire (group_wait 0s) and deliver the notification."""
     event = Event(
@@ -442,6 +527,51 @@ def test_an_ha_pair_succeeds_when_one_member_accepts(recorder: Recorder, caplog:
     finally:
         notifier.close()
         other.close()
+
+
+def test_open_groups_are_re_sent_on_each_notifiers_interval_until_they_resolve(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    clock = Clock(time.time())
+    with FakeLangfuse(clock=clock) as fake:
+        config = alert_config(fake, tmp_path, {"url": recorder.url, "resend_interval": "30s"})
+        with runtime_for(config, clock) as rt:
+            rt.alerter.start()
+            resender = Resender(clock=clock)
+            state = rt.store.alert_state()
+
+            def resend() -> int:
+                return resender.run(state, rt.alerter.rules, rt.worker.targets)
+
+            # nothing told yet: nothing to re-send (group_wait is the alerter's to keep)
+            assert resend() == 0 and recorder.requests == []
+            firing(rt, recorder)
+            [(_, _, [told])] = recorder.requests
+            # each notifier keeps its own interval, from its last look
+            assert resend() == 0
+            clock.advance(30)
+            assert resend() == 1
+            [again] = recorder.requests[-1][2]
+            assert again["labels"] == told["labels"] and again["startsAt"] == told["startsAt"]
+            assert "endsAt" not in again
+            clock.advance(29)
+            assert resend() == 0
+            clock.advance(1)
+            assert resend() == 1 and len(recorder.requests) == 3
+            assert resender.counts["am", "sent"] == 2
+            # a failed re-send is counted; the next interval tries again
+            recorder.statuses = [(503, "")]
+            clock.advance(30)
+            assert resend() == 0 and resender.counts["am", "failed"] == 1
+            # resolved: told once with its end, never re-sent
+            clock.advance(5 * 60)
+            rt.alerter.tick()
+            rt.worker.run_until_idle()
+            [resolved] = recorder.requests[-1][2]
+            assert resolved["labels"] == told["labels"] and "endsAt" in resolved
+            count = len(recorder.requests)
+            clock.advance(60)
+            assert resend() == 0 and len(recorder.requests) == count
 
 
 def test_a_re_send_built_before_the_resolve_never_reopens_the_alert(tmp_path: Path, recorder: Recorder) -> None:

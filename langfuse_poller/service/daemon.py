@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
+from ..alerting.resend import RESEND_TICK, Resender
 from ..config import Config
 from ..errors import LangfusePollerError
 from ..langfuse.reader import Cancelled
@@ -50,6 +51,7 @@ class Daemon:
         self._reload = threading.Event()
         self._scheduler: Any = None
         self.service = Service(runtime, self.stopping, load_config=load_config)
+        self.resender = Resender()
 
     def poll_job(self) -> None:
         replica = self.runtime.replica
@@ -104,6 +106,16 @@ class Daemon:
                 self.runtime.worker.kick()
         except Exception:
             log.exception("alert groups could not be evaluated; the next tick tries again")
+
+    def resend_job(self) -> None:
+        replica = self.runtime.replica
+        if replica is not None and not replica.may_poll():
+            return  # a standby tells nobody: the leader re-sends the groups it told
+        runtime = self.runtime
+        try:
+            self.resender.run(runtime.store.alert_state(), runtime.alerter.rules, runtime.worker.targets)
+        except Exception:
+            log.exception("open alerts could not be re-sent; the next tick tries again")
 
     def maintenance_job(self) -> None:
         retention = self.runtime.config.delivery.retention.total_seconds()
@@ -172,8 +184,11 @@ class Daemon:
             )
         scheduler.add_job(self.deliver_job, IntervalTrigger(seconds=DELIVERY_TICK), id="deliver", next_run_time=now)
         scheduler.add_job(self.alert_job, IntervalTrigger(seconds=ALERT_TICK), id="alerts", next_run_time=now)
+        scheduler.add_job(self.resend_job, IntervalTrigger(seconds=RESEND_TICK), id="resend", next_run_time=now)
         scheduler.add_job(self.maintenance_job, IntervalTrigger(seconds=MAINTENANCE_EVERY), id="maintenance")
         self.service.start(scheduler)
+        if self.service.metrics is not None:
+            self.service.metrics.registry.register(self.resender.collector())
         scheduler.start()
         if runtime.replica is not None:
             # its own thread, not a scheduler job: a reload pauses the jobs, and a lease must never wait for it
