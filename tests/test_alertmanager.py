@@ -545,6 +545,8 @@ def test_open_groups_are_re_sent_on_each_notifiers_interval_until_they_resolve(
 
             # nothing told yet: nothing to re-send (group_wait is the alerter's to keep)
             assert resend() == 0 and recorder.requests == []
+            # the metric's series exist from the first look
+            assert dict(resender.counts) == {("am", "sent"): 0, ("am", "failed"): 0}
             firing(rt, recorder)
             [(_, _, [told])] = recorder.requests
             # each notifier keeps its own interval, from its last look

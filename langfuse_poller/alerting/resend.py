@@ -77,6 +77,9 @@ class Resender:
         sent = 0
         for name, notifier in due.items():
             self._next[name] = now + notifier.resend_interval
+            for outcome in OUTCOMES:
+                # the series exist from the first look, so that `increase()` sees the first re-send
+                self.counts[name, outcome] += 0
             events = [
                 alert_event(rules[group.rule], group, now, status="firing", reason="resend", new=0)
                 for group in groups

@@ -211,11 +211,12 @@ class AlertmanagerNotifier(Notifier):
 
     def send(self, event: Event) -> None:
         alerts = self.alerts_for(event)
-        if event.type == "rule.resolved" and data_key(event) is not None:
+        key = data_key(event)
+        if event.type == "rule.resolved" and key is not None:
             # taken after any re-send in flight has posted: the resolve then lands after it, and no later
             # re-send posts this group again
             with self._lock:
-                self._remember(str(data_key(event)))
+                self._remember(key)
         self._post(alerts)
 
     def resend(self, events: Sequence[Event]) -> int:
