@@ -230,7 +230,7 @@ def test_settings_and_their_config_errors() -> None:
         ({}, "url"),
         ({"url": "127.0.0.1:9093"}, "url"),
         ({"url": []}, "url"),
-        ({"url": ["http://a:9093", "http://a:9093"]}, "url"),
+        ({"url": ["http://a:9093", "http://a:9093/"]}, "url"),
         ({"url": f"http://admin:{PASSWORD}@a:9093"}, "url"),
         ({"url": "http://a:9093", "username": "admin"}, "password"),
         ({"url": "http://a:9093", "password": PASSWORD}, "username"),

@@ -111,7 +111,7 @@ class AlertmanagerSettings:
                 raise table.error("url", "<hidden>", f"{expected}, without credentials (use username and password)")
             if parts.query or parts.fragment:
                 raise table.error("url", url, f"{expected}, without query or fragment")
-        if len(set(urls)) != len(urls):
+        if len({url.rstrip("/") for url in urls}) != len(urls):
             raise table.error("url", raw, f"{expected}, each URL once")
         username = table.string("username")
         password = table.secret("password")
