@@ -41,6 +41,7 @@ from ..errors import LangfusePollerError
 from ..langfuse.legacy import TRACES_PATH
 from ..store import StoredEvent
 from ..util.listening import format_listen
+from .usage import UsageMetrics
 
 if TYPE_CHECKING:
     from ..redis.standby.report import QueueReport
@@ -248,6 +249,11 @@ class Metrics:
         )
         self.last_reload_ok.set(1)
         self.registry.register(StateCollector(runtime, stalled))
+        # the usage series (`[metrics] usage`), counted from the events the poller makes (service/usage.py)
+        self.usage: UsageMetrics | None = None
+        if runtime.config.metrics.usage is not None:
+            self.usage = UsageMetrics(runtime.config.metrics.usage)
+            self.registry.register(self.usage)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self._server: _Server | None = None
