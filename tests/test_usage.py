@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 
 from langfuse_poller import poller as poller_module
 from langfuse_poller.config import Config, parse_config
@@ -51,9 +50,7 @@ def counting(runtime: Runtime) -> UsageMetrics:
 
 
 def scrape(usage: UsageMetrics) -> Samples:
-    registry = CollectorRegistry()
-    registry.register(usage)
-    return parse(generate_latest(registry).decode())
+    return parse(usage.render())
 
 
 def test_config_keys_and_errors_name_the_key(fake: FakeLangfuse, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from ..langfuse.legacy import TRACES_PATH
 from ..store import StoredEvent
 from ..util.listening import format_listen
 from .usage import UsageMetrics
+from .usage import wsgi_app as usage_app
 
 if TYPE_CHECKING:
     from ..redis.standby.report import QueueReport
@@ -253,7 +254,6 @@ class Metrics:
         self.usage: UsageMetrics | None = None
         if runtime.config.metrics.usage is not None:
             self.usage = UsageMetrics(runtime.config.metrics.usage)
-            self.registry.register(self.usage)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self._server: _Server | None = None
@@ -278,7 +278,7 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> None:
         """Listen on host:port and serve `/metrics` from a background thread; LangfusePollerError if it cannot."""
-        app = make_wsgi_app(self.registry)
+        app = make_wsgi_app(self.registry) if self.usage is None else usage_app(self.registry, self.usage)
         server_class = _Server6 if ":" in host else _Server
         try:
             server = server_class((host, port), _QuietHandler)

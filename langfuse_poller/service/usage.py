@@ -17,14 +17,16 @@ thousands of records a second, and a prometheus_client child per series would co
 
 from __future__ import annotations
 
+import gzip
 import logging
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted, make_wsgi_app
 
 from ..events import ERROR_LEVELS, Event, Seen
 from ..usage_config import UsageConfig, label_name
@@ -32,6 +34,7 @@ from ..usage_config import UsageConfig, label_name
 log = logging.getLogger(__name__)
 
 OTHER = "other"
+EOF = b"# EOF\n"
 # generations take from a fraction of a second (a small model, a cached answer) to minutes (reasoning, long
 # outputs); the first token comes within 50 ms (cached) to tens of seconds (a reasoning model thinking first)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
@@ -93,9 +96,9 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-class UsageMetrics(Collector):
+class UsageMetrics:
     """The usage series: `tally` turns a page's events into increments, the callable it returns applies them,
-    and `collect` (a prometheus_client collector) serves them at scrape time."""
+    and `render` writes them out at scrape time."""
 
     def __init__(self, config: UsageConfig, prefix: str = "langfuse") -> None:
         self.config = config
@@ -110,6 +113,9 @@ class UsageMetrics(Collector):
         self._values: dict[tuple[str, int], set[str]] = {}
         self.folded: dict[tuple[str, str], float] = {}
         self._warned: set[str] = set()
+        # the label text of each series, by its values; bounded as the series are (max_series per extra label)
+        self._bodies: dict[str, dict[Labels, str]] = {}
+        self._buckets: dict[tuple[str, str], list[str]] = {}
 
     # counting
 
@@ -257,36 +263,98 @@ class UsageMetrics(Collector):
 
     # serving
 
-    def collect(self) -> Iterable[Metric]:
+    def render(self, openmetrics: bool = False) -> str:
+        """The series in the Prometheus text format (0.0.4), or in OpenMetrics' (without its `# EOF`).
+
+        Written here rather than by prometheus_client's exposition, which checks and escapes every label of every
+        sample: with 1,000 series per metric it took ~0.5 s a scrape, this takes a tenth of that or less.
+        """
         with self._lock:
             counters = {name: dict(series) for name, series in self._counters.items()}
             histograms = {name: {k: list(v) for k, v in series.items()} for name, series in self._histograms.items()}
             folded = dict(self.folded)
+        out: list[str] = []
         for name, documentation, base in COUNTERS:
-            labels = [*base, *map(label_name, self.extras[name])]
-            family = CounterMetricFamily(f"{self.prefix}_{name}", documentation, labels=labels)
-            for key, value in counters[name].items():
-                family.add_metric(key, value)
-            yield family
+            full = f"{self.prefix}_{name}"
+            _header(out, full, documentation, "counter", openmetrics)
+            names = (*base, *map(label_name, self.extras[name]))
+            out.extend(f"{full}{{{self._body(name, names, key)}}} {value!r}\n" for key, value in counters[name].items())
         for name, documentation, base in HISTOGRAMS:
-            labels = [*base, *map(label_name, self.extras[name])]
-            histogram = HistogramMetricFamily(f"{self.prefix}_{name}", documentation, labels=labels)
-            bounds = [*(_bound(b) for b in self.buckets[name]), "+Inf"]
+            full = f"{self.prefix}_{name}"
+            _header(out, full, documentation, "histogram", openmetrics)
+            names = (*base, *map(label_name, self.extras[name]))
+            bounds = [*(repr(float(b)) for b in self.buckets[name]), "+Inf"]
             for key, counts in histograms[name].items():
-                running, cumulative = 0.0, []
-                for bound, count in zip(bounds, counts, strict=False):
-                    running += count
-                    cumulative.append((bound, running))
-                histogram.add_metric(list(key), cumulative, counts[-1])
-            yield histogram
-        family = CounterMetricFamily(
-            "langfuse_poller_usage_labels_folded_total",
-            "Records whose value of an extra usage label went to 'other' ([metrics] usage_max_series reached).",
-            labels=["metric", "label"],
+                body = self._body(name, names, key)
+                cumulative = list(accumulate(counts[:-1]))
+                lines = self._bucket_lines(full, body, bounds)
+                out.extend(map(str.__add__, lines, map(repr, cumulative)))
+                out.append(f"\n{full}_count{{{body}}} {cumulative[-1]!r}\n{full}_sum{{{body}}} {counts[-1]!r}\n")
+        full = "langfuse_poller_usage_labels_folded_total"
+        _header(
+            out,
+            full,
+            "Records whose value of an extra usage label went to 'other' (usage_max_series).",
+            "counter",
+            openmetrics,
         )
         for (metric, label), value in folded.items():
-            family.add_metric([metric, label], value)
-        yield family
+            out.append(f'{full}{{metric="{metric}",label="{label}"}} {value!r}\n')
+        return "".join(out)
+
+    def _bucket_lines(self, full: str, body: str, bounds: Sequence[str]) -> list[str]:
+        """The start of each bucket line of a series, made once and kept, as `_body` is."""
+        lines = self._buckets.get((full, body))
+        if lines is None:
+            # each line but the first starts with the newline that ends the one before: one concatenation per line
+            lines = [f'\n{full}_bucket{{{body},le="{bound}"}} ' for bound in bounds]
+            lines[0] = lines[0][1:]
+            self._buckets[full, body] = lines
+        return lines
+
+    def _body(self, metric: str, names: Sequence[str], values: Labels) -> str:
+        """The inside of a series' braces, made once per series and kept: a scrape reuses it."""
+        bodies = self._bodies.setdefault(metric, {})
+        body = bodies.get(values)
+        if body is None:
+            body = bodies[values] = ",".join(f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True))
+        return body
+
+
+def wsgi_app(registry: CollectorRegistry, usage: UsageMetrics) -> Callable[..., Iterable[bytes]]:
+    """The `/metrics` app with the usage series after the registry's own: prometheus_client's app, whose answer to
+    a GET gets the usage text added in the format it chose (the text format, or OpenMetrics, before `# EOF`)."""
+    plain = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") != "GET" or environ.get("PATH_INFO") == "/favicon.ico":
+            return plain(environ, start_response)  # type: ignore[no-any-return]
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT") or "")
+        openmetrics = content_type.startswith("application/openmetrics-text")
+        output = encoder(registry)
+        added = usage.render(openmetrics).encode()
+        output = output.removesuffix(EOF) + added + EOF if openmetrics else output + added
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
+            # the fastest level: a scrape with thousands of series compresses ~8x at a fraction of level 9's time
+            output = gzip.compress(output, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [output]
+
+    return app
+
+
+def _header(out: list[str], name: str, documentation: str, kind: str, openmetrics: bool) -> None:
+    # OpenMetrics names a counter's family without the `_total` of its sample
+    family = name.removesuffix("_total") if openmetrics and kind == "counter" else name
+    out.append(f"# HELP {family} {documentation}\n# TYPE {family} {kind}\n")
+
+
+def _escape(value: str) -> str:
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
 
 
 def _add(counters: CounterDelta, metric: str, labels: Labels, value: float) -> None:
@@ -296,7 +364,3 @@ def _add(counters: CounterDelta, metric: str, labels: Labels, value: float) -> N
     else:
         slot[0] += value
         slot[1] += 1
-
-
-def _bound(value: float) -> str:
-    return repr(float(value))
