@@ -99,6 +99,11 @@ def test_counts_equal_the_records_with_no_rule_subscribed(fake: FakeLangfuse, cl
     with runtime_for(usage_config(fake, tmp_path), clock) as runtime:
         usage = counting(runtime)
         poll(runtime)
+        assert_counts(scrape(usage), expected)
+        # a scrape keeps the text of each histogram series until the series changes: the next one shows the change
+        add_traffic(fake, times(at(clock, 30), timedelta(seconds=1)), 12, expected, start=60)
+        clock.advance(60)
+        poll(runtime)
         samples = scrape(usage)
     assert_counts(samples, expected)
     assert set(expected.tokens) >= {("gpt-4o", "input_cached_tokens"), ("gpt-4o", "output_reasoning_tokens")}

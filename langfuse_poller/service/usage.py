@@ -106,6 +106,10 @@ class UsageMetrics:
         # the extra data fields each metric carries, in config order, after its base labels
         self.extras = {name: config.labels_of(name) for name, _, _ in (*COUNTERS, *HISTOGRAMS)}
         self.buckets = {**BUCKETS, "score_value": config.score_buckets}
+        self.bounds = {name: [*(repr(float(b)) for b in bounds), "+Inf"] for name, bounds in self.buckets.items()}
+        self.label_names = {
+            name: (*base, *map(label_name, self.extras[name])) for name, _, base in (*COUNTERS, *HISTOGRAMS)
+        }
         self._lock = threading.Lock()
         self._counters: dict[str, dict[Labels, float]] = {name: {} for name, _, _ in COUNTERS}
         # series -> counts per bucket (the last is +Inf), then the sum
@@ -115,7 +119,8 @@ class UsageMetrics:
         self._warned: set[str] = set()
         # the label text of each series, by its values; bounded as the series are (max_series per extra label)
         self._bodies: dict[str, dict[Labels, str]] = {}
-        self._buckets: dict[tuple[str, str], list[str]] = {}
+        # the text of each histogram series as the last scrape wrote it, dropped when the series changes
+        self._texts: dict[tuple[str, Labels], str] = {}
 
     # counting
 
@@ -162,32 +167,40 @@ class UsageMetrics:
         return tuple(_text(data.get(f)) for f in fields) if fields else ()
 
     def _generation(self, data: Mapping[str, Any], counters: CounterDelta, histograms: HistogramDelta) -> None:
-        model, environment = _text(data.get("model")), _text(data.get("environment"))
-        extra = self._extra("generations_total", data)
-        _add(counters, "generations_total", (model, environment, _text(data.get("level")), *extra), 1)
+        # the hot path of a catch-up with usage on (most events are generations): one tuple of labels, built once,
+        # and no helper call per series
+        model, environment = data.get("model"), data.get("environment")
+        labels = ("" if model is None else str(model), "" if environment is None else str(environment))
+        fields = self.extras["generations_total"]  # every generation series carries the same extra labels
+        extra = tuple(_text(data.get(f)) for f in fields) if fields else ()
+        series = (*labels, *extra) if extra else labels
+        _add(counters, "generations_total", (*labels, _text(data.get("level")), *extra), 1)
         details = data.get("usageDetails")
-        if isinstance(details, Mapping):
+        if details and isinstance(details, Mapping):
             # the keys as the server stores them: input, output, total, and the detail keys its ingestion makes
             # (input_cached_tokens, output_reasoning_tokens, input_cache_read, ...; see
             # packages/shared/src/server/otel/OtelIngestionProcessor.ts and
             # packages/shared/src/server/ingestion/types.ts). input and output are net of those
             for key, value in details.items():
-                tokens = _number(value)
-                if tokens is not None:
-                    _add(counters, "tokens_total", (model, environment, str(key), *extra), tokens)
+                if type(value) is int or type(value) is float:
+                    typed = ("tokens_total", (*labels, str(key), *extra))
+                    slot = counters.get(typed)
+                    if slot is None:
+                        counters[typed] = [float(value), 1.0]
+                    else:
+                        slot[0] += value
+                        slot[1] += 1
         costs = data.get("costDetails")
         cost = _number(costs.get("total")) if isinstance(costs, Mapping) else None
         if cost is None:
             cost = _number(data.get("totalCost"))
         if cost is not None:
-            _add(counters, "cost_usd_total", (model, environment, *extra), cost)
-        for metric, field in (
-            ("generation_latency_seconds", "latency"),
-            ("generation_time_to_first_token_seconds", "timeToFirstToken"),
-        ):
-            seconds = _number(data.get(field))
-            if seconds is not None and seconds >= 0:
-                self._observe(histograms, metric, (model, environment, *extra), seconds)
+            _add(counters, "cost_usd_total", series, cost)
+        latency, first_token = data.get("latency"), data.get("timeToFirstToken")
+        if (type(latency) is float or type(latency) is int) and latency >= 0:
+            self._observe(histograms, "generation_latency_seconds", series, latency)
+        if (type(first_token) is float or type(first_token) is int) and first_token >= 0:
+            self._observe(histograms, "generation_time_to_first_token_seconds", series, first_token)
 
     def _score(self, data: Mapping[str, Any], counters: CounterDelta, histograms: HistogramDelta) -> None:
         name, source, environment = _text(data.get("name")), _text(data.get("source")), _text(data.get("environment"))
@@ -228,6 +241,7 @@ class UsageMetrics:
                     counts = series[key] = [0.0] * (len(self.buckets[metric]) + 2)
                 counts[bucket] += records
                 counts[-1] += total
+                self._texts.pop((metric, key), None)
 
     def _fold(self, metric: str, labels: Labels, records: float) -> Labels:
         """`labels` with each extra value beyond the metric's `max_series` distinct ones turned into "other"."""
@@ -263,6 +277,11 @@ class UsageMetrics:
 
     # serving
 
+    def series(self, metric: str) -> int:
+        """How many series `metric` (a name without the `langfuse_` prefix) has."""
+        with self._lock:
+            return len(self._counters.get(metric) or self._histograms.get(metric) or ())
+
     def render(self, openmetrics: bool = False) -> str:
         """The series in the Prometheus text format (0.0.4), or in OpenMetrics' (without its `# EOF`).
 
@@ -271,25 +290,21 @@ class UsageMetrics:
         """
         with self._lock:
             counters = {name: dict(series) for name, series in self._counters.items()}
-            histograms = {name: {k: list(v) for k, v in series.items()} for name, series in self._histograms.items()}
             folded = dict(self.folded)
+            # a histogram series is a dozen lines: each is written again only when it changed since the last scrape,
+            # under the lock, so that no change can slip between the counts read and the text kept
+            histograms = {
+                name: [self._histogram_text(name, key) for key in series] for name, series in self._histograms.items()
+            }
         out: list[str] = []
-        for name, documentation, base in COUNTERS:
+        for name, documentation, _ in COUNTERS:
             full = f"{self.prefix}_{name}"
             _header(out, full, documentation, "counter", openmetrics)
-            names = (*base, *map(label_name, self.extras[name]))
+            names = self.label_names[name]
             out.extend(f"{full}{{{self._body(name, names, key)}}} {value!r}\n" for key, value in counters[name].items())
-        for name, documentation, base in HISTOGRAMS:
-            full = f"{self.prefix}_{name}"
-            _header(out, full, documentation, "histogram", openmetrics)
-            names = (*base, *map(label_name, self.extras[name]))
-            bounds = [*(repr(float(b)) for b in self.buckets[name]), "+Inf"]
-            for key, counts in histograms[name].items():
-                body = self._body(name, names, key)
-                cumulative = list(accumulate(counts[:-1]))
-                lines = self._bucket_lines(full, body, bounds)
-                out.extend(map(str.__add__, lines, map(repr, cumulative)))
-                out.append(f"\n{full}_count{{{body}}} {cumulative[-1]!r}\n{full}_sum{{{body}}} {counts[-1]!r}\n")
+        for name, documentation, _ in HISTOGRAMS:
+            _header(out, f"{self.prefix}_{name}", documentation, "histogram", openmetrics)
+            out.extend(histograms[name])
         full = "langfuse_poller_usage_labels_folded_total"
         _header(
             out,
@@ -302,15 +317,22 @@ class UsageMetrics:
             out.append(f'{full}{{metric="{metric}",label="{label}"}} {value!r}\n')
         return "".join(out)
 
-    def _bucket_lines(self, full: str, body: str, bounds: Sequence[str]) -> list[str]:
-        """The start of each bucket line of a series, made once and kept, as `_body` is."""
-        lines = self._buckets.get((full, body))
-        if lines is None:
-            # each line but the first starts with the newline that ends the one before: one concatenation per line
-            lines = [f'\n{full}_bucket{{{body},le="{bound}"}} ' for bound in bounds]
-            lines[0] = lines[0][1:]
-            self._buckets[full, body] = lines
-        return lines
+    def _histogram_text(self, metric: str, key: Labels) -> str:
+        """The lines of one histogram series, kept until `_apply` changes it; called with the lock held."""
+        text = self._texts.get((metric, key))
+        if text is not None:
+            return text
+        full = f"{self.prefix}_{metric}"
+        counts = self._histograms[metric][key]
+        body = self._body(metric, self.label_names[metric], key)
+        cumulative = list(accumulate(counts[:-1]))
+        lines = [
+            f'{full}_bucket{{{body},le="{bound}"}} {count!r}\n'
+            for bound, count in zip(self.bounds[metric], cumulative, strict=True)
+        ]
+        lines.append(f"{full}_count{{{body}}} {cumulative[-1]!r}\n{full}_sum{{{body}}} {counts[-1]!r}\n")
+        text = self._texts[metric, key] = "".join(lines)
+        return text
 
     def _body(self, metric: str, names: Sequence[str], values: Labels) -> str:
         """The inside of a series' braces, made once per series and kept: a scrape reuses it."""
