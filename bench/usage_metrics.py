@@ -151,14 +151,16 @@ def main() -> None:
                         # series it changed are written again, the others come from the last scrape's text
                         usage.tally(pages.page(), set())()
                         began = time.perf_counter()
-                        response = client.get(url, headers=headers)
+                        # the body as sent: Prometheus, not the daemon, spends the time to decompress it
+                        with client.stream("GET", url, headers=headers) as response:
+                            size = sum(map(len, response.iter_raw()))
                         times.append((time.perf_counter() - began) * 1000)
-                        size = len(response.content)
                         assert response.status_code == 200
                     times.sort()
                     print(
                         f"scrape, {label}: median {statistics.median(times):.1f} ms, "
-                        f"p90 {times[int(len(times) * 0.9) - 1]:.1f} ms, max {times[-1]:.1f} ms; {size / 1e6:.2f} MB"
+                        f"p90 {times[int(len(times) * 0.9) - 1]:.1f} ms, max {times[-1]:.1f} ms; "
+                        f"{size / 1e6:.2f} MB sent"
                     )
             rss = [(0, rss_mb())]
             spent = 0.0
