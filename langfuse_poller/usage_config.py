@@ -79,8 +79,7 @@ def parse_usage(table: Table, poll_fields: tuple[str, ...]) -> UsageConfig | Non
     labels = table.str_list("usage_labels")
     max_series = table.integer("usage_max_series", DEFAULT_MAX_SERIES, minimum=1, maximum=100_000)
     buckets = _buckets(table, "usage_score_buckets")
-    if not enabled:
-        return None
+    # checked even while `usage` is off: switching it on later must not be what reveals a wrong label
     for index, data_field in enumerate(labels):
         if data_field not in LABEL_FIELDS:
             raise table.error("usage_labels", data_field, LABELS_FORM)
@@ -92,6 +91,8 @@ def parse_usage(table: Table, poll_fields: tuple[str, ...]) -> UsageConfig | Non
                 data_field,
                 f'a field the events carry: {data_field} comes with "prompt" in [poll] fields',
             )
+    if not enabled:
+        return None
     return UsageConfig(labels=labels, max_series=max_series, score_buckets=buckets)
 
 

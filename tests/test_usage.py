@@ -74,6 +74,10 @@ def test_config_keys_and_errors_name_the_key(fake: FakeLangfuse, tmp_path: Path)
         with pytest.raises(ConfigError) as error:
             usage_config(fake, tmp_path, **keys)
         assert error.value.key == key and expected in str(error.value), (keys, str(error.value))
+    # a wrong label is refused while usage is off too: switching it on must not be what reveals it
+    with pytest.raises(ConfigError) as error:
+        make_config(fake, tmp_path, metrics={"usage": False, "usage_labels": ["traceId"]})
+    assert error.value.key == "metrics.usage_labels"
     with pytest.raises(ConfigError) as error:
         make_config(fake, tmp_path, metrics={"usage": True})
     assert error.value.key == "metrics.usage" and "listen" in str(error.value)
