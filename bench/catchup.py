@@ -4,6 +4,9 @@
 
 Prints events per second, the CPU time of the `once` process, API requests against the minimum, its peak RSS,
 state size.
+
+`--usage` turns `[metrics] usage` on and has the `once` process count the usage series as `run` does (`once`
+serves no metrics: the probe sets the poller's hook that the daemon sets), then render them once at the end.
 """
 
 from __future__ import annotations
@@ -19,12 +22,28 @@ from pathlib import Path
 
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
+# wires the usage series into every runtime the process builds, as service/lifecycle.py does for `run`
+USAGE_PROBE = """
+import atexit, sys
+from langfuse_poller.runtime import Runtime
+from langfuse_poller.service.usage import UsageMetrics
+build, counters = Runtime.build.__func__, []
+def counted(cls, config, *args, **kwargs):
+    runtime = build(cls, config, *args, **kwargs)
+    counters.append(UsageMetrics(config.metrics.usage))
+    runtime.poller.on_made = counters[-1].tally
+    return runtime
+Runtime.build = classmethod(counted)
+atexit.register(lambda: print("USAGE", sum(u.render().count(chr(10)) for u in counters), file=sys.stderr))
+"""
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--observations", type=int, default=10_000, help="5 per trace, 1 trace in 10 an error")
     parser.add_argument("--hours", type=float, default=24.0, help="how far back the backlog spreads")
     parser.add_argument("--profile", metavar="PATH", help="write a cProfile of the `once` process here")
+    parser.add_argument("--usage", action="store_true", help="count the usage metrics ([metrics] usage = true)")
     args = parser.parse_args()
     traces = max(1, args.observations // 5)
     with FakeLangfuse() as fake, tempfile.TemporaryDirectory() as tmp:
@@ -53,6 +72,7 @@ notify = ["file"]
 type = "jsonl"
 path = "{tmp}/events.jsonl"
 """
+            + ('[metrics]\nlisten = "127.0.0.1:0"\nusage = true\n' if args.usage else "")
         )
         began = time.perf_counter()
         # the child reports its own high-water mark: ru_maxrss of children would count the fork of this
@@ -64,6 +84,8 @@ path = "{tmp}/events.jsonl"
             "atexit.register(lambda: print('CPU', sum(os.times()[:2]), file=sys.stderr)); "
             "sys.argv = ['langfuse-poller', *sys.argv[1:]]; runpy.run_module('langfuse_poller', run_name='__main__')"
         )
+        if args.usage:
+            probe = USAGE_PROBE + probe
         if args.profile:
             probe = probe.replace(
                 "runpy.run_module('langfuse_poller', run_name='__main__')",
@@ -96,6 +118,9 @@ path = "{tmp}/events.jsonl"
         print(f"minimum requests  {minimum}  (ratio {(observations + scores) / minimum:.2f})")
         print(f"peak RSS          {peak_mb:.0f} MB")
         print(f"state size        {size_mb:.1f} MB")
+        if args.usage:
+            series = [line for line in done.stderr.splitlines() if line.startswith("USAGE ")]
+            print(f"usage series      {series[-1].split()[1] if series else 'none'} lines rendered at the end")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .usage_config import UsageConfig, parse_usage
 from .util.durations import DURATION_FORM, START_FORM, parse_duration, parse_start
 from .util.listening import LISTEN_FORM, parse_listen
 from .util.toml_tables import Secret, Table
@@ -160,6 +161,8 @@ class MetricsConfig:
 
     host: str = ""
     port: int = 0
+    # the usage metrics (`usage = true`), None when off
+    usage: UsageConfig | None = None
 
     @property
     def enabled(self) -> bool:
@@ -251,7 +254,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     notifiers_table.finish()
 
     rules = parse_rules(top, notifiers)
-    metrics = _parse_metrics(top.table("metrics"))
+    metrics = _parse_metrics(top.table("metrics"), poll)
     top.finish()
     return Config(
         source=source,
@@ -526,12 +529,15 @@ def _parse_delivery(table: Table) -> DeliveryConfig:
     return config
 
 
-def _parse_metrics(table: Table) -> MetricsConfig:
+def _parse_metrics(table: Table, poll: PollConfig) -> MetricsConfig:
     text = table.string("listen")
+    usage = parse_usage(table, poll.fields)
     table.finish()
     if text is None:
+        if usage is not None:
+            raise table.error("usage", True, 'false, or an endpoint to serve them: listen = "127.0.0.1:9464"')
         return MetricsConfig()
-    return MetricsConfig(*_listen_address(table, text, LISTEN_FORM))
+    return MetricsConfig(*_listen_address(table, text, LISTEN_FORM), usage=usage)
 
 
 def _importable(module: str) -> bool:

@@ -160,6 +160,10 @@ class PollResult:
 
 # an event's delivery targets: `registry.Router.targets`, as the poller sees it
 TargetsOf = Callable[[Event], Sequence[str]]
+# told of every event a page made (routed or not), each with what the poll state remembered of its record before,
+# and the keys already told in this slice: returns what to do once those events are durable (service/usage.py
+# counts them). The poller calls what it returns only after the commit that makes a re-read yield them no more
+MadeObserver = Callable[[Sequence[tuple[Event, Seen | None]], set[str]], Callable[[], None]]
 
 
 @dataclass
@@ -169,6 +173,8 @@ class PreparedPage:
     changed: list[RecordOutcome] = field(default_factory=list)
     routed: list[tuple[Event, Sequence[str]]] = field(default_factory=list)
     bad: list[tuple[Any, Exception]] = field(default_factory=list)
+    # every event made, with its record's previous state: only when the poller has a MadeObserver
+    made: list[tuple[Event, Seen | None]] = field(default_factory=list)
 
 
 class PageGroup:
@@ -179,9 +185,15 @@ class PageGroup:
     slice's watermark still moves with its last page, so what a crash loses is the same.
     """
 
-    def __init__(self, store: PollState, on_commit: Callable[[], None]) -> None:
+    def __init__(self, store: PollState, on_commit: Callable[[], None], *, hold: bool = False) -> None:
         self.store = store
         self.on_commit = on_commit
+        # what to do once the pages' events are durable (see MadeObserver): after each commit, or, with `hold`
+        # (a slice that keeps no dedup keys, whose re-read after a failure makes its events again), only once the
+        # slice's last commit moved the watermark past it (`release`)
+        self.hold = hold
+        self._staged: list[Callable[[], None]] = []
+        self._held: list[Callable[[], None]] = []
         self._open: contextlib.ExitStack | None = None
         self._tx: PollTransaction | None = None
         self._opened = 0.0
@@ -196,10 +208,13 @@ class PageGroup:
             self._opened, self._pages, self._made = time.monotonic(), 0, 0
         return self._tx
 
-    def added(self, made: int) -> None:
-        """Count a page written into the open transaction, which made `made` new events."""
+    def added(self, made: int, then: Callable[[], None] | None = None) -> None:
+        """Count a page written into the open transaction, which made `made` new events; `then` runs once they
+        are durable."""
         self._pages += 1
         self._made += made
+        if then is not None:
+            self._staged.append(then)
 
     def full(self) -> bool:
         # a webhook waiting to be stored goes first: its sender gives up within a second
@@ -215,15 +230,36 @@ class PageGroup:
             return
         group, self._open, self._tx = self._open, None, None
         group.close()
+        staged, self._staged = self._staged, []
+        if self.hold:
+            self._held.extend(staged)
+        else:
+            _run(staged)
         if self._made:
             self.on_commit()
 
+    def release(self) -> None:
+        """The slice's last page committed: what `hold` kept back runs now."""
+        held, self._held = self._held, []
+        _run(held)
+
     def abort(self) -> None:
         """Roll the open transaction back (the slice failed; its re-read comes later)."""
+        # the re-read that follows makes these events again
+        self._staged, self._held = [], []
         if self._open is None:
             return
         group, self._open, self._tx = self._open, None, None
         group.__exit__(*sys.exc_info())
+
+
+def _run(actions: Sequence[Callable[[], None]]) -> None:
+    for action in actions:
+        try:
+            action()
+        except Exception:
+            # the events are committed: an observer's failure must not fail the poll, which would read them again
+            log.exception("an observer of the events made failed")
 
 
 class Poller:
@@ -247,6 +283,7 @@ class Poller:
         self.router = router
         self.clock = clock
         self.on_commit = on_commit
+        self.on_made: MadeObserver | None = None
         self.ages = tuple(age.total_seconds() for age in poll.sweep_ages)
         self._slice = {stream: poll.catchup_slice.total_seconds() for stream in poll.streams}
         # (start, end, records) of each stream's recent head reads, oldest first
@@ -389,7 +426,9 @@ class Poller:
         pages = 0
         # consecutive pages share a write transaction (see PageGroup); it is committed when the slice ends, when
         # it holds COMMIT_PAGES pages or is COMMIT_SECONDS old, and before a wait for the next page
-        group = PageGroup(self.store, self.on_commit)
+        group = PageGroup(self.store, self.on_commit, hold=not keep_keys)
+        # the keys of the events told to `on_made` in this slice: a record served twice is told once
+        told: set[str] = set()
         try:
             pages_read = self._pages(stream, utc_from_timestamp(start), utc_from_timestamp(end), group.commit)
             for page in pages_read:
@@ -398,18 +437,20 @@ class Poller:
                     group.commit()  # before this page's work, not after it
                 prepared = self._prepare_page(stream, page, keep_keys=keep_keys, look_up=look_up)
                 tx = group.transaction()
+                then = self.on_made(prepared.made, told) if self.on_made is not None and prepared.made else None
                 made = self._commit_page(tx, stream, prepared, end)
                 result.records += len(page.records)
                 result.events += made
                 if page.cursor is None:
                     self._advance(tx, stream, start, end, read_at, head=head, age=age)
                 tx.count_poll(stream, 1, len(page.records), made)
-                group.added(made)
+                group.added(made, then)
                 if page.cursor is None or group.full():
                     group.commit()
         except BaseException:
             group.abort()
             raise
+        group.release()
         return pages
 
     def _pages(
@@ -426,6 +467,7 @@ class Poller:
         previous = self.store.seen_states([key for key in keys if key]) if look_up else {}
         prepared = PreparedPage()
         factory, router = self.factory, self.router
+        made = prepared.made if self.on_made is not None else None
         for record, key in zip(page.records, keys, strict=True):
             try:
                 if key is None:
@@ -447,6 +489,8 @@ class Poller:
                 targets = router(event)
                 if targets:
                     prepared.routed.append((event, targets))
+                if made is not None:
+                    made.append((event, seen))
         return prepared
 
     def _commit_page(self, tx: PollTransaction, stream: str, prepared: PreparedPage, window_end: float) -> int:

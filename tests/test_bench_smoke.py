@@ -160,3 +160,28 @@ def test_webhook_load() -> None:
     assert f.sent > 0 and f.failed == 0 and f.stored == f.sent, f
     # the target is well under Langfuse's second of attempts; a tiny run on a shared machine gets some slack
     assert f.max < 1.0, (f.p50, f.p99, f.max)
+
+
+def test_catchup_with_usage(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "catchup.py"), "--observations", "500", "--usage"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = re.search(r"^usage series\s+(\d+) lines", done.stdout, re.M)
+    assert lines is not None and int(lines.group(1)) > 0, done.stdout
+
+
+def test_usage_metrics() -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "usage_metrics.py"), "--series", "40", "--batches", "20", "--scrapes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"'generations_total': \d+", done.stdout), done.stdout
+    assert "RSS growth over the last 90%" in done.stdout and "folded into 'other'" in done.stdout, done.stdout

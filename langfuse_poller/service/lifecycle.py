@@ -107,6 +107,8 @@ class Service:
             self.metrics = Metrics(runtime, stalled=self.stalled)
             self.metrics.serve(runtime.config.metrics.host, runtime.config.metrics.port)
             runtime.store.on_stored = self.metrics.on_stored
+            if self.metrics.usage is not None:
+                runtime.poller.on_made = self.metrics.usage.tally
         runtime.reader.on_request = self._on_request
         runtime.reader.on_wait = self._on_wait
         self.scheduler = scheduler

@@ -41,6 +41,8 @@ from ..errors import LangfusePollerError
 from ..langfuse.legacy import TRACES_PATH
 from ..store import StoredEvent
 from ..util.listening import format_listen
+from .usage import UsageMetrics
+from .usage import wsgi_app as usage_app
 
 if TYPE_CHECKING:
     from ..redis.standby.report import QueueReport
@@ -248,6 +250,10 @@ class Metrics:
         )
         self.last_reload_ok.set(1)
         self.registry.register(StateCollector(runtime, stalled))
+        # the usage series (`[metrics] usage`), counted from the events the poller makes (service/usage.py)
+        self.usage: UsageMetrics | None = None
+        if runtime.config.metrics.usage is not None:
+            self.usage = UsageMetrics(runtime.config.metrics.usage)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self._server: _Server | None = None
@@ -272,7 +278,7 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> None:
         """Listen on host:port and serve `/metrics` from a background thread; LangfusePollerError if it cannot."""
-        app = make_wsgi_app(self.registry)
+        app = make_wsgi_app(self.registry) if self.usage is None else usage_app(self.registry, self.usage)
         server_class = _Server6 if ":" in host else _Server
         try:
             server = server_class((host, port), _QuietHandler)
