@@ -35,6 +35,7 @@ from langfuse_poller.redis.queue import QUEUE_TARGET, RedisQueueTarget, job_opti
 from langfuse_poller.redis.worker import run_worker
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from langfuse_poller.util.redis_url import ClusterUrl, parse_cluster_url
 from tests.conftest import RedisServer, free_port, redis_server
 from tests.receivers import receiver
 from tests.test_cli import PROJECT_ID, Cli, ago, cli, jsonl, langfuse, q, rule, wait_for, write_config  # noqa: F401
@@ -131,6 +132,31 @@ def test_queue_config_defaults_and_errors() -> None:
     assert "hunter2" not in str(error.value)
     assert redacted_url("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
     assert redacted_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_a_cluster_is_named_by_its_url_and_a_wrong_cluster_url_names_the_key_and_the_form() -> None:
+    url = "redis+cluster://app:s3cret@10.0.0.1:7000,10.0.0.2:7001"
+    queue = parse_config({**KEYS, "queue": {"backend": "redis", "url": url}}, "t").queue
+    assert queue.cluster and not QueueConfig(backend="redis").cluster
+    assert queue.display_url == "redis+cluster://app:***@10.0.0.1:7000,10.0.0.2:7001"
+    assert parse_cluster_url(url) == ClusterUrl((("10.0.0.1", 7000), ("10.0.0.2", 7001)), "app", "s3cret")
+    assert parse_cluster_url("rediss+cluster://h:1/0").tls
+    for url, problem in (
+        ("redis+cluster://:s3cret@10.0.0.1", "each seed must be host:port, got '10.0.0.1'"),
+        ("redis+cluster://10.0.0.1:7000,", "each seed must be host:port, got ''"),
+        ("redis+cluster://10.0.0.1:99999", "each seed must be host:port"),
+        ("redis+cluster://:s3cret@10.0.0.1:7000/2", "only database 0, not /2"),
+        ("redis+cluster://10.0.0.1:7000?timeout=1", "query options"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config({**KEYS, "queue": {"backend": "redis", "url": url}}, "t.toml")
+        assert error.value.key == "queue.url", url
+        assert "redis+cluster://[user:password@]host:port[,host:port...]" in error.value.expected
+        assert problem in error.value.expected, (url, error.value.expected)
+        assert "s3cret" not in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_config({**KEYS, "queue": {"url": "cluster://10.0.0.1:7000"}}, "t.toml")
+    assert error.value.key == "queue.url" and "redis+cluster://" in error.value.expected
 
 
 def test_with_a_queue_handlers_and_notifiers_become_one_target_and_alert_groups_stay() -> None:
