@@ -27,6 +27,9 @@ from ..errors import DeliveryError, StateError
 from ..events import Event
 from ..notifiers import Notifier, build_notifier
 from ..registry import Registry, Router, import_handler_modules, registry
+from ..util.redis_url import is_cluster_url
+from .cluster import async_cluster_client
+from .queue import bullmq_options
 from .standby.replica import default_replica
 
 log = logging.getLogger(__name__)
@@ -181,6 +184,21 @@ async def _keep_watch(router: Router, redis: RedisCheck, stopping: asyncio.Event
             await asyncio.to_thread(router.silences.flush_counts)
 
 
+def worker_connection(url: str) -> Any:
+    """The worker's bullmq connection. On one server, the URL: bullmq makes its clients from it, and they retry a
+    lost Redis for a long time, which a worker that waits for jobs wants. bullmq cannot make a cluster client
+    from a URL, so on a cluster it gets one, retrying as bullmq's own would, with the redirects a cluster sends
+    (a node that failed over, a slot that moved) followed by the client."""
+    if not is_cluster_url(url):
+        return url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    # bullmq's blocking wait for a job lasts up to `drainDelay`: no read timeout, as with bullmq's own clients
+    options = {"decode_responses": True, "socket_timeout": None, "retry": Retry(ExponentialBackoff(cap=20, base=1), 20)}
+    return async_cluster_client(url, options)
+
+
 def _describe(error: Exception) -> str:
     return str(error) if isinstance(error, DeliveryError) else f"{type(error).__name__}: {error}"
 
@@ -236,7 +254,7 @@ async def _work(
         config.queue.name,
         processor,
         {
-            "connection": config.queue.url,
+            **bullmq_options(config.queue, worker_connection(config.queue.url)),
             # the connection's client name: `status` lists the workers it sees by it
             "name": default_replica(),
             "concurrency": concurrency,

@@ -74,7 +74,7 @@ def read_report(config: QueueConfig, *, now: float, timeout: float = 3.0) -> Que
     client = sync_client(config.url, timeout)
     try:
         if config.standby:
-            read_lease(client, PollerKeys(config.name), report, now)
+            read_lease(client, PollerKeys.of(config), report, now)
         report.jobs, report.workers = queue_counts(config, timeout)
     except Exception as exc:
         report.error = f"Redis at {config.display_url} did not answer: {_describe(exc)}"
@@ -121,9 +121,9 @@ def queue_counts(config: QueueConfig, timeout: float) -> tuple[dict[str, int], l
     async def read() -> tuple[dict[str, int], list[WorkerSeen]]:
         from bullmq import Queue
 
-        from ..queue import redis_client
+        from ..queue import bullmq_options, redis_client
 
-        queue = Queue(config.name, {"connection": redis_client(config.url, timeout)})
+        queue = Queue(config.name, bullmq_options(config, redis_client(config.url, timeout)))
         try:
             counts = await queue.getJobCounts(*JOB_STATES)
             clients = await queue.get_workers()
