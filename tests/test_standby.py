@@ -499,7 +499,22 @@ def test_status_and_metrics_show_the_lease_the_replicas_the_queue_and_the_worker
         assert f"workers seen: 1: {socket.gethostname()}:{worker.proc.pid}" in shown.stdout, shown.stdout
         assert "depth 0 jobs" in shown.stdout, shown.stdout
         assert "langfuse_poller_redis_workers 1.0" in scrape(metrics_port)
-        for output in (status.stdout, status.stderr, shown.stdout, shown.stderr, scrape(metrics_port)):
+        checked = cli("check", "--config", tmp_path / "b.toml")
+        # the Redis is shown as what it is: a cluster with its nodes and the hash tag of the deployment's keys
+        shown_url = locked_redis.url.replace(PASSWORD, "***")
+        if isinstance(locked_redis, RedisClusterServer):
+            tag = "{langfuse-poller:langfuse-events}"
+            assert redis_part["cluster"] == {"nodes": 3, "hash_tag": tag}, redis_part
+            assert f"at {shown_url} (cluster of 3 nodes, keys tagged {tag})" in shown.stdout, shown.stdout
+            assert "langfuse_poller_redis_cluster_nodes 3.0" in scrape(metrics_port)
+            assert f"ok   Redis Cluster at {shown_url} answers: 3 nodes; keys tagged {tag}" in checked.stdout, str(
+                checked
+            )
+        else:
+            assert redis_part["cluster"] is None and "(cluster of" not in shown.stdout
+            assert "redis_cluster_nodes" not in scrape(metrics_port)
+            assert f"ok   Redis at {shown_url} answers" in checked.stdout, str(checked)
+        for output in (status.stdout, status.stderr, shown.stdout, shown.stderr, scrape(metrics_port), checked.stdout):
             assert PASSWORD not in output
     finally:
         for proc in procs:
