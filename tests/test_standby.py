@@ -41,7 +41,7 @@ from langfuse_poller.redis.standby.shared_state import SharedPollState
 from langfuse_poller.store import Store
 from langfuse_poller.testing.archive import read_archive
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
-from tests.conftest import REDIS_PASSWORD, AnyRedis, Clock, make_config, redis_for_test, runtime_for
+from tests.conftest import REDIS_PASSWORD, AnyRedis, Clock, make_config, redis_for_test, redis_server, runtime_for
 from tests.redis_cluster import RedisClusterServer
 from tests.test_cli import Cli, cli, jsonl, langfuse, q, read_jsonl, rule, wait_for, write_config  # noqa: F401
 from tests.test_queue_redis import (  # noqa: F401
@@ -437,6 +437,28 @@ def test_on_a_cluster_every_key_of_the_deployment_hashes_to_its_one_slot(
     assert not outside, f"keys outside the deployment's slot {key_slot(tag.encode())}: {outside}"
     for proc in procs:
         assert "Traceback" not in proc.text(), proc.text()
+
+
+def test_a_url_that_names_the_wrong_kind_of_redis_is_a_clear_error(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis_cluster: RedisClusterServer
+) -> None:
+    with contextmanager(redis_server)(tmp_path, durable=False) as single:
+        # a cluster URL at a single server, and a plain URL at a node of the cluster (which would answer, then
+        # refuse the keys of the other nodes' slots with MOVED)
+        as_cluster = standby_config(tmp_path, langfuse, single, "as-cluster")
+        as_cluster.write_text(as_cluster.read_text().replace(single.url, f"redis+cluster://127.0.0.1:{single.port}"))
+        as_single = standby_config(tmp_path, langfuse, single, "as-single")
+        as_single.write_text(as_single.read_text().replace(single.url, f"redis://127.0.0.1:{redis_cluster.port}/0"))
+        checked = cli("check", "--config", as_cluster)
+        assert "FAIL Redis at redis+cluster://127.0.0.1:" in checked.stdout, str(checked)
+        assert "Cluster mode is not enabled on this node" in checked.stdout, str(checked)
+        checked = cli("check", "--config", as_single)
+        expected = "is a node of a Redis Cluster: name the cluster as redis+cluster://"
+        assert "FAIL Redis at redis://127.0.0.1:" in checked.stdout and expected in checked.stdout, str(checked)
+        for path, said in ((as_cluster, "Cluster mode is not enabled"), (as_single, expected)):
+            result = cli("worker", "--config", path)
+            assert result.returncode == 1 and said in result.stderr, str(result)
+            assert "Traceback" not in result.stderr, result.stderr
 
 
 PASSWORD = REDIS_PASSWORD

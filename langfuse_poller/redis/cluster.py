@@ -134,6 +134,18 @@ def async_cluster_client(url: str, options: dict[str, Any]) -> Any:
     return RedisCluster(startup_nodes=nodes, username=found.username, password=found.password, ssl=found.tls, **options)
 
 
+def kind_mismatch(client: Any, cluster: bool) -> str | None:
+    """Why the Redis behind `client` is not what the URL says, or None. A cluster URL at a single server fails
+    on its own (the client says cluster mode is not enabled); a plain URL at a node of a cluster would answer,
+    then refuse every key of another node's slots with MOVED, so that is asked here."""
+    if cluster:
+        return None
+    info = client.info("cluster")
+    if str(info.get("cluster_enabled", 0)) == "1":
+        return "this Redis is a node of a Redis Cluster: name the cluster as redis+cluster://host:port,..."
+    return None
+
+
 def node_count(client: Any) -> int:
     """How many primaries serve the cluster, as the client learnt it (asks Redis when it has not yet)."""
     return len(client.get_primaries())

@@ -28,7 +28,7 @@ from ..events import Event
 from ..notifiers import Notifier, build_notifier
 from ..registry import Registry, Router, import_handler_modules, registry
 from ..util.redis_url import is_cluster_url
-from .cluster import async_cluster_client
+from .cluster import async_cluster_client, kind_mismatch
 from .queue import bullmq_options
 from .standby.replica import default_replica
 
@@ -145,6 +145,7 @@ class RedisCheck:
         from .queue import sync_client
 
         self.where = config.queue.display_url
+        self.cluster = config.queue.cluster
         self.client = sync_client(config.queue.url, config.delivery.timeout.total_seconds())
         self.failing = False
 
@@ -152,9 +153,13 @@ class RedisCheck:
         """At the start: a Redis that does not answer, or refuses, stops the worker with a one-line error."""
         try:
             self.client.ping()
+            mismatch = kind_mismatch(self.client, self.cluster)
         except Exception as exc:
             self.client.close()
             raise StateError(f"Redis at {self.where} did not let the worker in: {_reason(exc)}") from None
+        if mismatch is not None:
+            self.client.close()
+            raise StateError(f"Redis at {self.where}: {mismatch}")
 
     def again(self) -> None:
         try:

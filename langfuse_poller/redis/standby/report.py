@@ -176,11 +176,14 @@ def report_json(report: QueueReport) -> dict[str, Any]:
 def check_redis(config: QueueConfig, timeout: float) -> tuple[bool, str]:
     """`check`'s line about Redis: whether it answers and, on a cluster, how many nodes serve it and where this
     deployment's keys go. Never raises, never shows the password."""
+    from ..cluster import kind_mismatch
     from ..queue import sync_client
 
     client = sync_client(config.url, timeout)
     try:
         client.ping()
+        if (mismatch := kind_mismatch(client, config.cluster)) is not None:
+            return False, f"Redis at {config.display_url}: {mismatch}"
         if not config.cluster:
             return True, f"Redis at {config.display_url} answers"
         tag = PollerKeys.of(config).namespace
