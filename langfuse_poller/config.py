@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .usage_config import UsageConfig, parse_usage
 from .util.durations import DURATION_FORM, START_FORM, parse_duration, parse_start
 from .util.listening import LISTEN_FORM, parse_listen
+from .util.redis_url import CLUSTER_FORM, is_cluster_url, parse_cluster_url
 from .util.toml_tables import Secret, Table
 
 if TYPE_CHECKING:
@@ -143,6 +144,11 @@ class QueueConfig:
     def display_url(self) -> str:
         """The URL without its password, for logs and messages."""
         return redacted_url(self.url)
+
+    @property
+    def cluster(self) -> bool:
+        """Whether `url` names a Redis Cluster (`redis+cluster://`): its keys then carry one hash tag."""
+        return is_cluster_url(self.url)
 
 
 def redacted_url(url: str) -> str:
@@ -560,9 +566,16 @@ def _parse_queue(table: Table) -> QueueConfig:
             'pip install "langfuse-poller[redis]"',
         )
     url = table.string("url", QueueConfig.url, env=("LANGFUSE_POLLER_REDIS_URL",)) or QueueConfig.url
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        found = redacted_url(url) if "@" in url else url
-        raise table.error("url", found, "a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)")
+    found = redacted_url(url) if "@" in url else url
+    if is_cluster_url(url):
+        try:
+            parse_cluster_url(url)
+        except ValueError as exc:
+            raise table.error("url", found, f"{CLUSTER_FORM}: {exc}") from None
+    elif not url.startswith(("redis://", "rediss://", "unix://")):
+        raise table.error(
+            "url", found, f"a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://, {CLUSTER_FORM})"
+        )
     name = table.string("name", QueueConfig.name) or QueueConfig.name
     if ":" in name:
         # BullMQ refuses queue names with ":", its key separator

@@ -1,5 +1,6 @@
 """Shared fixtures: a loopback Langfuse stand-in, a controllable clock, config builders, a loopback
-redis-server, and the poll state a test's poller keeps (SQLite, or Redis as standby pollers share it)."""
+redis-server or three-node Redis Cluster, and the poll state a test's poller keeps (SQLite, or Redis as standby
+pollers share it, on one server or on a cluster)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from langfuse_poller.poll_state import PollState
 from langfuse_poller.registry import Registry
 from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
+from tests.redis_cluster import RedisClusterServer, cluster_available
 
 
 class Clock:
@@ -183,12 +185,58 @@ def redis_server(tmp_path: Path, *, durable: bool, password: str | None = None) 
         server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+# a Redis the Redis backend's tests run against: one server, or a cluster of three
+AnyRedis = RedisServer | RedisClusterServer
+# the password of the servers that want one (`locked_redis` in test_standby.py)
+REDIS_PASSWORD = "hunter2-redis"
+
+
+def _session_cluster(tmp_path_factory: pytest.TempPathFactory, password: str | None) -> Iterator[RedisClusterServer]:
+    if not cluster_available():
+        pytest.skip("redis-server and redis-cli are not installed (Debian: apt-get install redis-server)")
+    server = RedisClusterServer(tmp_path_factory.mktemp("redis-cluster"), password=password)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def session_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """One three-node cluster for the session (starting and joining the nodes takes about 2 s)."""
+    yield from _session_cluster(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="session")
+def session_locked_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    """One three-node cluster that wants `REDIS_PASSWORD`, for the session."""
+    yield from _session_cluster(tmp_path_factory, REDIS_PASSWORD)
+
+
+def redis_for_test(
+    request: pytest.FixtureRequest, tmp_path: Path, kind: str, *, password: str | None = None
+) -> Iterator[AnyRedis]:
+    """The Redis of one test: a new redis-server (`kind` "single"), or the session's cluster, emptied ("cluster");
+    a test that killed the cluster left it for the next one to start again."""
+    if kind == "single":
+        yield from redis_server(tmp_path, durable=False, password=password)
+        return
+    name = "session_locked_redis_cluster" if password else "session_redis_cluster"
+    cluster: RedisClusterServer = request.getfixturevalue(name)
+    if any(proc.poll() is not None for proc in cluster.procs):
+        cluster.kill()
+        cluster.start()
+    cluster.flush()
+    yield cluster
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def poll_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PollStateFor]:
     """The poll state of a test's poller, once per implementation of PollState: the runtime's SQLite store, and
-    a SharedPollState on a real redis-server, led by a replica that holds the lease (its token fences the
-    writes), with the runtime's store as its local outbox. Pass it to `runtime_for`. The Redis case is skipped
-    when redis-server or the redis package is missing."""
+    a SharedPollState on a real redis-server and on a real three-node Redis Cluster, led by a replica that holds
+    the lease (its token fences the writes), with the runtime's store as its local outbox. Pass it to
+    `runtime_for`. The Redis cases are skipped when redis-server or the redis package is missing."""
     if request.param == "sqlite":
         yield lambda runtime: runtime.store
         return
@@ -202,11 +250,12 @@ def poll_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PollS
         raise AssertionError("these tests route no event to the Redis queue")
 
     with ExitStack() as stack:
-        server = stack.enter_context(contextmanager(redis_server)(tmp_path, durable=False))
+        kind = "single" if request.param == "redis" else "cluster"
+        server = stack.enter_context(contextmanager(redis_for_test)(request, tmp_path, kind))
 
         def shared(runtime: Runtime) -> PollState:
             client = sync_client(server.url, 1.0)
-            keys = PollerKeys("langfuse-events")
+            keys = PollerKeys("langfuse-events", cluster=server.url.startswith("redis+cluster://"))
             # a lease longer than any test, on the real clock, by which Redis expires it
             replica = Replica(client, keys, "r0", 600.0, PollCancel(threading.Event()))
             stack.callback(replica.close)

@@ -32,11 +32,14 @@ from langfuse_poller.errors import ConfigError, DeliveryError
 from langfuse_poller.events import Event
 from langfuse_poller.events import test_event as make_test_event
 from langfuse_poller.redis.queue import QUEUE_TARGET, RedisQueueTarget, job_options, longest_backoff
+from langfuse_poller.redis.standby.keys import PollerKeys
 from langfuse_poller.redis.worker import run_worker
 from langfuse_poller.registry import Registry, Router
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
-from tests.conftest import RedisServer, free_port, redis_server
+from langfuse_poller.util.redis_url import ClusterUrl, parse_cluster_url
+from tests.conftest import AnyRedis, RedisServer, free_port, redis_for_test, redis_server
 from tests.receivers import receiver
+from tests.redis_cluster import RedisClusterServer
 from tests.test_cli import PROJECT_ID, Cli, ago, cli, jsonl, langfuse, q, rule, wait_for, write_config  # noqa: F401
 
 pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
@@ -47,9 +50,11 @@ QUEUE = "langfuse-events"
 NODE_BULLMQ = "bullmq@5"
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    yield from redis_server(tmp_path, durable=False)
+@pytest.fixture(params=["single", "cluster"])
+def redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyRedis]:
+    """A Redis for one test, once a single server and once the three-node cluster: every test that names this
+    fixture runs against both."""
+    yield from redis_for_test(request, tmp_path, request.param)
 
 
 @pytest.fixture
@@ -58,7 +63,7 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
     yield from redis_server(tmp_path, durable=True)
 
 
-def queue_section(server: RedisServer, name: str = QUEUE) -> str:
+def queue_section(server: AnyRedis, name: str = QUEUE) -> str:
     return f'[queue]\nbackend = "redis"\nurl = {q(server.url)}\nname = {q(name)}\n\n'
 
 
@@ -66,13 +71,21 @@ def delivery_section(max_attempts: int = 3, backoff: str = "100ms") -> str:
     return f"[delivery]\nmax_attempts = {max_attempts}\nbackoff = {q(backoff)}\n\n"
 
 
-def jobs_in(server: RedisServer, name: str = QUEUE) -> dict[str, dict[str, Any]]:
+def bullmq_queue(server: AnyRedis, name: str = QUEUE) -> Any:
+    """A bullmq Queue on the queue of `server`, with the client and the prefix the poller uses there."""
+    from bullmq import Queue
+
+    from langfuse_poller.redis.queue import bullmq_options, redis_client
+
+    config = QueueConfig(backend="redis", url=server.url, name=name)
+    return Queue(name, bullmq_options(config, redis_client(server.url, 5.0)))
+
+
+def jobs_in(server: AnyRedis, name: str = QUEUE) -> dict[str, dict[str, Any]]:
     """Every job of the queue, whatever its state: id -> {name, data, opts, state}."""
 
     async def read() -> dict[str, dict[str, Any]]:
-        from bullmq import Queue
-
-        queue = Queue(name, {"connection": server.url})
+        queue = bullmq_queue(server, name)
         try:
             found: dict[str, dict[str, Any]] = {}
             for state in ("waiting", "active", "delayed", "completed", "failed"):
@@ -95,7 +108,7 @@ def add_traffic(langfuse: FakeLangfuse, traces: int, scores: int = 0, age: float
     return ids
 
 
-def poller_config(tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, extra: str = "") -> Path:
+def poller_config(tmp_path: Path, langfuse: FakeLangfuse, server: AnyRedis, extra: str = "") -> Path:
     return write_config(
         tmp_path / "poller.toml",
         langfuse.url,
@@ -131,6 +144,31 @@ def test_queue_config_defaults_and_errors() -> None:
     assert "hunter2" not in str(error.value)
     assert redacted_url("redis://:hunter2@h:6379/0") == "redis://:***@h:6379/0"
     assert redacted_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_a_cluster_is_named_by_its_url_and_a_wrong_cluster_url_names_the_key_and_the_form() -> None:
+    url = "redis+cluster://app:s3cret@10.0.0.1:7000,10.0.0.2:7001"
+    queue = parse_config({**KEYS, "queue": {"backend": "redis", "url": url}}, "t").queue
+    assert queue.cluster and not QueueConfig(backend="redis").cluster
+    assert queue.display_url == "redis+cluster://app:***@10.0.0.1:7000,10.0.0.2:7001"
+    assert parse_cluster_url(url) == ClusterUrl((("10.0.0.1", 7000), ("10.0.0.2", 7001)), "app", "s3cret")
+    assert parse_cluster_url("rediss+cluster://h:1/0").tls
+    for url, problem in (
+        ("redis+cluster://:s3cret@10.0.0.1", "each seed must be host:port, got '10.0.0.1'"),
+        ("redis+cluster://10.0.0.1:7000,", "each seed must be host:port, got ''"),
+        ("redis+cluster://10.0.0.1:99999", "each seed must be host:port"),
+        ("redis+cluster://:s3cret@10.0.0.1:7000/2", "only database 0, not /2"),
+        ("redis+cluster://10.0.0.1:7000?timeout=1", "query options"),
+    ):
+        with pytest.raises(ConfigError) as error:
+            parse_config({**KEYS, "queue": {"backend": "redis", "url": url}}, "t.toml")
+        assert error.value.key == "queue.url", url
+        assert "redis+cluster://[user:password@]host:port[,host:port...]" in error.value.expected
+        assert problem in error.value.expected, (url, error.value.expected)
+        assert "s3cret" not in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_config({**KEYS, "queue": {"url": "cluster://10.0.0.1:7000"}}, "t.toml")
+    assert error.value.key == "queue.url" and "redis+cluster://" in error.value.expected
 
 
 def test_with_a_queue_handlers_and_notifiers_become_one_target_and_alert_groups_stay() -> None:
@@ -187,7 +225,7 @@ def test_redis_down_is_a_retryable_delivery_error() -> None:
 
 
 def test_once_queues_each_event_once_and_a_redis_outage_or_crash_loses_nothing(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, durable_redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, durable_redis: AnyRedis
 ) -> None:
     expected = add_traffic(langfuse, traces=3, scores=2)
     path = poller_config(tmp_path, langfuse, durable_redis)
@@ -230,7 +268,7 @@ def test_once_queues_each_event_once_and_a_redis_outage_or_crash_loses_nothing(
     assert set(jobs) == expected | late and len(jobs) == 8
 
 
-def test_a_job_added_again_after_a_crash_is_not_queued_twice(redis: RedisServer) -> None:
+def test_a_job_added_again_after_a_crash_is_not_queued_twice(redis: AnyRedis) -> None:
     target = RedisQueueTarget(QueueConfig(backend="redis", url=redis.url), DeliveryConfig())
     try:
         event = make_test_event("score.created")
@@ -245,7 +283,7 @@ def test_a_job_added_again_after_a_crash_is_not_queued_twice(redis: RedisServer)
 # --- workers -----------------------------------------------------------------------------------------------
 
 
-def worker_config(tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, hook_url: str) -> Path:
+def worker_config(tmp_path: Path, langfuse: FakeLangfuse, server: AnyRedis, hook_url: str) -> Path:
     return write_config(
         tmp_path / "worker.toml",
         langfuse.url,
@@ -284,7 +322,7 @@ def stop_worker(proc: subprocess.Popen[str], log: Path) -> str:
 
 
 def test_two_workers_share_the_jobs_without_double_delivery(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis
 ) -> None:
     with receiver(delay=0.01) as hook:
         path = worker_config(tmp_path, langfuse, redis, hook.url)
@@ -306,7 +344,7 @@ def test_two_workers_share_the_jobs_without_double_delivery(
 
 
 def test_a_failing_notifier_is_retried_then_the_job_waits_in_the_failed_set(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis
 ) -> None:
     # the first answer fails, then the endpoint works: retried by BullMQ; a 500 forever: failed after 3 attempts
     with receiver(respond=lambda n: 500 if n == 0 else 200) as flaky, receiver(respond=lambda n: 500) as broken:
@@ -337,9 +375,7 @@ def test_a_failing_notifier_is_retried_then_the_job_waits_in_the_failed_set(
 
     # the README's way to retry the failed set
     async def retry() -> None:
-        from bullmq import Queue
-
-        queue = Queue(QUEUE, {"connection": redis.url})
+        queue = bullmq_queue(redis)
         failed = await queue.getJobs(["failed"])
         assert [job.id for job in failed] == [score_id] and "500" in failed[0].failedReason
         await queue.retryJobs({"state": "failed"})
@@ -349,7 +385,7 @@ def test_a_failing_notifier_is_retried_then_the_job_waits_in_the_failed_set(
     assert jobs_in(redis)[score_id]["state"] == "waiting"
 
 
-def test_concurrency_sends_to_http_notifiers_and_handlers_in_parallel(tmp_path: Path, redis: RedisServer) -> None:
+def test_concurrency_sends_to_http_notifiers_and_handlers_in_parallel(tmp_path: Path, redis: AnyRedis) -> None:
     # 16 jobs, each answered after 0.4 s: with --concurrency 8 the webhook and the handler each see 8 at once
     # (a lock per notifier, or asyncio's default pool of cpu_count + 4 threads, would cap them at 1 and 6)
     handlers = Registry()
@@ -394,7 +430,7 @@ def test_concurrency_sends_to_http_notifiers_and_handlers_in_parallel(tmp_path: 
 
 
 def test_silences_live_in_redis_where_the_poller_and_the_workers_apply_them(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis
 ) -> None:
     # `silence add` on any machine reaches every process: the worker skips the silenced rule's notifier and
     # counts what it silenced; the other rule's notifier still gets every event
@@ -447,16 +483,28 @@ def test_silences_live_in_redis_where_the_poller_and_the_workers_apply_them(
 
 # --- a Node.js BullMQ worker -------------------------------------------------------------------------------
 
+# on a cluster, a Node.js worker needs an ioredis Cluster and the queue's hash-tagged prefix (README, Scaling out)
 NODE_WORKER = """
 const { Worker } = require("bullmq");
-const [url, expected] = [process.argv[2], Number(process.argv[3])];
-const { hostname, port } = new URL(url);
+const { Cluster } = require("ioredis");
+const [url, expected, prefix] = [process.argv[2], Number(process.argv[3]), process.argv[4]];
+let connection;
+if (url.startsWith("redis+cluster://")) {
+  const seeds = url.slice("redis+cluster://".length).split(",").map(seed => {
+    const [host, port] = seed.split(":");
+    return { host, port: Number(port) };
+  });
+  connection = new Cluster(seeds);
+} else {
+  const { hostname, port } = new URL(url);
+  connection = { host: hostname, port: Number(port) };
+}
 let seen = 0;
 const worker = new Worker("langfuse-events", async job => {
   console.log(JSON.stringify({ id: job.id, name: job.name, dataId: job.data.id, event: job.data.event,
                                projectId: job.data.data.projectId }));
   if (++seen >= expected) setImmediate(() => worker.close().then(() => process.exit(0)));
-}, { connection: { host: hostname, port: Number(port) } });
+}, { connection, prefix });
 """
 
 
@@ -481,15 +529,19 @@ def node_bullmq() -> Path:
 
 
 def test_a_nodejs_bullmq_worker_consumes_the_jobs_unchanged(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, node_bullmq: Path
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis, node_bullmq: Path
 ) -> None:
     expected = add_traffic(langfuse, traces=3, scores=3)
     produced = cli("once", "--config", poller_config(tmp_path, langfuse, redis))
     assert produced.returncode == 0, str(produced)
+    redis_is_cluster = isinstance(redis, RedisClusterServer)
+    assert PollerKeys(QUEUE, cluster=redis_is_cluster).bullmq_prefix == (
+        "{langfuse-poller:langfuse-events}" if redis_is_cluster else "bull"
+    ), "the prefix README tells a Node.js worker to use"
     script = tmp_path / "consume.js"
     script.write_text(NODE_WORKER, encoding="utf-8")
     result = subprocess.run(
-        ["node", str(script), redis.url, str(len(expected))],
+        ["node", str(script), redis.url, str(len(expected)), PollerKeys(QUEUE, cluster=redis_is_cluster).bullmq_prefix],
         capture_output=True,
         text=True,
         timeout=30,
@@ -504,7 +556,7 @@ def test_a_nodejs_bullmq_worker_consumes_the_jobs_unchanged(
     assert {job["state"] for job in jobs_in(redis).values()} == {"completed"}
 
 
-def test_a_retried_job_counts_its_silenced_match_once(redis: RedisServer) -> None:
+def test_a_retried_job_counts_its_silenced_match_once(redis: AnyRedis) -> None:
     # one event, a silenced rule and a notifier that fails twice: BullMQ runs the job three times, and the silence
     # silenced one match, not three
     from langfuse_poller.alerting.silences import Silences, add_silence, silence_book
@@ -571,7 +623,7 @@ def test_a_retried_job_counts_its_silenced_match_once(redis: RedisServer) -> Non
     assert silence.matched == 1, f"one event silenced, counted {silence.matched} times"
 
 
-def test_redis_silences_that_ended_a_week_ago_are_dropped_when_one_is_added(redis: RedisServer) -> None:
+def test_redis_silences_that_ended_a_week_ago_are_dropped_when_one_is_added(redis: AnyRedis) -> None:
     from langfuse_poller.alerting.silences import add_silence
     from langfuse_poller.redis.silences import KEEP_ENDED, RedisSilenceBook
 

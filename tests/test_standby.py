@@ -41,17 +41,16 @@ from langfuse_poller.redis.standby.shared_state import SharedPollState
 from langfuse_poller.store import Store
 from langfuse_poller.testing.archive import read_archive
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
-from tests.conftest import Clock, make_config, runtime_for
+from tests.conftest import REDIS_PASSWORD, AnyRedis, Clock, make_config, redis_for_test, redis_server, runtime_for
+from tests.redis_cluster import RedisClusterServer
 from tests.test_cli import Cli, cli, jsonl, langfuse, q, read_jsonl, rule, wait_for, write_config  # noqa: F401
 from tests.test_queue_redis import (  # noqa: F401
     QUEUE,
-    RedisServer,
     add_traffic,
     delivery_section,
     free_port,
     jobs_in,
     redis,
-    redis_server,
 )
 
 pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
@@ -102,14 +101,14 @@ class Member:
 
 
 @contextmanager
-def members(server: RedisServer, tmp_path: Path, count: int, lease: float = 5.0) -> Iterator[list[Member]]:
+def members(server: AnyRedis, tmp_path: Path, count: int, lease: float = 5.0) -> Iterator[list[Member]]:
     """`count` replicas of one queue, each with its own SQLite outbox, as `run` builds them."""
     config = parse_config({**KEYS, "queue": {"backend": "redis", "url": server.url, "standby": True}}, "t")
     made: list[Member] = []
     try:
         for index in range(count):
             client = sync_client(server.url, 1.0)
-            keys = PollerKeys(QUEUE)
+            keys = PollerKeys.of(config.queue)
             replica = Replica(client, keys, f"r{index}", lease, PollCancel(threading.Event()))
             jobs = RedisQueueTarget(config.queue, config.delivery)
             store = Store(tmp_path / f"r{index}.db")
@@ -125,11 +124,16 @@ def members(server: RedisServer, tmp_path: Path, count: int, lease: float = 5.0)
             member.store.close()
 
 
+def keys_for(server: AnyRedis) -> PollerKeys:
+    """The keys of the test queue on `server`: tagged on a cluster, as `run` makes them from the URL."""
+    return PollerKeys(QUEUE, cluster=isinstance(server, RedisClusterServer))
+
+
 def outcome(key: str, version: str = "1") -> RecordOutcome:
     return RecordOutcome(key, datetime.fromtimestamp(1000, UTC), Seen(version), ())
 
 
-def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_path: Path) -> None:
+def test_a_deposed_leader_cannot_write_and_steps_down(redis: AnyRedis, tmp_path: Path) -> None:
     with members(redis, tmp_path, 2) as (a, b):
         a.replica.tick()
         b.replica.tick()
@@ -149,7 +153,7 @@ def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_pa
         assert state is not None and state.head == 200.0 and state.sweeps == {60.0: 150.0}
 
         # the leader pauses past its lease (its key is gone) while its own clock says it still holds it
-        sync_client(redis.url, 1.0).delete(PollerKeys(QUEUE).lease)
+        sync_client(redis.url, 1.0).delete(keys_for(redis).lease)
         b.replica.tick()
         assert b.replica.role == "leader" and a.replica.token() is not None
         late = make_test_event("trace.created")
@@ -175,7 +179,7 @@ def test_a_deposed_leader_cannot_write_and_steps_down(redis: RedisServer, tmp_pa
         assert a.replica.role == "standby", "the old leader waits while the new one renews"
 
 
-def test_a_clean_stop_hands_the_lease_over_at_once(redis: RedisServer, tmp_path: Path) -> None:
+def test_a_clean_stop_hands_the_lease_over_at_once(redis: AnyRedis, tmp_path: Path) -> None:
     with members(redis, tmp_path, 2, lease=30.0) as (a, b):
         a.replica.tick()
         b.replica.tick()
@@ -184,7 +188,7 @@ def test_a_clean_stop_hands_the_lease_over_at_once(redis: RedisServer, tmp_path:
         assert b.replica.holder_expires_in is not None and 29 < b.replica.holder_expires_in <= 30
         assert b.replica.standing_by() == "standby: replica r0 leads (token 1)"
         # a restart of r0 under its fixed name, while its previous run's lease lasts
-        again = Replica(sync_client(redis.url, 1.0), PollerKeys(QUEUE), "r0", 30.0, PollCancel(threading.Event()))
+        again = Replica(sync_client(redis.url, 1.0), keys_for(redis), "r0", 30.0, PollCancel(threading.Event()))
         again.tick()
         assert again.role == "standby"
         assert again.standing_by().startswith("standby: this replica's previous run still holds the lease (token 1)")
@@ -195,7 +199,7 @@ def test_a_clean_stop_hands_the_lease_over_at_once(redis: RedisServer, tmp_path:
         assert holder is not None and holder.replica == "r1" and holder.token == 2
 
 
-def test_dedup_keys_are_pruned_below_every_watermark(redis: RedisServer, tmp_path: Path) -> None:
+def test_dedup_keys_are_pruned_below_every_watermark(redis: AnyRedis, tmp_path: Path) -> None:
     with members(redis, tmp_path, 1) as (a,):
         a.replica.tick()
         a.state.ensure_stream("scores", 0.0, [60.0])
@@ -218,7 +222,7 @@ def console_script() -> list[str]:
     return [found] if found else [sys.executable, "-m", "langfuse_poller"]
 
 
-def standby_config(tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, name: str, extra: str = "") -> Path:
+def standby_config(tmp_path: Path, langfuse: FakeLangfuse, server: AnyRedis, name: str, extra: str = "") -> Path:
     """One replica's config: the shared [queue], its own SQLite state, a fast poll and a short lease."""
     body = (
         f'[queue]\nbackend = "redis"\nurl = {q(server.url)}\nname = {q(QUEUE)}\nstandby = true\n'
@@ -267,7 +271,7 @@ class Proc:
                 self.proc.wait(5)
 
 
-def replica(cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, name: str) -> Proc:
+def replica(cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, server: AnyRedis, name: str) -> Proc:
     return Proc(cli, tmp_path, name, "run", "--config", str(standby_config(tmp_path, langfuse, server, name)))
 
 
@@ -315,7 +319,7 @@ def took_over_within(proc: Proc, since: float, bound: float) -> float:
 
 
 def leader_standby_and_worker(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, procs: list[Proc]
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis, procs: list[Proc]
 ) -> tuple[Proc, Proc, Proc]:
     """Replica a, once it leads; replica b, standing by; a worker writing the events to a jsonl file. Each is
     added to `procs` as it starts, for the caller to stop."""
@@ -330,7 +334,7 @@ def leader_standby_and_worker(
 
 
 def test_kill_9_of_the_leader_while_events_flow_loses_nothing(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis
 ) -> None:
     procs: list[Proc] = []
     try:
@@ -367,7 +371,7 @@ def test_kill_9_of_the_leader_while_events_flow_loses_nothing(
 
 
 def test_a_paused_leader_is_fenced_off_when_it_wakes(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis
 ) -> None:
     procs: list[Proc] = []
     try:
@@ -399,13 +403,71 @@ def test_a_paused_leader_is_fenced_off_when_it_wakes(
         assert "Traceback" not in proc.text(), proc.text()
 
 
-PASSWORD = "hunter2-redis"
-
-
 @pytest.fixture
-def locked_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server that wants a password: `status` and `/metrics` must never show it."""
-    yield from redis_server(tmp_path, durable=False, password=PASSWORD)
+def redis_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyRedis]:
+    """The session's three-node cluster alone, emptied, for the tests about a cluster only."""
+    yield from redis_for_test(request, tmp_path, "cluster")
+
+
+def test_on_a_cluster_every_key_of_the_deployment_hashes_to_its_one_slot(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis_cluster: RedisClusterServer
+) -> None:
+    # the Lua scripts build keys from a prefix and the MULTIs span several keys: on a cluster, both only work
+    # when every key shares one slot, and a key outside it would fail there, or on another deployment's node
+    from redis.crc import key_slot
+
+    expected = add_traffic(langfuse, traces=3, scores=2)
+    procs = [replica(cli, tmp_path, langfuse, redis_cluster, "a")]
+    try:
+        assert wait_for(lambda: leads(procs[0]) and set(jobs_in(redis_cluster)) == expected, 15), procs[0].text()
+        added = cli("silence", "add", "--rule", "all", "--for", "1m", "--config", tmp_path / "a.toml")
+        assert added.returncode == 0, str(added)
+        assert cli("silence", "expire", "1", "--config", tmp_path / "a.toml").returncode == 0
+        procs.append(Proc(cli, tmp_path, "worker", "worker", "--config", str(tmp_path / "a.toml")))
+        assert wait_for(lambda: delivered(tmp_path).keys() == expected, 15), procs[-1].text()
+        assert wait_for(lambda: "silences" in " ".join(redis_cluster.keys()), 10)
+    finally:
+        for proc in procs:
+            proc.stop()
+    keys = redis_cluster.keys()
+    tag = "{langfuse-poller:langfuse-events}"
+    for key in (f"{tag}:poller:token", f"{tag}:poller:seen", f"{tag}:silences", f"{tag}:langfuse-events:completed"):
+        assert key in keys, sorted(keys)
+    outside = {key: slot for key, slot in keys.items() if slot != key_slot(tag.encode())}
+    assert not outside, f"keys outside the deployment's slot {key_slot(tag.encode())}: {outside}"
+    for proc in procs:
+        assert "Traceback" not in proc.text(), proc.text()
+
+
+def test_a_url_that_names_the_wrong_kind_of_redis_is_a_clear_error(
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis_cluster: RedisClusterServer
+) -> None:
+    with contextmanager(redis_server)(tmp_path, durable=False) as single:
+        # a cluster URL at a single server, and a plain URL at a node of the cluster (which would answer, then
+        # refuse the keys of the other nodes' slots with MOVED)
+        as_cluster = standby_config(tmp_path, langfuse, single, "as-cluster")
+        as_cluster.write_text(as_cluster.read_text().replace(single.url, f"redis+cluster://127.0.0.1:{single.port}"))
+        as_single = standby_config(tmp_path, langfuse, single, "as-single")
+        as_single.write_text(as_single.read_text().replace(single.url, f"redis://127.0.0.1:{redis_cluster.port}/0"))
+        checked = cli("check", "--config", as_cluster)
+        assert "FAIL Redis at redis+cluster://127.0.0.1:" in checked.stdout, str(checked)
+        assert "Cluster mode is not enabled on this node" in checked.stdout, str(checked)
+        checked = cli("check", "--config", as_single)
+        expected = "is a node of a Redis Cluster: name the cluster as redis+cluster://"
+        assert "FAIL Redis at redis://127.0.0.1:" in checked.stdout and expected in checked.stdout, str(checked)
+        for path, said in ((as_cluster, "Cluster mode is not enabled"), (as_single, expected)):
+            result = cli("worker", "--config", path)
+            assert result.returncode == 1 and said in result.stderr, str(result)
+            assert "Traceback" not in result.stderr, result.stderr
+
+
+PASSWORD = REDIS_PASSWORD
+
+
+@pytest.fixture(params=["single", "cluster"])
+def locked_redis(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AnyRedis]:
+    """A Redis that wants a password, one server or a cluster: `status` and `/metrics` must never show it."""
+    yield from redis_for_test(request, tmp_path, request.param, password=PASSWORD)
 
 
 def scrape(port: int) -> str:
@@ -414,7 +476,7 @@ def scrape(port: int) -> str:
 
 
 def test_status_and_metrics_show_the_lease_the_replicas_the_queue_and_the_workers(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: AnyRedis
 ) -> None:
     expected = add_traffic(langfuse, traces=3)
     metrics_port = free_port()
@@ -459,7 +521,22 @@ def test_status_and_metrics_show_the_lease_the_replicas_the_queue_and_the_worker
         assert f"workers seen: 1: {socket.gethostname()}:{worker.proc.pid}" in shown.stdout, shown.stdout
         assert "depth 0 jobs" in shown.stdout, shown.stdout
         assert "langfuse_poller_redis_workers 1.0" in scrape(metrics_port)
-        for output in (status.stdout, status.stderr, shown.stdout, shown.stderr, scrape(metrics_port)):
+        checked = cli("check", "--config", tmp_path / "b.toml")
+        # the Redis is shown as what it is: a cluster with its nodes and the hash tag of the deployment's keys
+        shown_url = locked_redis.url.replace(PASSWORD, "***")
+        if isinstance(locked_redis, RedisClusterServer):
+            tag = "{langfuse-poller:langfuse-events}"
+            assert redis_part["cluster"] == {"nodes": 3, "hash_tag": tag}, redis_part
+            assert f"at {shown_url} (cluster of 3 nodes, keys tagged {tag})" in shown.stdout, shown.stdout
+            assert "langfuse_poller_redis_cluster_nodes 3.0" in scrape(metrics_port)
+            assert f"ok   Redis Cluster at {shown_url} answers: 3 nodes; keys tagged {tag}" in checked.stdout, str(
+                checked
+            )
+        else:
+            assert redis_part["cluster"] is None and "(cluster of" not in shown.stdout
+            assert "redis_cluster_nodes" not in scrape(metrics_port)
+            assert f"ok   Redis at {shown_url} answers" in checked.stdout, str(checked)
+        for output in (status.stdout, status.stderr, shown.stdout, shown.stderr, scrape(metrics_port), checked.stdout):
             assert PASSWORD not in output
     finally:
         for proc in procs:
@@ -469,7 +546,7 @@ def test_status_and_metrics_show_the_lease_the_replicas_the_queue_and_the_worker
 
 
 def test_once_refuses_to_poll_while_a_replica_holds_the_lease(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: AnyRedis
 ) -> None:
     add_traffic(langfuse, traces=2)
     alone = cli("once", "--config", standby_config(tmp_path, langfuse, redis, "solo"))
@@ -491,7 +568,7 @@ def test_once_refuses_to_poll_while_a_replica_holds_the_lease(
     assert slow.returncode == 0 and "1 new events" in slow.stdout, str(slow)
 
 
-def test_absence_rules_follow_the_leader_and_stand_still_on_a_standby(redis: RedisServer, tmp_path: Path) -> None:
+def test_absence_rules_follow_the_leader_and_stand_still_on_a_standby(redis: AnyRedis, tmp_path: Path) -> None:
     """A standby sees no matches: were its absence rules to measure progress by the clock, they would fire."""
     clock = Clock()
     rule_table = {
@@ -542,7 +619,7 @@ def test_absence_rules_follow_the_leader_and_stand_still_on_a_standby(redis: Red
 
 @pytest.mark.parametrize("standby_lookback", ["10m", "2m"])
 def test_a_standby_with_other_poll_ages_leaves_the_leaders_sweeps_alone(
-    redis: RedisServer, tmp_path: Path, standby_lookback: str
+    redis: AnyRedis, tmp_path: Path, standby_lookback: str
 ) -> None:
     """A replica that only waits must not rewrite the shared sweep watermarks: in a rolling deploy that shortens
     `lookback`, the new standby's start used to drop the leader's 10m sweep, which then restarted at the head and
@@ -578,11 +655,10 @@ def test_a_standby_with_other_poll_ages_leaves_the_leaders_sweeps_alone(
 
 
 def test_silence_commands_with_a_wrong_redis_password_fail_with_a_message(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: AnyRedis
 ) -> None:
-    wrong = RedisServer(locked_redis.directory, durable=False, password="not-" + PASSWORD)
-    wrong.port = locked_redis.port
-    path = standby_config(tmp_path, langfuse, wrong, "a")
+    path = standby_config(tmp_path, langfuse, locked_redis, "a")
+    path.write_text(path.read_text().replace(PASSWORD, "not-" + PASSWORD))
     for args in (("list",), ("add", "--rule", "all", "--for", "1h"), ("expire", "1")):
         result = cli("silence", *args, "--config", path)
         assert result.returncode == 1, str(result)
@@ -591,12 +667,12 @@ def test_silence_commands_with_a_wrong_redis_password_fail_with_a_message(
 
 
 def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
-    locked_redis: RedisServer, caplog: pytest.LogCaptureFixture
+    locked_redis: AnyRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     # a wrong password (or any refusal) makes every try to take the lease fail: the replica must not look like a
     # healthy standby that waits for a leader, which may not exist
     wrong_url = locked_redis.url.replace(PASSWORD, "not-" + PASSWORD)
-    replica = Replica(sync_client(wrong_url, 1.0), PollerKeys(QUEUE), "r0", 3.0, PollCancel(threading.Event()))
+    replica = Replica(sync_client(wrong_url, 1.0), keys_for(locked_redis), "r0", 3.0, PollCancel(threading.Event()))
     with caplog.at_level("DEBUG"):
         for _ in range(3):
             replica.tick()
@@ -608,7 +684,7 @@ def test_a_replica_that_redis_refuses_says_so_instead_of_standing_by_quietly(
 
 
 def test_a_standby_says_in_its_service_status_whom_it_waits_for_or_why_it_cannot_take_over(
-    cli: Cli, langfuse: FakeLangfuse, locked_redis: RedisServer, tmp_path: Path
+    cli: Cli, langfuse: FakeLangfuse, locked_redis: AnyRedis, tmp_path: Path
 ) -> None:
     from tests.test_service import NotifySocket
 
@@ -638,7 +714,7 @@ def test_a_standby_says_in_its_service_status_whom_it_waits_for_or_why_it_cannot
             notify.close()
 
 
-def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: RedisServer, tmp_path: Path) -> None:
+def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: AnyRedis, tmp_path: Path) -> None:
     # a pauses past its lease mid-page; b takes over (token 2) and stops; a wakes, its lease thread steps down and
     # takes the lease again at once (token 3) and clears the cancel, all in one tick, before the poll thread looks.
     # The page a read under token 1 must not be committed under token 3: b moved the dedup keys meanwhile
@@ -648,7 +724,7 @@ def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: Re
         with pytest.raises(Deposed), a.state.write() as tx:
             tx.remember("scores", [outcome("s:1", version="1")])
             tx.set_head("scores", 200.0)
-            sync_client(redis.url, 1.0).delete(PollerKeys(QUEUE).lease)
+            sync_client(redis.url, 1.0).delete(keys_for(redis).lease)
             b.replica.tick()
             with b.state.write() as newer:
                 newer.remember("scores", [outcome("s:1", version="2")])
@@ -659,7 +735,7 @@ def test_a_poll_begun_under_an_old_token_cannot_commit_under_a_new_one(redis: Re
 
 
 def test_a_redis_that_lost_the_poll_state_resumes_from_the_leaders_last_head(
-    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    redis: AnyRedis, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Redis restarted without its data: starting again at `[poll] start` ("now") would skip what came meanwhile
     clock = Clock()
@@ -695,12 +771,11 @@ def test_a_redis_that_lost_the_poll_state_resumes_from_the_leaders_last_head(
 
 
 def test_a_worker_that_redis_refuses_stops_with_a_message(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: RedisServer
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, locked_redis: AnyRedis
 ) -> None:
     # bullmq would wait for a Redis that refuses it without a word: the worker looked idle, not broken
-    wrong = RedisServer(locked_redis.directory, durable=False, password="not-" + PASSWORD)
-    wrong.port = locked_redis.port
-    path = standby_config(tmp_path, langfuse, wrong, "a")
+    path = standby_config(tmp_path, langfuse, locked_redis, "a")
+    path.write_text(path.read_text().replace(PASSWORD, "not-" + PASSWORD))
     result = cli("worker", "--config", path)
     assert result.returncode == 1, str(result)
     assert "did not let the worker in" in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -708,7 +783,7 @@ def test_a_worker_that_redis_refuses_stops_with_a_message(
 
 
 def test_a_worker_says_when_redis_goes_away_and_comes_back(
-    tmp_path: Path, redis: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, redis: AnyRedis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from langfuse_poller.redis import worker as queue_worker
 

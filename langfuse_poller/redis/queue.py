@@ -25,6 +25,9 @@ from ..config import DeliveryConfig, QueueConfig
 from ..errors import DeliveryError
 from ..events import Event
 from ..notifiers.base import Notifier
+from ..util.redis_url import is_cluster_url
+from .cluster import async_cluster_client, sync_cluster_client
+from .standby.keys import PollerKeys
 
 log = logging.getLogger(__name__)
 
@@ -54,27 +57,47 @@ def longest_backoff(delivery: DeliveryConfig) -> float:
 
 
 def redis_client(url: str, timeout: float) -> Any:
-    """An asyncio Redis client for bullmq that fails fast: the outbox, not the client, retries a Redis outage."""
-    import redis.asyncio as redis
+    """An asyncio Redis client for bullmq that fails fast: the outbox, not the client, retries a Redis outage.
+
+    A `redis+cluster://` URL makes a cluster client (cluster.py)."""
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
 
-    return redis.from_url(
-        url,
-        decode_responses=True,  # bullmq reads strings
-        socket_connect_timeout=timeout,
-        socket_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-    )
+    options: dict[str, Any] = {
+        "decode_responses": True,  # bullmq reads strings
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if is_cluster_url(url):
+        return async_cluster_client(url, options)
+    import redis.asyncio as redis
+
+    return redis.from_url(url, **options)
 
 
 def sync_client(url: str, timeout: float) -> Any:
-    """A Redis client whose calls fail within `timeout`: a renewal that hangs must not outlive the lease."""
+    """A Redis client whose calls fail within `timeout`: a renewal that hangs must not outlive the lease.
+
+    For a `redis+cluster://` URL, a cluster client (cluster.py): each command goes to the node of its key's slot,
+    and a MULTI (`pipeline(transaction=True)`) works there because all its keys share the deployment's slot."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": 0,
+    }
+    if is_cluster_url(url):
+        return sync_cluster_client(url, options)
     import redis
 
-    return redis.Redis.from_url(
-        url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=0
-    )
+    return redis.Redis.from_url(url, **options)
+
+
+def bullmq_options(config: QueueConfig, connection: Any) -> dict[str, Any]:
+    """The options of a bullmq Queue or Worker on this deployment's queue: `connection` and, on a cluster, the
+    hash-tagged `prefix` (standby/keys.py) that puts every BullMQ key of the queue in one slot."""
+    return {"connection": connection, "prefix": PollerKeys.of(config).bullmq_prefix}
 
 
 class LoopThread:
@@ -104,7 +127,8 @@ class LoopThread:
 
 
 class RedisQueueTarget(Notifier):
-    """The delivery target `queue:redis`: adds the events it gets as BullMQ jobs, a batch in one MULTI."""
+    """The delivery target `queue:redis`: adds the events it gets as BullMQ jobs, a batch in one MULTI (one add
+    after the other on a cluster)."""
 
     # the outbox keeps retrying (with its capped backoff) while Redis is down, rather than making dead letters
     retries_forever = True
@@ -151,9 +175,16 @@ class RedisQueueTarget(Notifier):
             from bullmq import Queue
 
             connection = redis_client(self.config.url, self.timeout)
-            self._queue = Queue(self.config.name, {"connection": connection})
-        # addBulk: one MULTI for the batch, all or nothing; an id already in the queue is left as it is
-        await self._queue.addBulk(jobs)
+            self._queue = Queue(self.config.name, bullmq_options(self.config, connection))
+        if not self.config.cluster:
+            # addBulk: one MULTI for the batch, all or nothing; an id already in the queue is left as it is
+            await self._queue.addBulk(jobs)
+            return
+        # on a cluster, redis-py refuses EVALSHA inside a pipeline, and addBulk is a pipeline of bullmq's add
+        # script: one add per job, in order (each is atomic, a script). A batch cut short by a failure is sent
+        # again whole by the outbox, and the jobs already added keep their ids, which BullMQ then ignores
+        for job in jobs:
+            await self._queue.add(job["name"], job["data"], job["opts"])
 
     def _reset(self) -> None:
         """After a failure, the next batch starts with a new connection."""

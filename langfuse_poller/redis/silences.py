@@ -1,8 +1,9 @@
 """Silences in Redis, for the Redis backend: the poller replicas and the queue workers on every machine read the
 same ones, and `silence add` on any machine with the config reaches them all.
 
-Keys beside the queue's: `<queue>:silences` (hash: id -> the silence as JSON), `<queue>:silences:id` (the last
-id given, INCR) and `<queue>:silences:matched` (hash: id -> matches silenced, HINCRBY from every process).
+Keys beside the queue's (`{langfuse-poller:<queue>}` for `<queue>` on a cluster, standby/keys.py):
+`<queue>:silences` (hash: id -> the silence as JSON), `<queue>:silences:id` (the last id given, INCR) and
+`<queue>:silences:matched` (hash: id -> matches silenced, HINCRBY from every process).
 Silences that ended more than `KEEP_ENDED` ago are dropped when one is added (not when the list is read, which
 every process does each second).
 """
@@ -19,6 +20,7 @@ from ..alerting.silence_book import Silence
 from ..config import QueueConfig
 from ..errors import StateError
 from .queue import sync_client
+from .standby.keys import PollerKeys
 
 KEEP_ENDED = 7 * 86400.0
 
@@ -28,7 +30,7 @@ class RedisSilenceBook:
 
     def __init__(self, queue: QueueConfig, timeout: float) -> None:
         self.client = sync_client(queue.url, timeout)
-        self.key = f"{queue.name}:silences"
+        self.key = PollerKeys.of(queue).silences
         self.where = queue.display_url
 
     @contextmanager

@@ -27,6 +27,9 @@ from ..errors import DeliveryError, StateError
 from ..events import Event
 from ..notifiers import Notifier, build_notifier
 from ..registry import Registry, Router, import_handler_modules, registry
+from ..util.redis_url import is_cluster_url
+from .cluster import async_cluster_client, kind_mismatch
+from .queue import bullmq_options
 from .standby.replica import default_replica
 
 log = logging.getLogger(__name__)
@@ -142,6 +145,7 @@ class RedisCheck:
         from .queue import sync_client
 
         self.where = config.queue.display_url
+        self.cluster = config.queue.cluster
         self.client = sync_client(config.queue.url, config.delivery.timeout.total_seconds())
         self.failing = False
 
@@ -149,9 +153,13 @@ class RedisCheck:
         """At the start: a Redis that does not answer, or refuses, stops the worker with a one-line error."""
         try:
             self.client.ping()
+            mismatch = kind_mismatch(self.client, self.cluster)
         except Exception as exc:
             self.client.close()
             raise StateError(f"Redis at {self.where} did not let the worker in: {_reason(exc)}") from None
+        if mismatch is not None:
+            self.client.close()
+            raise StateError(f"Redis at {self.where}: {mismatch}")
 
     def again(self) -> None:
         try:
@@ -179,6 +187,21 @@ async def _keep_watch(router: Router, redis: RedisCheck, stopping: asyncio.Event
         await asyncio.to_thread(redis.again)
         if isinstance(router.silences, Silences) and not redis.failing:
             await asyncio.to_thread(router.silences.flush_counts)
+
+
+def worker_connection(url: str) -> Any:
+    """The worker's bullmq connection. On one server, the URL: bullmq makes its clients from it, and they retry a
+    lost Redis for a long time, which a worker that waits for jobs wants. bullmq cannot make a cluster client
+    from a URL, so on a cluster it gets one, retrying as bullmq's own would, with the redirects a cluster sends
+    (a node that failed over, a slot that moved) followed by the client."""
+    if not is_cluster_url(url):
+        return url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialBackoff
+
+    # bullmq's blocking wait for a job lasts up to `drainDelay`: no read timeout, as with bullmq's own clients
+    options = {"decode_responses": True, "socket_timeout": None, "retry": Retry(ExponentialBackoff(cap=20, base=1), 20)}
+    return async_cluster_client(url, options)
 
 
 def _describe(error: Exception) -> str:
@@ -236,7 +259,7 @@ async def _work(
         config.queue.name,
         processor,
         {
-            "connection": config.queue.url,
+            **bullmq_options(config.queue, worker_connection(config.queue.url)),
             # the connection's client name: `status` lists the workers it sees by it
             "name": default_replica(),
             "concurrency": concurrency,

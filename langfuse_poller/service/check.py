@@ -62,6 +62,11 @@ def run_check(config: Config, *, out: TextIO) -> int:
     except Exception as exc:  # sqlite3.OperationalError: a read-only file or directory
         report(False, f"state {config.state_path} is not writable: {exc}")
 
+    if config.queue.backend == "redis":
+        from ..redis.standby.report import check_redis
+
+        report(*check_redis(config.queue, config.delivery.timeout.total_seconds()))
+
     from ..langfuse.reader import ENDPOINTS, LangfuseReader
 
     reader = LangfuseReader(config.langfuse)

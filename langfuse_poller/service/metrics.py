@@ -178,6 +178,10 @@ def _redis_metrics(report: QueueReport, runtime: Runtime) -> Iterable[Metric]:
     workers = GaugeMetricFamily(f"{PREFIX}_redis_workers", "BullMQ workers connected to the queue.")
     workers.add_metric([], len(report.workers))
     yield workers
+    if report.cluster_nodes is not None:
+        nodes = GaugeMetricFamily(f"{PREFIX}_redis_cluster_nodes", "Primaries of the Redis Cluster (only on one).")
+        nodes.add_metric([], report.cluster_nodes)
+        yield nodes
     replica = runtime.replica
     if replica is None:
         return

@@ -146,7 +146,9 @@ def render_status(report: dict[str, Any]) -> str:
 
 
 def _render_redis(redis: dict[str, Any]) -> list[str]:
-    lines = [f"redis queue {redis['name']} at {redis['url']}"]
+    cluster = redis.get("cluster")
+    shape = f" (cluster of {cluster['nodes']} nodes, keys tagged {cluster['hash_tag']})" if cluster else ""
+    lines = [f"redis queue {redis['name']} at {redis['url']}{shape}"]
     if redis["error"]:
         lines.append(f"     {redis['error']}")
     if redis["jobs"]:

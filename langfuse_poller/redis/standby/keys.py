@@ -1,19 +1,56 @@
-"""The Redis keys of the shared poller state: `<queue>:poller:...`, beside BullMQ's `bull:<queue>:...`."""
+"""The Redis keys of one deployment (one queue): the shared poller state, the silences, BullMQ's jobs.
+
+On one Redis server: `<queue>:poller:...`, `<queue>:silences...`, and BullMQ's `bull:<queue>:...`, the names
+of every release so far, kept so that an upgrade finds its watermarks and dedup keys (new names would re-poll
+from `[poll] start` and send the events since then again). On a Redis Cluster every key carries one hash tag,
+`{langfuse-poller:<queue>}`: `{langfuse-poller:<queue>}:poller:...`, `{langfuse-poller:<queue>}:silences...`,
+and BullMQ's prefix is the tag itself (`{langfuse-poller:<queue>}:<queue>:...`, as BullMQ's docs ask for a
+cluster), so all of them hash to one slot: the Lua scripts, which build keys from a prefix, and the MULTI
+transactions may only touch keys of one slot there. A cluster was not supported before, so no key moves.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ...config import QueueConfig
 
 
 @dataclass(frozen=True)
 class PollerKeys:
-    """Key names for one queue's pollers. The queue name has no ":" (config checks it), so prefixes never nest."""
+    """Key names for one queue's pollers. The queue name has no ":" (config checks it), so prefixes never nest.
+
+    `namespace` is the one place that decides the layout; every key, a new one too, is built from it."""
 
     queue: str
+    cluster: bool = False
+
+    @classmethod
+    def of(cls, config: QueueConfig) -> PollerKeys:
+        """The keys of the queue `config` names, tagged when its URL names a cluster."""
+        return cls(config.name, config.cluster)
+
+    @property
+    def namespace(self) -> str:
+        """`<queue>` on one server; `{langfuse-poller:<queue>}` on a cluster, the hash tag of the deployment."""
+        return f"{{langfuse-poller:{self.queue}}}" if self.cluster else self.queue
+
+    @property
+    def bullmq_prefix(self) -> str:
+        """BullMQ's `prefix` option, which a Node.js worker must pass too: BullMQ's default `bull` on one server,
+        the deployment's hash tag on a cluster."""
+        return self.namespace if self.cluster else "bull"
 
     @property
     def prefix(self) -> str:
-        return f"{self.queue}:poller"
+        return f"{self.namespace}:poller"
+
+    @property
+    def silences(self) -> str:
+        """Hash: silence id -> the silence as JSON; `<silences>:id` and `<silences>:matched` beside it."""
+        return f"{self.namespace}:silences"
 
     @property
     def lease(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ...config import QueueConfig
 from ...poll_state import StreamState
+from ..cluster import node_count
 from .keys import PollerKeys
 from .lease import LeaseHolder, parse_holder
 
@@ -58,6 +59,9 @@ class QueueReport:
     read_paths: dict[str, tuple[str, float]] = field(default_factory=dict)
     jobs: dict[str, int] = field(default_factory=dict)
     workers: list[WorkerSeen] = field(default_factory=list)
+    # on a Redis Cluster: how many primaries serve it, and the hash tag every key of this deployment carries
+    cluster_nodes: int | None = None
+    hash_tag: str | None = None
     error: str | None = None
 
     @property
@@ -73,8 +77,10 @@ def read_report(config: QueueConfig, *, now: float, timeout: float = 3.0) -> Que
     report = QueueReport(config.display_url, config.name, config.lease.total_seconds())
     client = sync_client(config.url, timeout)
     try:
+        if config.cluster:
+            report.cluster_nodes, report.hash_tag = node_count(client), PollerKeys.of(config).namespace
         if config.standby:
-            read_lease(client, PollerKeys(config.name), report, now)
+            read_lease(client, PollerKeys.of(config), report, now)
         report.jobs, report.workers = queue_counts(config, timeout)
     except Exception as exc:
         report.error = f"Redis at {config.display_url} did not answer: {_describe(exc)}"
@@ -121,9 +127,9 @@ def queue_counts(config: QueueConfig, timeout: float) -> tuple[dict[str, int], l
     async def read() -> tuple[dict[str, int], list[WorkerSeen]]:
         from bullmq import Queue
 
-        from ..queue import redis_client
+        from ..queue import bullmq_options, redis_client
 
-        queue = Queue(config.name, {"connection": redis_client(config.url, timeout)})
+        queue = Queue(config.name, bullmq_options(config, redis_client(config.url, timeout)))
         try:
             counts = await queue.getJobCounts(*JOB_STATES)
             clients = await queue.get_workers()
@@ -160,8 +166,32 @@ def report_json(report: QueueReport) -> dict[str, Any]:
             {"name": r.name, "role": r.role, "token": r.token, "seen_seconds_ago": round(r.seen_ago, 1), "gone": r.gone}
             for r in report.replicas
         ],
+        "cluster": None
+        if report.cluster_nodes is None
+        else {"nodes": report.cluster_nodes, "hash_tag": report.hash_tag},
         "error": report.error,
     }
+
+
+def check_redis(config: QueueConfig, timeout: float) -> tuple[bool, str]:
+    """`check`'s line about Redis: whether it answers and, on a cluster, how many nodes serve it and where this
+    deployment's keys go. Never raises, never shows the password."""
+    from ..cluster import kind_mismatch
+    from ..queue import sync_client
+
+    client = sync_client(config.url, timeout)
+    try:
+        client.ping()
+        if (mismatch := kind_mismatch(client, config.cluster)) is not None:
+            return False, f"Redis at {config.display_url}: {mismatch}"
+        if not config.cluster:
+            return True, f"Redis at {config.display_url} answers"
+        tag = PollerKeys.of(config).namespace
+        return True, f"Redis Cluster at {config.display_url} answers: {node_count(client)} nodes; keys tagged {tag}"
+    except Exception as exc:
+        return False, f"Redis at {config.display_url} did not answer: {_describe(exc)}"
+    finally:
+        client.close()
 
 
 def _describe(exc: BaseException) -> str:

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 # KEYS: token; ARGV: our token, key prefix, JSON list of operations. {1, token} when written, {0, token} when
 # a later token was issued (nothing written). Numbers travel as strings: Lua's own number-to-string keeps
 # 14 digits, too few for a millisecond timestamp of a far date.
+# On a Redis Cluster the keys built from the prefix share the token's slot (keys.py: one hash tag), which is the
+# slot Redis routes the script by and the only one it lets the script touch without declaring a key.
 COMMIT = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current ~= tonumber(ARGV[1]) then return {0, current} end

@@ -21,7 +21,7 @@ def build_standby(
     lease = queue.lease.total_seconds()
     # a third of the lease: a renewal that waits longer could not be followed by another before expiry
     client = sync_client(queue.url, min(config.delivery.timeout.total_seconds(), lease / 3))
-    keys = PollerKeys(queue.name)
+    keys = PollerKeys.of(queue)
     cancel = PollCancel(stop)
     replica = Replica(client, keys, queue.replica or default_replica(), lease, cancel, clock=clock)
     jobs = RedisQueueTarget(queue, config.delivery)
