@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -105,7 +106,14 @@ class CompiledRule:
         self.rule = rule
         self.program: Any = _compile(rule.when, source, f"{rule.key}.when")
         self.resolve_program: Any = _compile(rule.resolve_when, source, f"{rule.key}.resolve_when")
+        measure = rule.measure
+        # a measuring rule's `value` and `share`, compiled once like `when` (so `check` finds their errors too)
+        self.value_program: Any = _compile(measure.value if measure else None, source, f"{rule.key}.value")
+        self.share_program: Any = _compile(measure.share if measure else None, source, f"{rule.key}.share")
+        # matches whose `value` was no number (or no value at all): left out of the measure
+        self.skipped = 0
         self._warned = False
+        self._warned_value = False
 
     def matches(self, event: Event, envelope: Mapping[str, Any]) -> bool:
         """Whether the condition holds for an event whose type the rule's globs match (the Router checked)."""
@@ -118,6 +126,38 @@ class CompiledRule:
         if self.resolve_program is None:
             return False
         return self._holds(self.resolve_program, "resolve_when", event, envelope)
+
+    def measured(self, event: Event, envelope: Mapping[str, Any]) -> Any:
+        """What a measuring rule reads from a match: 1.0 or 0.0 (ratio: whether `share` holds), the number of
+        `value` (a value of any kind for `distinct` and new_value rules), 0.0 for a count without `value`; None
+        when there is none it can use, which leaves the match out (counted in `skipped`, said once)."""
+        if self.share_program is not None:
+            return 1.0 if self._holds(self.share_program, "share", event, envelope) else 0.0
+        if self.value_program is None:
+            return 0.0
+        measure = self.rule.measure
+        assert measure is not None
+        try:
+            value = self.value_program.execute(dict(envelope))
+        except Exception as exc:
+            value = exc
+        if self.rule.kind == "new_value" or measure.aggregate == "distinct":
+            usable = isinstance(value, str | int | float) and value != ""
+        else:
+            usable = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if usable:
+            return value
+        self.skipped += 1
+        if not self._warned_value:
+            log.warning(
+                "rule %s: value %s of %s is %r, which it cannot measure; such matches are skipped",
+                self.rule.name,
+                self.rule.measure and self.rule.measure.value,
+                event.id,
+                value,
+            )
+            self._warned_value = True
+        return None
 
     def _holds(self, program: Any, what: str, event: Event, envelope: Mapping[str, Any]) -> bool:
         try:
