@@ -1,4 +1,5 @@
-"""The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state) and `silences`.
+"""The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state), `alert_rules` and
+`alert_values` (what a new_value rule knows), and `silences`.
 
 The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state:
 one small set of methods over Group values, so that another backend can keep the same state behind the same
@@ -35,8 +36,9 @@ COLUMNS = (
     "samples",
     "arrivals",
     "next_at",
+    "measure",
 )
-JSON_COLUMNS = frozenset({"labels", "told", "samples", "arrivals"})
+JSON_COLUMNS = frozenset({"labels", "told", "samples", "arrivals", "measure"})
 
 
 class SqliteAlertState:
@@ -120,6 +122,46 @@ class SqliteAlertState:
     def delete(self, rule: str, key: str) -> None:
         """Drop the group of `rule` with this key, if there is one."""
         self._conn.execute("DELETE FROM alert_groups WHERE rule = ? AND key = ?", (rule, key))
+
+    def group_count(self, rule: str) -> int:
+        """How many groups `rule` keeps, in any state (what `max_groups` caps)."""
+        (count,) = self._conn.execute("SELECT COUNT(*) FROM alert_groups WHERE rule = ?", (rule,)).fetchone()
+        return int(count)
+
+    def rule_started(self, rule: str) -> float | None:
+        """When (event time) a new_value rule first ran, None before it has."""
+        row = self._conn.execute("SELECT started FROM alert_rules WHERE rule = ?", (rule,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def start_rule(self, rule: str, at: float) -> None:
+        """Record that `rule` first ran at `at` (event time); a rule that ran before keeps its first run."""
+        self._conn.execute("INSERT OR IGNORE INTO alert_rules (rule, started) VALUES (?, ?)", (rule, at))
+
+    def seen_values(self, rule: str, keys: Sequence[str]) -> dict[str, float]:
+        """Of these value keys of a new_value rule, those it knows, with when (event time) each was last seen."""
+        seen: dict[str, float] = {}
+        # at most 500 parameters a statement: well under SQLite's limit
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            rows = self._conn.execute(
+                f"SELECT key, last_ts FROM alert_values WHERE rule = ? AND key IN ({','.join('?' * len(chunk))})",
+                (rule, *chunk),
+            )
+            seen.update((key, float(last_ts)) for key, last_ts in rows)
+        return seen
+
+    def see_values(self, rule: str, seen: Mapping[str, float]) -> None:
+        """Keep when each value key of a new_value rule was last seen (the later of the stored time and this)."""
+        self._conn.executemany(
+            "INSERT INTO alert_values (rule, key, last_ts) VALUES (?, ?, ?) "
+            "ON CONFLICT (rule, key) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)",
+            [(rule, key, ts) for key, ts in seen.items()],
+        )
+
+    def forget_values(self, rule: str, before: float) -> int:
+        """Forget the values of a new_value rule last seen before `before` (event time); how many were."""
+        cursor = self._conn.execute("DELETE FROM alert_values WHERE rule = ? AND last_ts < ?", (rule, before))
+        return cursor.rowcount
 
 
 class AlertWrites(TransactionBase):
