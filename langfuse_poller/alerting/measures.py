@@ -288,6 +288,9 @@ def _data(rule: Rule, group: Group, reading: Reading | None) -> dict[str, Any]:
     if rule.kind == "ratio":
         first, last = window_range(state["upto"], bucket_width(window_of(rule)))
         data["matching"] = round(sum(b[SUM] for b in state.get("b", []) if first <= b[0] <= last))
+    elif group.samples:
+        # the largest contributor is the one to open
+        data["url"] = group.samples[0].get("url")
     if rule.kind == "spike":
         data.update(previous=reading.previous, factor=m.factor, direction=m.direction)
     else:
