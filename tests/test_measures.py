@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from langfuse_poller.alerting.measures import OVERFLOW, fingerprint, measure
 from langfuse_poller.config import Config
 from langfuse_poller.events import Event
+from langfuse_poller.service.metrics import Metrics
 
 from .conftest import Clock
 from .test_alerting import T0, alert_config, at, feed, notifications, runtime
@@ -312,6 +314,8 @@ def test_max_groups_sends_further_keys_to_one_overflow_group(tmp_path: Path, cap
         labels = sorted(g.labels["data.userId"] for g in rt.store.alert_state().groups())
         assert labels == [OVERFLOW, "u0", "u1", "u2"]
         assert rt.alerter.overflowed == {"errors": 5}
+        scraped = generate_latest(Metrics(rt).registry).decode()
+        assert 'langfuse_poller_rule_overflow_total{rule="errors"} 5.0' in scraped
         # the overflow group is judged like any: the five keys' costs together
         fired = send(rt, clock, 2, gen(9, T0 + 2, user="u9", cost=1.0))
         assert told(fired) == [("rule.firing", "new", "critical", 6.0)]
