@@ -105,3 +105,43 @@ def test_check_compiles_value_and_share(tmp_path: Path, rule: dict[str, Any], ke
     with pytest.raises(ConfigError) as caught:
         run_check(config, out=io.StringIO())
     assert caught.value.key == key and "a CEL expression" in caught.value.expected
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "data.totalCost",
+        "data.usage.total",
+        'data.level == "ERROR"',
+        'data.level == "ERROR" && event == "generation.created"',
+        "has(data.latency) ? data.latency : 0.0",
+        'data["level"] == "ERROR"',
+        "size(data) > 3",
+        "data.missing",
+    ],
+)
+def test_value_and_share_read_what_cel_reads_of_the_whole_envelope(expression: str) -> None:
+    import cel
+
+    from langfuse_poller.registry import Reads
+
+    envelope = {
+        "id": "generation.created:o1",
+        "event": "generation.created",
+        "timestamp": "2027-01-15T08:00:00.000Z",
+        "source": "poll",
+        "data": {"level": "ERROR", "totalCost": 0.25, "latency": 1.5, "usage": {"total": 30}, "model": "m"},
+    }
+    reads = Reads.of(expression)
+    program = cel.compile(expression)
+
+    def run(activation: dict[str, Any]) -> Any:
+        try:
+            return program.execute(activation)
+        except Exception as exc:
+            return type(exc)
+
+    assert run(reads.activation(envelope)) == run(envelope)
+    # a plain path is read without CEL; what CEL cannot see plainly gets the whole of `data`
+    assert (reads.path is not None) == (expression in ("data.totalCost", "data.usage.total", "data.missing"))
+    assert (reads.data is None) == (expression in ('data["level"] == "ERROR"', "size(data) > 3"))

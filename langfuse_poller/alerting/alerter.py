@@ -166,14 +166,17 @@ class Alerter:
         else:
             groups = {}
             cap = _Cap(self, tx, rule)
+            # a silence's condition may read anything; the rule itself reads its timestamp rarely (an
+            # envelope's costs most in writing the timestamp out), and this runs for every match
+            whole = self.silences.mutes(rule.name, now) or _reads_timestamp(rule)
             for event in events:
-                envelope = event.envelope()
+                envelope = event.envelope() if whole else _light_envelope(event)
                 value = compiled.measured(event, envelope)
                 if value is None:
                     continue
                 labels = labels_of(rule, envelope)
                 group = cap.group(groups, labels, now)
-                silenced = self.silences.match(rule.name, envelope, now) is not None
+                silenced = whole and self.silences.match(rule.name, envelope, now) is not None
                 measures.record_value(rule, group, event, value, now, silenced=silenced)
         # these matches are counted now, though their deliveries are marked done only after this: they hold the
         # rule's progress back to the oldest of them. The batch is the rule's oldest waiting matches, so the
@@ -297,6 +300,18 @@ class Alerter:
         return sent
 
 
+def _reads_timestamp(rule: Rule) -> bool:
+    """Whether a measuring rule's keys read the envelope's `timestamp` (group_by, value, share)."""
+    assert rule.grouping is not None and rule.measure is not None
+    texts = (*rule.grouping.by, rule.measure.value or "", rule.measure.share or "")
+    return any("timestamp" in text for text in texts)
+
+
+def _light_envelope(event: Event) -> dict[str, Any]:
+    """The envelope without its timestamp, for the rules that do not read it."""
+    return {"id": event.id, "event": event.type, "source": event.source, "data": event.data}
+
+
 def _label_paths(rule: Rule) -> tuple[str, ...]:
     """The labels of a rule's groups: its `group_by`, and for a new_value rule the value."""
     assert rule.grouping is not None
@@ -311,13 +326,16 @@ class _Cap:
         self.tx = tx
         self.rule = rule
         self.count: int | None = None
+        # a batch's matches mostly share a few keys: each key's digest is made once
+        self._keys: dict[tuple[str, ...], str] = {}
 
     def group(self, groups: dict[str, Group], labels: dict[str, str], now: float) -> Group:
         """The group of these labels, from this batch, the state, or opened; the overflow group when the rule
         has `max_groups` groups already."""
         rule = self.rule
         assert rule.measure is not None
-        key = group_key(labels)
+        values = tuple(labels.values())
+        key = self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
         group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
         if group is None:
             if self.count is None:

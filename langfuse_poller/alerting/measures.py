@@ -20,6 +20,7 @@ group opens firing, notifies once (after `group_wait`), and resolves once its va
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from ..events import Event
 from ..rules import Rule
 from ..util.durations import format_duration
 from .groups import PROGRESS_RECHECK, SILENCE_RECHECK, Group, notify, sample_of
-from .windows import BUCKETS, SUM, add, bucket_index, bucket_width, distinct_key, prune, summarize, window_range
+from .windows import BUCKETS, SUM, add, bucket_width, distinct_key, prune, summarize, window_range
 from .windows import aggregate as aggregate_of
 
 # the label value of the group that takes the keys beyond a rule's `max_groups`
@@ -62,35 +63,63 @@ def window_of(rule: Rule) -> float:
     return rule.window.total_seconds()
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What recording a value into a rule's windows needs, worked out once per rule (it runs for every match)."""
+
+    width: float
+    keep: int  # buckets kept behind progress: one window, two for a spike
+    sketch: bool
+    distinct: bool
+    numeric: bool
+
+
+# by the rule's id, with the rule: hashing a frozen Rule hashes all of it, which costs more than the plan saves
+_PLANS: dict[int, tuple[Rule, _Plan]] = {}
+
+
+def _plan(rule: Rule) -> _Plan:
+    found = _PLANS.get(id(rule))
+    if found is not None and found[0] is rule:
+        return found[1]
+    assert rule.measure is not None
+    name = rule.measure.aggregate
+    plan = _Plan(
+        width=bucket_width(window_of(rule)),
+        keep=2 * BUCKETS if rule.kind == "spike" else BUCKETS,
+        sketch=rule.measure.percentile is not None,
+        distinct=name == "distinct",
+        numeric=name not in ("count", "distinct"),
+    )
+    _PLANS[id(rule)] = (rule, plan)
+    return plan
+
+
 def record_value(rule: Rule, group: Group, event: Event, value: Any, now: float, *, silenced: bool) -> None:
     """Add what a match measured to its group's window: a number (metric, spike), 1.0 or 0.0 (ratio: whether
     `share` held), or any value (the `distinct` aggregate)."""
-    assert rule.measure is not None and rule.grouping is not None
+    assert rule.grouping is not None
+    plan = _plan(rule)
     state = group.measure
-    width = bucket_width(window_of(rule))
     ts = event.timestamp.timestamp()
-    index = bucket_index(ts, width)
-    keep = 2 * BUCKETS if rule.kind == "spike" else BUCKETS
+    index = math.floor(ts / plan.width)
     upto = state.get("upto")
-    if upto is not None and index <= bucket_index(upto, width) - keep:
+    if upto is not None and index <= math.floor(upto / plan.width) - plan.keep:
         # later than every window that held it: those were judged without it
         state["late"] = state.get("late", 0) + 1
         return
     group.last_match_at = now
-    group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
-    group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
+    if group.last_ts is None or ts > group.last_ts:
+        group.last_ts = ts
+    if group.first_ts is None or ts < group.first_ts:
+        group.first_ts = ts
     if silenced:
         group.silenced += 1
-    name = rule.measure.aggregate
-    number = 0.0 if name in ("count", "distinct") else float(value)
-    buckets = state.setdefault("b", [])
-    add(
-        buckets,
-        index,
-        number,
-        sketch=rule.measure.percentile is not None,
-        distinct=distinct_key(value) if name == "distinct" else None,
-    )
+    number = float(value) if plan.numeric else 0.0
+    buckets = state.get("b")
+    if buckets is None:
+        buckets = state["b"] = []
+    add(buckets, index, number, sketch=plan.sketch, distinct=distinct_key(value) if plan.distinct else None)
     limit = rule.grouping.samples
     if not limit:
         return
