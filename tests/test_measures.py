@@ -322,3 +322,20 @@ def test_max_groups_sends_further_keys_to_one_overflow_group(tmp_path: Path, cap
         assert fired[0]["data"]["group"] == {"data.userId": OVERFLOW}
     said = [r for r in caplog.records if "max_groups" in r.getMessage()]
     assert len(said) == 1
+
+
+def test_a_window_kept_under_another_window_or_aggregate_starts_afresh(tmp_path: Path) -> None:
+    clock = Clock(T0)
+    with runtime(measuring(tmp_path, **COST), clock) as rt:
+        assert told(send(rt, clock, 0, gen(1, T0, cost=4.0))) == [("rule.firing", "new", "warning", 4.0)]
+    # the same window with a p95: the stored bucket holds no sketch for the next cost to go into
+    with runtime(measuring(tmp_path, **{**COST, "aggregate": "p95"}), clock) as rt:
+        assert at(rt, clock, 1) == []
+        assert told(send(rt, clock, 2, gen(2, T0 + 2, cost=6.0))) == [("rule.firing", "update", "critical", 6.0)]
+        [group] = rt.store.alert_state().groups()
+        assert [bucket[1] for bucket in group.measure["b"]] == [1]
+    # a longer window: buckets of the old width would lie in the future of the new one, never to leave
+    with runtime(measuring(tmp_path, **{**COST, "aggregate": "p95", "window": "1h"}), clock) as rt:
+        send(rt, clock, 3, gen(3, T0 + 3, cost=1.0))
+        [group] = rt.store.alert_state().groups()
+        assert [bucket[0] for bucket in group.measure["b"]] == [int(T0 // 120)]

@@ -72,6 +72,7 @@ class _Plan:
     sketch: bool
     distinct: bool
     numeric: bool
+    shape: str  # what the buckets hold: a window kept under another shape is started afresh
 
 
 # by the rule's id, with the rule: hashing a frozen Rule hashes all of it, which costs more than the plan saves
@@ -90,6 +91,7 @@ def _plan(rule: Rule) -> _Plan:
         sketch=rule.measure.percentile is not None,
         distinct=name == "distinct",
         numeric=name not in ("count", "distinct"),
+        shape=f"{rule.kind}:{name}:{rule.window.total_seconds():g}",
     )
     _PLANS[id(rule)] = (rule, plan)
     return plan
@@ -101,6 +103,7 @@ def record_value(rule: Rule, group: Group, event: Event, value: Any, now: float,
     assert rule.grouping is not None
     plan = _plan(rule)
     state = group.measure
+    _reshape(plan, group)
     ts = event.timestamp.timestamp()
     index = math.floor(ts / plan.width)
     upto = state.get("upto")
@@ -136,6 +139,19 @@ def record_value(rule: Rule, group: Group, event: Event, value: Any, now: float,
     sample = {**sample_of(event), "measured": number}
     group.samples.insert(position, sample)
     del top[limit:], group.samples[limit:]
+
+
+def _reshape(plan: _Plan, group: Group) -> None:
+    """Start the window afresh when the rule's kind, aggregate or window changed since it was kept (a reload):
+    buckets of another width or without the sketch the aggregate needs would be judged wrongly."""
+    state = group.measure
+    if state.get("shape") == plan.shape:
+        return
+    if "shape" in state or "b" in state:
+        for key in ("b", "top", "upto", "since", "clear"):
+            state.pop(key, None)
+        group.samples = []
+    state["shape"] = plan.shape
 
 
 def _read(rule: Rule, state: dict[str, Any], progress: float) -> Reading:
@@ -193,6 +209,8 @@ def evaluate(rule: Rule, group: Group, now: float, progress: float, *, muted: bo
     state["upto"] = progress
     if rule.kind == "new_value":
         return _evaluate_new_value(rule, group, now, progress, muted)
+    _reshape(_plan(rule), group)
+    state["upto"] = progress
     _prune(rule, group, progress)
     reading = _read(rule, state, progress)
     grouping = rule.grouping
