@@ -287,6 +287,8 @@ def parse_measure(table: Table, kind: str) -> Measure | None:
             raise table.error("value", None, f'a CEL expression for the number to {aggregate}, e.g. "data.totalCost"')
         measure = Measure(value=number, aggregate=aggregate)
     hold = table.duration("for", 0)
+    if kind == "metric" and measure.aggregate == "count" and table.has("min_count"):
+        raise table.error("min_count", table.raw("min_count"), "no min_count on a count: the count is the value")
     min_count = table.integer("min_count", 1, minimum=1)
     if kind == "spike":
         factor = _number(table, "factor")

@@ -167,17 +167,20 @@ def test_spike_against_the_previous_window_and_a_catch_up_is_no_spike(tmp_path: 
         "resolve_after": "1m",
     }
     with runtime(measuring(tmp_path, **rule), clock) as rt:
-        # a first window has nothing to compare with
+        # nothing is judged until two whole windows have been seen since the first value: a window begun
+        # before it would be no reference
         assert send(rt, clock, 0, gen(1, T0, cost=1.0), gen(2, T0 + 1, cost=1.0)) == []
         assert send(rt, clock, 600, gen(3, T0 + 600, cost=2.0), gen(4, T0 + 601, cost=2.0)) == []
-        fired = send(rt, clock, 700, gen(5, T0 + 700, cost=2.0))
-        assert told(fired) == [("rule.firing", "new", "critical", 6.0)]
-        data = fired[0]["data"]
-        assert data["previous"] == 2.0 and data["factor"] == 3.0 and data["threshold"] == 6.0
-        assert data["direction"] == "up"
-        # the next window has the spike as its reference: nothing more
+        assert send(rt, clock, 760, gen(5, T0 + 760, cost=50.0)) == []
         assert at(rt, clock, 1200) == []
-        assert [n["event"] for n in at(rt, clock, 1300)] == ["rule.resolved"]
+        fired = send(rt, clock, 1300, gen(6, T0 + 1300, cost=6.0), gen(7, T0 + 1301, cost=6.0))
+        assert told(fired) == [("rule.firing", "new", "critical", 62.0)]
+        data = fired[0]["data"]
+        assert data["previous"] == 4.0 and data["factor"] == 3.0 and data["threshold"] == 12.0
+        assert data["direction"] == "up"
+        # the spike leaves the window: the next one has it as its reference, and nothing more comes
+        assert at(rt, clock, 1920) == []
+        assert [n["event"] for n in at(rt, clock, 1920 + 60)] == ["rule.resolved"]
 
     clock = Clock(T0 + 7200)
     with runtime(measuring(tmp_path / "catch-up", **rule), clock) as rt:

@@ -42,6 +42,7 @@ def without(rule: dict[str, Any], key: str) -> dict[str, Any]:
         ({**METRIC, "min_count": 0}, "rules[0].min_count", "an integer >= 1"),
         ({**METRIC, "for": "soon"}, "rules[0].for", "duration"),
         ({**METRIC, "max_groups": 0}, "rules[0].max_groups", "an integer >= 1"),
+        ({**METRIC, "aggregate": "count", "min_count": 5}, "rules[0].min_count", "no min_count on a count"),
         ({**METRIC, "factor": 3}, "rules[0].factor", "no factor on a metric rule"),
         ({**METRIC, "share": "true"}, "rules[0].share", "no share on a metric rule"),
         ({**METRIC, "learn": "1d"}, "rules[0].learn", "no learn on a metric rule"),

@@ -112,6 +112,8 @@ def record_value(rule: Rule, group: Group, event: Event, value: Any, now: float,
         state["late"] = state.get("late", 0) + 1
         return
     group.last_match_at = now
+    if ts < state.get("from", ts + 1):
+        state["from"] = ts
     if group.last_ts is None or ts > group.last_ts:
         group.last_ts = ts
     if group.first_ts is None or ts < group.first_ts:
@@ -148,7 +150,7 @@ def _reshape(plan: _Plan, group: Group) -> None:
     if state.get("shape") == plan.shape:
         return
     if "shape" in state or "b" in state:
-        for key in ("b", "top", "upto", "since", "clear"):
+        for key in ("b", "top", "upto", "since", "clear", "from"):
             state.pop(key, None)
         group.samples = []
     state["shape"] = plan.shape
@@ -161,8 +163,15 @@ def _read(rule: Rule, state: dict[str, Any], progress: float) -> Reading:
     buckets = state.get("b", [])
     first, last = window_range(progress, width)
     now = summarize(buckets, first, last)
-    if now.count < m.min_count:
+    # a count is its own gate: a window of none is a count of 0, the drop a `below` is there to catch
+    counts = rule.kind == "metric" and m.aggregate == "count"
+    if now.count < m.min_count and not counts:
         return Reading(None, now.count, None, False, m.above if m.above is not None else m.below)
+    # a window that began before the group's first value is not full: what it lacks is no drop, and against
+    # it a full window is no spike
+    seen = progress - state.get("from", progress)
+    if rule.kind == "spike" and seen < 2 * window_of(rule):
+        return Reading(aggregate_of(now, m.aggregate), now.count, None, False, None, None)
     if rule.kind == "spike":
         before = summarize(buckets, *window_range(progress, width, back=1))
         current, previous = aggregate_of(now, m.aggregate), aggregate_of(before, m.aggregate)
@@ -178,11 +187,13 @@ def _read(rule: Rule, state: dict[str, Any], progress: float) -> Reading:
         )
         return Reading(current, now.count, "critical" if held else None, held, threshold, previous)
     value = now.sum / now.count if rule.kind == "ratio" else aggregate_of(now, m.aggregate)
-    assert value is not None
+    if value is None:
+        value = 0.0  # an empty window, of a count
+    full = seen >= window_of(rule)
     for severity, above, below in (("critical", m.above, m.below), ("warning", m.warn_above, m.warn_below)):
         if above is not None and value > above:
             return Reading(value, now.count, severity, True, above)
-        if below is not None and value < below:
+        if below is not None and value < below and full:
             return Reading(value, now.count, severity, True, below)
     return Reading(value, now.count, None, False, m.above if m.above is not None else m.below)
 
