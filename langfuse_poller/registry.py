@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -105,7 +107,17 @@ class CompiledRule:
         self.rule = rule
         self.program: Any = _compile(rule.when, source, f"{rule.key}.when")
         self.resolve_program: Any = _compile(rule.resolve_when, source, f"{rule.key}.resolve_when")
+        measure = rule.measure
+        # a measuring rule's `value` and `share`, compiled once like `when` (so `check` finds their errors too)
+        self.value_program: Any = _compile(measure.value if measure else None, source, f"{rule.key}.value")
+        self.share_program: Any = _compile(measure.share if measure else None, source, f"{rule.key}.share")
+        # they run on every match of the rule: on what they read, not on the whole envelope
+        self._value_reads = Reads.of(measure.value if measure else None)
+        self._share_reads = Reads.of(measure.share if measure else None)
+        # matches whose `value` was no number (or no value at all): left out of the measure
+        self.skipped = 0
         self._warned = False
+        self._warned_value = False
 
     def matches(self, event: Event, envelope: Mapping[str, Any]) -> bool:
         """Whether the condition holds for an event whose type the rule's globs match (the Router checked)."""
@@ -119,6 +131,44 @@ class CompiledRule:
             return False
         return self._holds(self.resolve_program, "resolve_when", event, envelope)
 
+    def measured(self, event: Event, envelope: Mapping[str, Any]) -> Any:
+        """What a measuring rule reads from a match: 1.0 or 0.0 (ratio: whether `share` holds), the number of
+        `value` (a value of any kind for `distinct` and new_value rules), 0.0 for a count without `value`; None
+        when there is none it can use, which leaves the match out (counted in `skipped`, said once)."""
+        if self.share_program is not None:
+            share = self._share_reads.activation(envelope)
+            return 1.0 if self._holds(self.share_program, "share", event, share) else 0.0
+        if self.value_program is None:
+            return 0.0
+        measure = self.rule.measure
+        assert measure is not None
+        reads = self._value_reads
+        try:
+            value = (
+                _read_path(envelope, reads.path)
+                if reads.path
+                else self.value_program.execute(reads.activation(envelope))
+            )
+        except Exception as exc:
+            value = exc
+        if self.rule.kind == "new_value" or measure.aggregate == "distinct":
+            usable = isinstance(value, (str, int, float)) and value != ""
+        else:
+            usable = type(value) in (float, int) and math.isfinite(value)
+        if usable:
+            return value
+        self.skipped += 1
+        if not self._warned_value:
+            log.warning(
+                "rule %s: value %s of %s is %r, which it cannot measure; such matches are skipped",
+                self.rule.name,
+                self.rule.measure and self.rule.measure.value,
+                event.id,
+                value,
+            )
+            self._warned_value = True
+        return None
+
     def _holds(self, program: Any, what: str, event: Event, envelope: Mapping[str, Any]) -> bool:
         try:
             return program.execute(dict(envelope)) is True
@@ -129,6 +179,55 @@ class CompiledRule:
                 log.info("rule %s: %s not met by %s (%s)", self.rule.name, what, event.type, exc)
                 self._warned = True
             return False
+
+
+_DATA_FIELD = re.compile(r"\bdata\.([A-Za-z_][A-Za-z0-9_]*)")
+_DATA = re.compile(r"\bdata\b")
+_TOP_KEYS = re.compile(r"\b(id|event|timestamp|source)\b")
+_PATH = re.compile(r"^\s*data(\.[A-Za-z_][A-Za-z0-9_]*)+\s*$")
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What a CEL expression reads of the envelope, found in its text: CEL converts its whole activation on every
+    run (about 90 us for a generation's envelope, 5 us for the two fields a share reads), so a measuring rule's
+    `value` and `share` get only the fields they name. Anything the text does not show plainly (`data["x"]`,
+    `data` alone) keeps the whole envelope; naming too much (a word in a string literal) only costs time."""
+
+    data: frozenset[str] | None  # the `data.X` fields read; None: all of `data`
+    top: frozenset[str]  # the other top-level keys named
+    path: str | None  # the expression is a plain path (`data.totalCost`): read without CEL
+
+    @classmethod
+    def of(cls, expression: str | None) -> Reads:
+        if not expression:
+            return cls(frozenset(), frozenset(), None)
+        fields = _DATA_FIELD.findall(expression)
+        # every `data` is followed by `.field`: those fields are all it reads of data
+        whole = len(_DATA.findall(expression)) != len(fields)
+        path = expression.strip() if _PATH.match(expression) else None
+        return cls(None if whole else frozenset(fields), frozenset(_TOP_KEYS.findall(expression)), path)
+
+    def activation(self, envelope: Mapping[str, Any]) -> dict[str, Any]:
+        """The part of the envelope the expression reads."""
+        found = {key: envelope[key] for key in self.top if key in envelope}
+        data = envelope.get("data")
+        if self.data is None:
+            found["data"] = data
+        elif isinstance(data, Mapping):
+            found["data"] = {name: data[name] for name in self.data if name in data}
+        return found
+
+
+def _read_path(envelope: Mapping[str, Any], path: str) -> Any:
+    """The value at a dotted path of the envelope, as CEL reads it; KeyError when a part is missing."""
+    value: Any = envelope
+    for part in path.split("."):
+        # event data is made of JSON objects: dicts
+        if type(value) is not dict or part not in value:
+            raise KeyError(path)
+        value = value[part]
+    return value
 
 
 def _compile(condition: str | None, source: str, key: str) -> Any:

@@ -9,8 +9,10 @@ notifiers get it with the retries and dead letters of every delivery.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
@@ -18,8 +20,9 @@ from typing import Any
 from ..events import STREAM_OF_EVENT, Event
 from ..notifiers.base import Notifier
 from ..registry import CompiledRule
-from ..rules import Rule
+from ..rules import MEASURING_KINDS, Rule
 from ..store import Store, Transaction
+from . import measures
 from .groups import Group, alert_event, evaluate, group_key, labels_of, open_group, record_match, resolve
 from .silences import Silences
 
@@ -81,6 +84,10 @@ class Alerter:
         self.rules: Mapping[str, Rule] = {c.rule.name: c.rule for c in rules if c.rule.grouping is not None}
         # the compiled `resolve_when` conditions, by rule name
         self._resolvers = {c.rule.name: c for c in rules if c.rule.grouping is not None and c.resolve_program}
+        # the rules that measure, with their compiled `value` and `share`
+        self._measuring = {c.rule.name: c for c in rules if c.rule.kind in MEASURING_KINDS}
+        # matches that went to a rule's overflow group since the start (`max_groups` reached), by rule
+        self.overflowed: Counter[str] = Counter()
         self.silences = silences
         self.streams = tuple(streams)
         self.clock = clock
@@ -110,6 +117,9 @@ class Alerter:
 
     def record(self, tx: Transaction, rule: Rule, events: Sequence[Event]) -> None:
         """Count matches into their groups; notifications that this makes due are enqueued at once."""
+        if rule.kind in MEASURING_KINDS:
+            self._measure(tx, rule, events)
+            return
         now = tx.now
         groups: dict[str, Group] = {}
         resolver = self._resolvers.get(rule.name)
@@ -146,9 +156,89 @@ class Alerter:
         muted = self.silences.covers(rule.name, group_envelope(group), tx.now)
         self._enqueue(tx, rule.name, resolve(rule, group, tx.now, muted=muted), [f"notifier:{n}" for n in rule.notify])
 
+    def _measure(self, tx: Transaction, rule: Rule, events: Sequence[Event]) -> None:
+        """Add what matches measure to their groups' windows, then judge the groups they moved."""
+        assert rule.measure is not None
+        compiled = self._measuring[rule.name]
+        now = tx.now
+        if rule.kind == "new_value":
+            groups = self._new_values(tx, rule, compiled, events)
+        else:
+            groups = {}
+            cap = _Cap(self, tx, rule)
+            # a silence's condition may read anything; the rule itself reads its timestamp rarely (an
+            # envelope's costs most in writing the timestamp out), and this runs for every match
+            whole = self.silences.mutes(rule.name, now) or _reads_timestamp(rule)
+            for event in events:
+                envelope = event.envelope() if whole else _light_envelope(event)
+                value = compiled.measured(event, envelope)
+                if value is None:
+                    continue
+                labels = labels_of(rule, envelope)
+                group = cap.group(groups, labels, now)
+                silenced = whole and self.silences.match(rule.name, envelope, now) is not None
+                measures.record_value(rule, group, event, value, now, silenced=silenced)
+        # these matches are counted now, though their deliveries are marked done only after this: they hold the
+        # rule's progress back to the oldest of them. The batch is the rule's oldest waiting matches, so the
+        # window may reach the latest of them
+        latest = max((event.timestamp.timestamp() for event in events), default=0.0)
+        progress = max(self.progress(tx, rule), latest)
+        for group in groups.values():
+            self._settle(tx, rule, group, now, progress)
+
+    def _new_values(
+        self, tx: Transaction, rule: Rule, compiled: CompiledRule, events: Sequence[Event]
+    ) -> dict[str, Group]:
+        """A new_value rule's matches: a value unseen (or forgotten) after the rule's first `learn` opens a group;
+        every sighting is remembered. The groups the matches reached, by key."""
+        assert rule.measure is not None
+        measure = rule.measure
+        state = tx.alert_state
+        found = []
+        for event in events:
+            envelope = event.envelope()
+            raw = compiled.measured(event, envelope)
+            if raw is None:
+                continue
+            shown = raw if isinstance(raw, str) else json.dumps(raw)
+            value = measures.fingerprint(shown) if measure.fingerprint else shown[: measures.MAX_VALUE_CHARS]
+            labels = {**labels_of(rule, envelope), "value": value}
+            found.append((event, envelope, labels, group_key(labels), shown))
+        groups: dict[str, Group] = {}
+        if not found:
+            return groups
+        started = state.rule_started(rule.name)
+        if started is None:
+            started = min(event.timestamp.timestamp() for event, *_ in found)
+            state.start_rule(rule.name, started)
+        known = state.seen_values(rule.name, list({key for *_, key, _ in found}))
+        cap = _Cap(self, tx, rule)
+        now = tx.now
+        for event, envelope, labels, key, shown in found:
+            ts = event.timestamp.timestamp()
+            last = known.get(key)
+            new = last is None or ts - last > measure.remember.total_seconds()
+            known[key] = ts if last is None else max(last, ts)
+            group = groups.get(key) or state.group(rule.name, key)
+            if group is None or group.state == "resolved":
+                if not new or ts < started + measure.learn.total_seconds():
+                    continue  # known, or learned silently in the rule's first `learn`
+                group = cap.group(groups, labels, now)
+                if not group.measure:
+                    measures.start_new_value(group, labels["value"], shown)
+            groups[group.key] = group
+            silenced = self.silences.match(rule.name, envelope, now) is not None
+            record_match(rule, group, event, now, silenced=silenced)
+            # the first sighting is the sample that matters
+            del group.samples[1:]
+        state.see_values(rule.name, {key: known[key] for *_, key, _ in found})
+        state.forget_values(rule.name, self.progress(tx, rule) - measure.remember.total_seconds())
+        return groups
+
     def _settle(self, tx: Transaction, rule: Rule, group: Group, now: float, progress: float) -> int:
         muted = self.silences.covers(rule.name, group_envelope(group), now)
-        notices = evaluate(rule, group, now, progress, muted=muted)
+        judge = measures.evaluate if rule.kind in MEASURING_KINDS else evaluate
+        notices = judge(rule, group, now, progress, muted=muted)
         self._enqueue(tx, rule.name, notices, [f"notifier:{name}" for name in rule.notify])
         tx.alert_state.save(group)
         return len(notices)
@@ -170,7 +260,7 @@ class Alerter:
         with self.store.write(now) as tx:
             for group in tx.alert_state.groups():
                 rule = self.rules.get(group.rule)
-                if rule is not None and rule.grouping is not None and set(group.labels) == set(rule.grouping.by):
+                if rule is not None and rule.grouping is not None and set(group.labels) == set(_label_paths(rule)):
                     continue
                 if group.notified and group.told and group.state == "firing":
                     gone = rule or Rule(name=group.rule, events=(), when=None, notify=tuple(group.told))
@@ -178,6 +268,9 @@ class Alerter:
                     self._enqueue(tx, group.rule, [notice], [f"notifier:{name}" for name in group.told])
                 tx.alert_state.delete(group.rule, group.key)
             for rule in self.rules.values():
+                if rule.kind == "new_value":
+                    # the rule's first `learn` starts at its first run, as far as the poller has read
+                    tx.alert_state.start_rule(rule.name, self.progress(tx, rule))
                 if rule.kind != "absence" or (rule.grouping and rule.grouping.by):
                     continue
                 key = group_key({})
@@ -205,3 +298,62 @@ class Alerter:
                     progress[rule.name] = self.progress(tx, rule) if rule.kind != "event" else now
                 sent += self._settle(tx, rule, group, now, progress[rule.name])
         return sent
+
+
+def _reads_timestamp(rule: Rule) -> bool:
+    """Whether a measuring rule's keys read the envelope's `timestamp` (group_by, value, share)."""
+    assert rule.grouping is not None and rule.measure is not None
+    texts = (*rule.grouping.by, rule.measure.value or "", rule.measure.share or "")
+    return any("timestamp" in text for text in texts)
+
+
+def _light_envelope(event: Event) -> dict[str, Any]:
+    """The envelope without its timestamp, for the rules that do not read it."""
+    return {"id": event.id, "event": event.type, "source": event.source, "data": event.data}
+
+
+def _label_paths(rule: Rule) -> tuple[str, ...]:
+    """The labels of a rule's groups: its `group_by`, and for a new_value rule the value."""
+    assert rule.grouping is not None
+    return (*rule.grouping.by, "value") if rule.kind == "new_value" else rule.grouping.by
+
+
+class _Cap:
+    """A measuring rule's `max_groups`, over one batch of matches: a key beyond it goes to the overflow group."""
+
+    def __init__(self, alerter: Alerter, tx: Transaction, rule: Rule) -> None:
+        self.alerter = alerter
+        self.tx = tx
+        self.rule = rule
+        self.count: int | None = None
+        # a batch's matches mostly share a few keys: each key's digest is made once
+        self._keys: dict[tuple[str, ...], str] = {}
+
+    def group(self, groups: dict[str, Group], labels: dict[str, str], now: float) -> Group:
+        """The group of these labels, from this batch, the state, or opened; the overflow group when the rule
+        has `max_groups` groups already."""
+        rule = self.rule
+        assert rule.measure is not None
+        values = tuple(labels.values())
+        key = self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
+        group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
+        if group is None:
+            if self.count is None:
+                self.count = self.tx.alert_state.group_count(rule.name)
+            if self.count >= rule.measure.max_groups:
+                labels = dict.fromkeys(labels, measures.OVERFLOW)
+                key = group_key(labels)
+                self.alerter.overflowed[rule.name] += 1
+                if self.alerter.overflowed[rule.name] == 1:
+                    log.warning(
+                        "rule %s has %d groups, its max_groups: matches of further keys go to the group labelled %r",
+                        rule.name,
+                        rule.measure.max_groups,
+                        measures.OVERFLOW,
+                    )
+                group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
+            if group is None:
+                group = open_group(rule, key, labels, now)
+                self.count += 1
+        groups[key] = group
+        return group

@@ -177,6 +177,11 @@ def _horizon(rule: Rule) -> float:
     """How long after the last event the replay goes on: until its groups would have resolved."""
     if rule.grouping is None:
         return 0.0
+    if rule.measure is not None:
+        # a measuring group clears once its values leave the window (two windows: a spike), and resolves after
+        # `resolve_after` more
+        windows = 2 if rule.kind == "spike" else 1
+        return (windows * rule.window + rule.grouping.resolve_after + rule.grouping.wait).total_seconds() + 1
     return max(rule.grouping.wait, rule.grouping.resolve_after, rule.window).total_seconds() + 1
 
 

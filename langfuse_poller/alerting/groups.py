@@ -13,6 +13,7 @@ A group's life:
   above; resolved once the window that ends at `progress` holds fewer than `threshold`.
 - absence rules: `watching` while matches keep coming; `firing` once none came for `window` before
   `progress`; resolved by the next match.
+- rules that measure (metric, ratio, spike, new_value): judged in `measures.py` over windows in `Group.measure`.
 Silences act twice. A match that a silence covers is counted in `silenced` instead of `count` (it still keeps
 the group open and counts toward frequency and absence: the problem is real, only the telling is muted). And
 while a silence covers the group itself (`muted`), its firing notifications wait; a `resolved` still goes to
@@ -64,7 +65,9 @@ class Group:
     rule: str
     key: str
     labels: dict[str, str]
-    state: str  # "pending" (frequency, below threshold), "firing", "watching" (absence, all well), "resolved"
+    # "pending" (frequency: below threshold; measuring: held for less than `for`), "firing", "watching" (absence,
+    # measuring: all well), "resolved"
+    state: str
     opened_at: float
     last_match_at: float | None = None
     first_ts: float | None = None
@@ -78,6 +81,8 @@ class Group:
     samples: list[dict[str, Any]] = field(default_factory=list)
     arrivals: list[float] = field(default_factory=list)  # frequency: the latest match timestamps, sorted
     next_at: float | None = None
+    # rules that measure: the window and the judging state, as JSON (alerting/measures.py, alerting/windows.py)
+    measure: dict[str, Any] = field(default_factory=dict)
 
     @property
     def notified(self) -> bool:
@@ -111,7 +116,9 @@ def group_key(labels: Mapping[str, str]) -> str:
 
 
 def open_group(rule: Rule, key: str, labels: dict[str, str], now: float, seq: int = 0) -> Group:
-    state = {"event": "firing", "frequency": "pending", "absence": "watching"}[rule.kind]
+    state = {"event": "firing", "frequency": "pending", "absence": "watching", "new_value": "firing"}.get(
+        rule.kind, "watching"
+    )
     return Group(rule=rule.name, key=key, labels=labels, state=state, opened_at=now, seq=seq)
 
 
@@ -259,12 +266,17 @@ def _last(group: Group) -> float:
     return group.last_notified_at
 
 
-def _notify(rule: Rule, group: Group, now: float, reason: str) -> Event:
+def notify(rule: Rule, group: Group, now: float, reason: str, extra: Mapping[str, Any]) -> Event:
+    """Build one notification with `extra` in its data (what a measuring rule measured), and record it as sent."""
+    return _notify(rule, group, now, reason, extra)
+
+
+def _notify(rule: Rule, group: Group, now: float, reason: str, extra: Mapping[str, Any] | None = None) -> Event:
     """Build one notification and record it as sent (the caller stores both in one transaction)."""
     new = group.count - group.notified_count
     group.seq += 1
     status = "resolved" if reason == "resolved" else "firing"
-    event = alert_event(rule, group, now, status=status, reason=reason, new=new)
+    event = alert_event(rule, group, now, status=status, reason=reason, new=new, extra=extra)
     group.notified_count = group.count
     group.last_notified_at = now
     if status == "firing":
@@ -278,7 +290,16 @@ def dedup_key(rule: Rule, group: Group) -> str:
     return f"langfuse-poller/{rule.name}/{group.key}/{int(group.opened_at * 1000)}"
 
 
-def alert_event(rule: Rule, group: Group, now: float, *, status: str, reason: str, new: int) -> Event:
+def alert_event(
+    rule: Rule,
+    group: Group,
+    now: float,
+    *,
+    status: str,
+    reason: str,
+    new: int,
+    extra: Mapping[str, Any] | None = None,
+) -> Event:
     """The notification of a group, in the event envelope: `rule.firing` or `rule.resolved`."""
     opened = int(group.opened_at * 1000)
     data: dict[str, Any] = {
@@ -304,6 +325,8 @@ def alert_event(rule: Rule, group: Group, now: float, *, status: str, reason: st
         data.update(threshold=rule.threshold, window=format_duration(rule.window.total_seconds()))
     elif rule.kind == "absence":
         data.update(window=format_duration(rule.window.total_seconds()), lastSeenAt=_iso(group.last_ts))
+    if extra:
+        data.update(extra)
     event_type = f"rule.{status}"
     return Event(
         id=f"{event_type}:{rule.name}:{group.key}:{opened}:{group.seq}",

@@ -2,7 +2,8 @@
 
 Slack, PagerDuty and the log notifier render the same `Message`, so an alert says the same thing wherever
 it lands. Alert notifications (`rule.firing`, `rule.resolved`) summarise their group: how many matches, first
-and last time, a few sample links, and the facts of the latest match.
+and last time, a few sample links, and the facts of the latest match; those of the rules that measure say what
+was measured against which threshold, over which window, and link the top contributors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..events import Event
+from ..rules import MEASURING_KINDS
 
 MAX_FACT_CHARS = 500
 
@@ -150,6 +152,8 @@ def _alert_message(event: Event) -> Message:
     count = data.get("count", 0)
     kind = data.get("kind")
     resolved = event.type == "rule.resolved"
+    if kind in MEASURING_KINDS:
+        return _measure_message(data, rule, group, where, resolved)
     if kind == "absence":
         title = (
             f"✅ Resolved: {rule}{where}: events are arriving again"
@@ -187,6 +191,74 @@ def _alert_message(event: Event) -> Message:
         facts.append(("Condition", _short(data["condition"])))
     links = tuple(
         (f"{s.get('name') or s.get('event')} at {s.get('timestamp')}", str(s["url"])) for s in samples if s.get("url")
+    )
+    return Message(
+        title=title,
+        facts=tuple(facts),
+        links=links,
+        url=_str(data.get("url")),
+        status="resolved" if resolved else "firing",
+    )
+
+
+def _measured(data: Mapping[str, Any], value: Any) -> str:
+    """A measured value as people read it: a share in percent, a number to four digits."""
+    if value is None:
+        return "-"
+    if data.get("aggregate") == "share" and isinstance(value, int | float):
+        return f"{value * 100:.3g}%"
+    return _number(float(value)) if isinstance(value, int | float) else str(value)
+
+
+def _measure_message(data: Mapping[str, Any], rule: str, group: str, where: str, resolved: bool) -> Message:
+    """A metric, ratio, spike or new_value alert: the value against its threshold, the window, the samples."""
+    kind = data.get("kind")
+    value, threshold = data.get("value"), data.get("threshold")
+    aggregate = data.get("aggregate")
+    warning = data.get("severity") == "warning"
+    facts: list[tuple[str, str]] = []
+    if group:
+        facts.append(("Group", group))
+    if kind == "new_value":
+        shown = _short(value) if value is not None else "-"
+        title = f"✅ Resolved: {rule}{where}: not seen again" if resolved else f"🆕 {rule}{where}: {shown}"
+        if data.get("fingerprint"):
+            facts.append(("Fingerprint", _short(data["fingerprint"])))
+        facts.append(("Seen", f"{data.get('count', 0)} times"))
+        if data.get("firstAt"):
+            facts.append(("First", str(data["firstAt"])))
+    else:
+        if kind == "spike":
+            previous = data.get("previous")
+            compared = f"{aggregate} {_measured(data, value)} against {_measured(data, previous)} the window before"
+            line = f"{compared} (x{_number(float(data.get('factor') or 0))} {data.get('direction')})"
+        else:
+            sign = ">" if threshold is not None and value is not None and value > threshold else "<"
+            line = f"{aggregate} {_measured(data, value)} {sign} {_measured(data, threshold)}"
+        icon = "🟠" if warning else "🔥"
+        title = f"✅ Resolved: {rule}{where}: {line}" if resolved else f"{icon} {rule}{where}: {line}"
+        facts.append(("Value", f"{_measured(data, value)} ({aggregate} over {data.get('window')})"))
+        if threshold is not None:
+            facts.append(("Threshold", _measured(data, threshold)))
+        facts.append(("Severity", str(data.get("severity"))))
+        counted = f"{data.get('count', 0)}"
+        if kind == "ratio":
+            counted = f"{data.get('matching', 0)} of {counted}"
+        facts.append(("Values", counted))
+    if data.get("silenced"):
+        facts.append(("Silenced", str(data["silenced"])))
+    if data.get("condition"):
+        facts.append(("Condition", _short(data["condition"])))
+    samples = [s for s in data.get("samples") or [] if isinstance(s, Mapping)]
+    links = tuple(
+        (
+            f"{s.get('traceName') or s.get('name') or s.get('event')}"
+            + (f" {_number(s['measured'])}" if s.get("measured") is not None else "")
+            + f" at {s.get('timestamp')}",
+            str(s["url"]),
+        )
+        for s in samples
+        if s.get("url")
     )
     return Message(
         title=title,

@@ -88,7 +88,8 @@ class PagerDutyNotifier(Notifier):
         payload: dict[str, Any] = {
             "summary": message.text[:MAX_SUMMARY],
             "source": self.settings.source,
-            "severity": self.settings.severity,
+            # a rule's warn_* threshold pages at warning; its main one at the configured severity
+            "severity": "warning" if alert and data.get("severity") == "warning" else self.settings.severity,
             "timestamp": data.get("lastAt") if alert and data.get("lastAt") else event.envelope()["timestamp"],
             "component": data.get("rule") if alert else data.get("name"),
             "group": ", ".join(f"{k.removeprefix('data.')}={v}" for k, v in (data.get("group") or {}).items())

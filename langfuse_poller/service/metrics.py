@@ -148,6 +148,15 @@ class StateCollector(Collector):
             groups.add_metric([rule, state], count)
         yield groups
 
+        overflow = CounterMetricFamily(
+            f"{PREFIX}_rule_overflow",
+            "Matches of a measuring rule that went to its overflow group: the rule had max_groups keys already.",
+            labels=["rule"],
+        )
+        for rule, count in sorted(dict(runtime.alerter.overflowed).items()):
+            overflow.add_metric([rule], count)
+        yield overflow
+
         if report is not None:
             yield from _redis_metrics(report, runtime)
 

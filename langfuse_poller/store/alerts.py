@@ -1,4 +1,5 @@
-"""The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state) and `silences`.
+"""The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state), `alert_rules` and
+`alert_values` (what a new_value rule knows), and `silences`.
 
 The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state:
 one small set of methods over Group values, so that another backend can keep the same state behind the same
@@ -12,6 +13,8 @@ import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
+
+import orjson
 
 from ..alerting.groups import Group
 from ..alerting.silence_book import Silence
@@ -35,8 +38,9 @@ COLUMNS = (
     "samples",
     "arrivals",
     "next_at",
+    "measure",
 )
-JSON_COLUMNS = frozenset({"labels", "told", "samples", "arrivals"})
+JSON_COLUMNS = frozenset({"labels", "told", "samples", "arrivals", "measure"})
 
 
 class SqliteAlertState:
@@ -56,7 +60,9 @@ class SqliteAlertState:
         groups = []
         for row in self._conn.execute(query + " ORDER BY rule, key", tuple(params)):
             values = dict(zip(COLUMNS, row, strict=True))
-            groups.append(Group(**{name: json.loads(v) if name in JSON_COLUMNS else v for name, v in values.items()}))
+            groups.append(
+                Group(**{name: _decode(name, v) if name in JSON_COLUMNS else v for name, v in values.items()})
+            )
         return groups
 
     def group(self, rule: str, key: str) -> Group | None:
@@ -107,10 +113,7 @@ class SqliteAlertState:
             self.delete(group.rule, group.key)
             return
         values = [
-            json.dumps(getattr(group, name), ensure_ascii=False, default=str)
-            if name in JSON_COLUMNS
-            else getattr(group, name)
-            for name in COLUMNS
+            _encode(name, getattr(group, name)) if name in JSON_COLUMNS else getattr(group, name) for name in COLUMNS
         ]
         self._conn.execute(
             f"INSERT OR REPLACE INTO alert_groups ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
@@ -120,6 +123,58 @@ class SqliteAlertState:
     def delete(self, rule: str, key: str) -> None:
         """Drop the group of `rule` with this key, if there is one."""
         self._conn.execute("DELETE FROM alert_groups WHERE rule = ? AND key = ?", (rule, key))
+
+    def group_count(self, rule: str) -> int:
+        """How many groups `rule` keeps, in any state (what `max_groups` caps)."""
+        (count,) = self._conn.execute("SELECT COUNT(*) FROM alert_groups WHERE rule = ?", (rule,)).fetchone()
+        return int(count)
+
+    def rule_started(self, rule: str) -> float | None:
+        """When (event time) a new_value rule first ran, None before it has."""
+        row = self._conn.execute("SELECT started FROM alert_rules WHERE rule = ?", (rule,)).fetchone()
+        return None if row is None else float(row[0])
+
+    def start_rule(self, rule: str, at: float) -> None:
+        """Record that `rule` first ran at `at` (event time); a rule that ran before keeps its first run."""
+        self._conn.execute("INSERT OR IGNORE INTO alert_rules (rule, started) VALUES (?, ?)", (rule, at))
+
+    def seen_values(self, rule: str, keys: Sequence[str]) -> dict[str, float]:
+        """Of these value keys of a new_value rule, those it knows, with when (event time) each was last seen."""
+        seen: dict[str, float] = {}
+        # at most 500 parameters a statement: well under SQLite's limit
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            rows = self._conn.execute(
+                f"SELECT key, last_ts FROM alert_values WHERE rule = ? AND key IN ({','.join('?' * len(chunk))})",
+                (rule, *chunk),
+            )
+            seen.update((key, float(last_ts)) for key, last_ts in rows)
+        return seen
+
+    def see_values(self, rule: str, seen: Mapping[str, float]) -> None:
+        """Keep when each value key of a new_value rule was last seen (the later of the stored time and this)."""
+        self._conn.executemany(
+            "INSERT INTO alert_values (rule, key, last_ts) VALUES (?, ?, ?) "
+            "ON CONFLICT (rule, key) DO UPDATE SET last_ts = MAX(last_ts, excluded.last_ts)",
+            [(rule, key, ts) for key, ts in seen.items()],
+        )
+
+    def forget_values(self, rule: str, before: float) -> int:
+        """Forget the values of a new_value rule last seen before `before` (event time); how many were."""
+        cursor = self._conn.execute("DELETE FROM alert_values WHERE rule = ? AND last_ts < ?", (rule, before))
+        return cursor.rowcount
+
+
+def _encode(name: str, value: Any) -> str:
+    # a measuring group's window is loaded and saved with every batch of its matches: orjson writes a p95
+    # window of an hour (20 kB) in 60 us where json takes 850
+    if name == "measure":
+        return orjson.dumps(value, default=str).decode()
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _decode(name: str, text: str) -> Any:
+    return orjson.loads(text) if name == "measure" else json.loads(text)
 
 
 class AlertWrites(TransactionBase):

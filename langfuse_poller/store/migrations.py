@@ -148,4 +148,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE events_v4 RENAME TO events;
     CREATE INDEX events_by_id_hash ON events (id_hash);
     """,
+    # shapes alerts.py (alert_groups, alert_rules, alert_values)
+    # 5: the rules that measure. A group's window and judging state is one JSON column of its row, so that whatever
+    # stores a group stores its window; a new_value rule's first run and the values it knows are rule-wide
+    """
+    ALTER TABLE alert_groups ADD COLUMN measure TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE alert_rules (
+        rule TEXT PRIMARY KEY,
+        started REAL NOT NULL
+    );
+    CREATE TABLE alert_values (
+        rule TEXT NOT NULL,
+        key TEXT NOT NULL,
+        last_ts REAL NOT NULL,
+        PRIMARY KEY (rule, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX alert_values_by_time ON alert_values (rule, last_ts);
+    """,
 )
