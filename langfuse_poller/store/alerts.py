@@ -15,6 +15,7 @@ from typing import Any
 
 from ..alerting.groups import Group
 from ..alerting.silence_book import Silence
+from ..events import Event
 from .base import Tables, TransactionBase
 
 COLUMNS = (
@@ -130,6 +131,10 @@ class AlertWrites(TransactionBase):
         """The alert groups as this transaction sees them."""
         return SqliteAlertState(self.conn)
 
+    def matches(self) -> list[tuple[str, list[Event]]]:
+        """None wait here: the outbox's delivery worker hands each match to the alerter in its own transaction."""
+        return []
+
 
 class AlertTables(Tables[AlertWrites]):
     """The store's reads of the alert groups, and its reads and writes of the silences."""
@@ -137,6 +142,18 @@ class AlertTables(Tables[AlertWrites]):
     def alert_state(self) -> SqliteAlertState:
         """The alert groups as this thread's connection sees them, for reads outside a write transaction."""
         return SqliteAlertState(self._conn())
+
+    def alert_term(self) -> int | None:
+        """Always 0: this state is this process's own, nobody else writes it."""
+        return 0
+
+    def keep_matches(self, target: str, events: Sequence[Event]) -> bool:
+        """False: the delivery's transaction records them, with the groups it writes."""
+        return False
+
+    def send_notices(self, now: float) -> int:
+        """0: the notifications are deliveries of the outbox, which the delivery worker sends."""
+        return 0
 
     def add_silence(
         self,
