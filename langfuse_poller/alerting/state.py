@@ -16,12 +16,13 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import cache
 from typing import Any, Protocol
 
 from ..events import Event
+from ..notifiers.base import Notifier
 from .groups import Group
 
 
@@ -120,6 +121,11 @@ class AlertStore(Protocol):
     def keep_matches(self, target: str, events: Sequence[Event]) -> bool:
         """Matches that came through this process's own outbox (the webhook receiver's): True when they were
         handed to the state for the leader's alerter; False when the caller records them in its transaction."""
+        ...
+
+    def use_targets(self, targets: Mapping[str, Notifier]) -> None:
+        """The delivery targets by name (`notifier:<name>`) that the state's own notifications go to; the SQLite
+        backend has none of its own (its delivery worker has the targets)."""
         ...
 
     def send_notices(self, now: float) -> int:

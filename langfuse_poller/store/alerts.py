@@ -16,6 +16,7 @@ from typing import Any
 from ..alerting.groups import Group
 from ..alerting.silence_book import Silence
 from ..events import Event
+from ..notifiers.base import Notifier
 from .base import Tables, TransactionBase
 
 COLUMNS = (
@@ -150,6 +151,9 @@ class AlertTables(Tables[AlertWrites]):
     def keep_matches(self, target: str, events: Sequence[Event]) -> bool:
         """False: the delivery's transaction records them, with the groups it writes."""
         return False
+
+    def use_targets(self, targets: Mapping[str, Notifier]) -> None:
+        """Nothing to do: the delivery worker holds the targets of the outbox's deliveries."""
 
     def send_notices(self, now: float) -> int:
         """0: the notifications are deliveries of the outbox, which the delivery worker sends."""
