@@ -300,3 +300,39 @@ def test_an_absence_window_goes_on_across_a_takeover(redis: RedisServer, tmp_pat
         assert fired == ["rule.firing"]
         step(clock, 60, b, [a], fake, 1)
         assert [n["event"] for n in read_jsonl(tmp_path / "alerts.jsonl")] == ["rule.firing", "rule.resolved"]
+
+
+def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_over(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    from langfuse_poller.service.metrics import StateCollector
+    from langfuse_poller.service.status import collect_status, render_status
+
+    clock = Clock()
+    rule = {"name": "errors", "events": ["trace.updated"], "when": 'data.level == "ERROR"', "group_wait": "10m"}
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        a, b = pair(fake, tmp_path, redis, clock, rule, stack)
+        step(clock, 30, a, [b], fake, 2)
+
+        def gauges(rt: Runtime) -> dict[str, float]:
+            found = {}
+            for metric in StateCollector(rt).collect():
+                for sample in metric.samples:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                    found[f"{sample.name}{{{labels}}}"] = sample.value
+            return found
+
+        on_a, on_b = gauges(a), gauges(b)
+        assert on_b["langfuse_poller_alert_groups_to_take_over{}"] == 1
+        assert on_a["langfuse_poller_alert_groups_to_take_over{}"] == 0
+        for found in (on_a, on_b):
+            assert found["langfuse_poller_alert_state_backend{backend=redis}"] == 1
+            assert found["langfuse_poller_alert_groups{rule=errors,state=firing}"] == 1
+        report = collect_status(b.config, now=clock.now)
+        assert report["alert_state"]["backend"] == "redis" and report["alert_state"]["error"] is None
+        [group] = report["alerts"]
+        assert (group["rule"], group["state"], group["matches"]) == ("errors", "firing", 2)
+        text = render_status(report)
+        assert (
+            "alert state in Redis at redis://127.0.0.1:" in text and "1 open groups, which a standby takes over" in text
+        )

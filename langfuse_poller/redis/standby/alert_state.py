@@ -30,16 +30,18 @@ so a takeover repeats at most one notification per group, never more.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ...alerting.groups import Group
 from ...alerting.state import AlertState, AlertStore, AlertTransaction, group_from_json, group_to_json
-from ...config import DeliveryConfig
+from ...config import DeliveryConfig, QueueConfig
 from ...errors import DeliveryError, StateError
 from ...events import Event
 from ...notifiers.base import Notifier
@@ -409,6 +411,37 @@ class RedisAlertStore:
         pipe.llen(self.keys.dead)
         waiting, dead = self.call("read the alert outbox", pipe.execute)
         return int(waiting), int(dead)
+
+
+def read_alert_state(config: QueueConfig, delivery: DeliveryConfig, *, timeout: float = 3.0) -> AlertStateReport:
+    """What `status` shows of the alert state in Redis (from another process: it writes nothing); a Redis that
+    does not answer is an `error`, not an exception."""
+    from ..queue import sync_client
+
+    client = sync_client(config.url, timeout)
+    store = RedisAlertStore(
+        client, PollerKeys(config.name), token=lambda: None, delivery=delivery, where=f"Redis at {config.display_url}"
+    )
+    report = AlertStateReport(config.display_url)
+    try:
+        report.groups = store.alert_state().open_groups()
+        report.waiting, report.dead = store.outbox_size()
+    except StateError as exc:
+        report.error = str(exc)
+    finally:
+        client.close()
+    return report
+
+
+@dataclass
+class AlertStateReport:
+    """The open groups in Redis, and the notifications waiting in its outbox or failed for good."""
+
+    url: str
+    groups: list[Group] = dataclasses.field(default_factory=list)
+    waiting: int = 0
+    dead: int = 0
+    error: str | None = None
 
 
 if TYPE_CHECKING:
