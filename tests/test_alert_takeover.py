@@ -215,16 +215,23 @@ def test_a_deposed_leaders_alert_write_is_refused_whole(redis: RedisServer) -> N
 
 
 def pair(
-    fake: FakeLangfuse, tmp_path: Path, server: RedisServer, clock: Clock, rule: dict[str, Any], stack: ExitStack
+    fake: FakeLangfuse,
+    tmp_path: Path,
+    server: RedisServer,
+    clock: Clock,
+    rule: dict[str, Any],
+    stack: ExitStack,
+    notifier: dict[str, Any] | None = None,
 ) -> tuple[Runtime, Runtime]:
-    """Two replicas of one queue in process, a leading; each sends its alerts to a jsonl file of its own."""
+    """Two replicas of one queue in process, a leading; their alerts go to one notifier, by default a jsonl file."""
     runtimes = []
     for name in ("a", "b"):
         config = make_config(
             fake,
             tmp_path / name,
             queue={"backend": "redis", "url": server.url, "name": QUEUE, "standby": True, "replica": name},
-            notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
+            notifiers={"alerts": notifier or {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
+            delivery={"backoff": "1s", "max_attempts": 5},
             rules=[{"notify": ["alerts"], **rule}],
         )
         runtimes.append(stack.enter_context(runtime_for(config, clock)))
@@ -336,3 +343,28 @@ def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_o
         assert (
             "alert state in Redis at redis://127.0.0.1:" in text and "1 open groups, which a standby takes over" in text
         )
+
+
+def test_a_resolve_waits_for_the_firing_that_is_retried_before_it(
+    redis: RedisServer, tmp_path: Path, pagerduty: FakePagerDuty
+) -> None:
+    clock = Clock()
+    rule = {
+        "name": "errors",
+        "events": ["trace.updated"],
+        "when": 'data.level == "ERROR"',
+        "group_wait": "0s",
+        "resolve_after": "20s",
+    }
+    notifier = {"type": "pagerduty", "routing_key": "r", "events_url": pagerduty.events_url}
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        a, b = pair(fake, tmp_path, redis, clock, rule, stack, notifier)
+        pagerduty.fail_next(500, count=3)
+        step(clock, 5, a, [b], fake, 1)  # the trigger fails: again after the backoff, 1 s, then 2 s
+        assert actions(pagerduty) == []
+        # the group resolves while its trigger still waits to be retried: PagerDuty must get the trigger first
+        step(clock, 20, a, [b], fake, 0)
+        assert actions(pagerduty) == []
+        for _ in range(4):
+            step(clock, 2, a, [b], fake, 0)
+        assert [action for action, _ in actions(pagerduty)] == ["trigger", "resolve"]

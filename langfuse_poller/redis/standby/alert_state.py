@@ -112,6 +112,25 @@ def match_entry(target: str, event: Event) -> str:
     return json.dumps({"t": target, "e": event.to_json()}, ensure_ascii=False)
 
 
+def notice_group(notice_id: str) -> tuple[str, int]:
+    """(the life of the group, the notification's seq) from an id `rule.<status>:<rule>:<key>:<opened>:<seq>`."""
+    head, _, seq = notice_id.rpartition(":")
+    _, _, life = head.partition(":")
+    try:
+        return life, int(seq)
+    except ValueError:
+        return notice_id, 0
+
+
+def first_of_each_group(notice_ids: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """For each group life with notifications waiting, the (seq, id) of its earliest."""
+    first: dict[str, tuple[int, str]] = {}
+    for notice_id in notice_ids:
+        life, seq = notice_group(notice_id)
+        first[life] = min(first.get(life, (seq, notice_id)), (seq, notice_id))
+    return first
+
+
 def number(value: float) -> str:
     return repr(float(value))
 
@@ -208,6 +227,7 @@ class RedisAlertTransaction:
         self.pending: dict[str, Group | None] = {}
         self.notices: dict[str, tuple[Event, list[str]]] = {}
         self.taken = 0
+        self._oldest: dict[str, float] | None = None
         self._state = RedisAlertState(store, self.pending)
 
     @property
@@ -232,19 +252,27 @@ class RedisAlertTransaction:
         return found
 
     def oldest_pending_ts(self, target: str) -> float | None:
-        rest = self.store.call(
-            "read the waiting matches", self.store.client.lrange, self.store.keys.matches, self.taken, -1
-        )
-        times = [
-            Event.from_json(item["e"]).timestamp.timestamp() for item in map(json.loads, rest) if item["t"] == target
-        ]
-        return min(times) if times else None
+        if self._oldest is None:
+            # once per transaction, and of one batch at most: past it, progress is held back by the batch anyway
+            rest = self.store.call(
+                "read the waiting matches",
+                self.store.client.lrange,
+                self.store.keys.matches,
+                self.taken,
+                self.taken + MATCH_BATCH - 1,
+            )
+            self._oldest = {}
+            for item in map(json.loads, rest):
+                ts = Event.from_json(item["e"]).timestamp.timestamp()
+                self._oldest[item["t"]] = min(self._oldest.get(item["t"], ts), ts)
+        return self._oldest.get(target)
 
     def matches(self) -> list[tuple[str, list[Event]]]:
         items = self.store.call(
             "read the waiting matches", self.store.client.lrange, self.store.keys.matches, 0, MATCH_BATCH - 1
         )
         self.taken = len(items)
+        self._oldest = None
         by_target: dict[str, list[Event]] = {}
         for text in items:
             item = json.loads(text)
@@ -344,8 +372,15 @@ class RedisAlertStore:
             start=0,
             num=NOTICE_BATCH,
         )
+        if not ids:
+            return 0
+        # a group's notifications go out in the order made: one waits while an earlier one of its group is retried
+        waiting = set(self.call("read the waiting notifications", self.client.hkeys, self.keys.outbox))
         sent = 0
         for notice_id in ids:
+            life, seq = notice_group(notice_id)
+            if first_of_each_group(waiting).get(life, (seq, notice_id)) < (seq, notice_id):
+                continue
             text = self.call("read a notification", self.client.hget, self.keys.outbox, notice_id)
             if text is None:
                 continue
@@ -354,6 +389,8 @@ class RedisAlertStore:
             op, reached = self._send(notice_id, json.loads(text), now)
             # recorded one by one: a kill between a send and its record repeats that one notification only
             self._fenced(token, [op])
+            if op["op"] != "retry":
+                waiting.discard(notice_id)
             sent += reached
         return sent
 
