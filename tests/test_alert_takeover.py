@@ -368,3 +368,22 @@ def test_a_resolve_waits_for_the_firing_that_is_retried_before_it(
         for _ in range(4):
             step(clock, 2, a, [b], fake, 0)
         assert [action for action, _ in actions(pagerduty)] == ["trigger", "resolve"]
+
+
+def test_groups_kept_in_sqlite_before_are_handed_over_to_redis(redis: RedisServer, tmp_path: Path) -> None:
+    from tests.test_alerting import T0, alert_config, at, error, feed, runtime, summary
+
+    clock = Clock(T0)
+    rule = {"group_wait": "10s", "resolve_after": "5m"}
+    with runtime(alert_config(tmp_path, rule), clock) as rt:
+        feed(rt, [error(1, clock)])
+        fired = at(rt, clock, 10)
+        assert summary(fired) == [("rule.firing", "new", 1)]
+    # the same replica, now a standby poller: its open group moves to Redis, and is neither told again nor left open
+    backend = {"queue": {"backend": "redis", "url": redis.url, "name": QUEUE, "standby": True, "lease": "10m"}}
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
+        assert rt.store.alert_state().groups() == []
+        assert at(rt, clock, 20) == []
+        resolved = at(rt, clock, 300)
+        assert summary(resolved) == [("rule.resolved", "resolved", 1)]
+        assert resolved[0]["data"]["dedupKey"] == fired[0]["data"]["dedupKey"]

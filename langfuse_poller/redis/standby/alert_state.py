@@ -45,6 +45,7 @@ from ...config import DeliveryConfig, QueueConfig
 from ...errors import DeliveryError, StateError
 from ...events import Event
 from ...notifiers.base import Notifier
+from ...store import Store
 from .keys import PollerKeys
 from .lease import Deposed
 
@@ -61,6 +62,10 @@ for _, op in ipairs(cjson.decode(ARGV[3])) do
     redis.call('HSET', p .. ':alert-groups', op.f, op.v)
     if op.due == '' then redis.call('ZREM', p .. ':alert-due', op.f)
     else redis.call('ZADD', p .. ':alert-due', op.due, op.f) end
+  elseif op.op == 'adopt' then
+    if redis.call('HSETNX', p .. ':alert-groups', op.f, op.v) == 1 and op.due ~= '' then
+      redis.call('ZADD', p .. ':alert-due', op.due, op.f)
+    end
   elseif op.op == 'del' then
     redis.call('HDEL', p .. ':alert-groups', op.f)
     redis.call('ZREM', p .. ':alert-due', op.f)
@@ -312,9 +317,13 @@ class RedisAlertStore:
         on_deposed: Callable[[int], None] = lambda token: None,
         clock: Callable[[], float] = time.time,
         where: str = "Redis",
+        local: Store | None = None,
     ) -> None:
         self.client = client
         self.keys = AlertKeys(keys)
+        # this replica's SQLite, whose groups (kept there before the alert state moved to Redis) it hands over
+        self.local = local
+        self._adopted_in: int | None = None
         self.token = token
         self.delivery = delivery
         self.on_deposed = on_deposed
@@ -337,6 +346,9 @@ class RedisAlertStore:
         token = self.token()
         if token is None:
             raise Deposed()
+        if self.local is not None and self._adopted_in != token:
+            self._adopt(token)
+            self._adopted_in = token
         tx = RedisAlertTransaction(self, self.clock() if now is None else now)
         yield tx
         ops = tx.ops()
@@ -426,6 +438,29 @@ class RedisAlertStore:
             "alert notification %s failed (attempt %d), again in %.0fs: %s", notice_id, attempts, wait, entry["err"]
         )
         return {"op": "retry", "id": notice_id, "v": json.dumps(entry), "at": number(now + wait)}, reached
+
+    def _adopt(self, token: int) -> None:
+        """Hand the groups this replica's SQLite still holds (from before the alert state moved to Redis) over to
+        Redis, where a group of the same key is not replaced; then drop them locally. Without this, the incidents
+        they opened would stay open for good. Twice (a crash between the two steps) changes nothing."""
+        assert self.local is not None
+        groups = self.local.alert_state().groups()
+        if not groups:
+            return
+        ops = [
+            {
+                "op": "adopt",
+                "f": group_field(group.rule, group.key),
+                "v": group_to_json(group),
+                "due": "" if group.next_at is None else number(group.next_at),
+            }
+            for group in groups
+        ]
+        self._fenced(token, ops)
+        with self.local.write() as tx:
+            for group in groups:
+                tx.alert_state.delete(group.rule, group.key)
+        log.info("handed %d alert groups from this replica's SQLite over to %s", len(groups), self.where)
 
     def _fenced(self, token: int, ops: list[dict[str, Any]]) -> None:
         written, current = self.call(

@@ -46,5 +46,6 @@ def build_standby(
         on_deposed=replica.deposed,
         clock=clock,
         where=f"Redis at {queue.display_url}",
+        local=store,
     )
     return replica, shared, cancel, jobs, alerts
