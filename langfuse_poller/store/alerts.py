@@ -1,8 +1,9 @@
 """The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state) and `silences`.
 
-The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state:
-one small set of methods over Group values, so that another backend can keep the same state behind the same
-methods. Silences are rows here; `alerting.silences.SqliteSilenceBook` turns them into `Silence` values.
+The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state
+(the contract is `alerting/state.py`; with standby pollers the Redis side, `redis/standby/alert_state.py`, keeps
+the same state behind the same methods). Silences are rows here; `alerting.silences.SqliteSilenceBook` turns
+them into `Silence` values.
 """
 
 from __future__ import annotations
