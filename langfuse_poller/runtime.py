@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .alerting.alerter import Alerter
 from .alerting.silences import Silences, silence_book
+from .alerting.state import AlertStore
 from .config import Config
 from .delivery import DeliveryWorker, HandlerTarget
 from .events import EventFactory, ExtraFields
@@ -29,15 +30,16 @@ if TYPE_CHECKING:
 
 
 def wire_routing(
-    config: Config, router: Router, store: Store, clock: Callable[[], float]
+    config: Config, router: Router, store: Store, clock: Callable[[], float], alert_store: AlertStore | None = None
 ) -> tuple[Alerter, dict[str, Notifier]]:
     """Around a compiled router: its silences, the alert rules, and every delivery target (handlers of the
     router's registry, notifiers, alert groups, the Redis queue). What `Runtime.build` wires, and what a
-    reload (service/reload.py) builds again from a new config."""
+    reload (service/reload.py) builds again from a new config. The alert groups live in `alert_store` when
+    given (Redis, with standby pollers), else in `store`."""
     silences = Silences(silence_book(config, store), clock=clock)
     # with the Redis backend the workers apply (and count) the silences of forwarding rules, at delivery
     router.silences = silences if config.queue.backend != "redis" else None
-    alerter = Alerter(store, router.rules, silences, streams=config.poll.streams, clock=clock)
+    alerter = Alerter(alert_store or store, router.rules, silences, streams=config.poll.streams, clock=clock)
     targets: dict[str, Notifier] = {
         f"handler:{name}": HandlerTarget(handler.func) for name, handler in router.registry.handlers.items()
     }
@@ -50,6 +52,7 @@ def wire_routing(
         # notifiers, which send the alerts (and deliveries queued before the switch to Redis)
         targets[QUEUE_TARGET] = RedisQueueTarget(config.queue, config.delivery)
         router.queue = QUEUE_TARGET
+    alerter.store.use_targets(targets)
     return alerter, targets
 
 
@@ -89,8 +92,13 @@ class Runtime:
         store = Store(config.state_path, clock=clock)
         if lock:
             store.lock()
-        alerter, targets = wire_routing(config, router, store, clock)
         cancel = threading.Event()
+        standby = None
+        if config.queue.standby:
+            from .redis.standby.wiring import build_standby
+
+            standby = build_standby(config, store, cancel, clock)
+        alerter, targets = wire_routing(config, router, store, clock, standby[4] if standby else None)
         worker = DeliveryWorker(store, targets, config.delivery, clock=clock, cancel=cancel)
         reader = LangfuseReader(
             config.langfuse,
@@ -103,10 +111,8 @@ class Runtime:
         reader.on_read_path = lambda stream, path: store.set_read_path(stream, path)
         replica = shared = jobs = None
         poll_state: PollState = store
-        if config.queue.standby:
-            from .redis.standby.wiring import build_standby
-
-            replica, shared, reader.cancel, jobs = build_standby(config, store, cancel, clock)
+        if standby is not None:
+            replica, shared, reader.cancel, jobs, _ = standby
             reader.on_read_path = lambda stream, path: shared.set_read_path(stream, path)
             poll_state = shared
         factory = EventFactory(

@@ -1,5 +1,8 @@
 """Alert groups on injected time: group_wait, group_interval, repeat, resolve; storms, restarts, silences,
-frequency and absence rules; the `test-rule` dry run."""
+frequency and absence rules; the `test-rule` dry run.
+
+The tests that take `backend` run against each alert state: SQLite, and Redis as standby pollers keep it (a
+real redis-server, the runtime's replica holding the lease)."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Any
 import pytest
 
 from langfuse_poller.alerting.groups import PROGRESS_RECHECK
-from langfuse_poller.alerting.silences import REFRESH, Silences, SqliteSilenceBook, add_silence
+from langfuse_poller.alerting.silence_book import SilenceBook
+from langfuse_poller.alerting.silences import REFRESH, Silences, SqliteSilenceBook, add_silence, silence_book
 from langfuse_poller.config import Config, parse_config
 from langfuse_poller.errors import ConfigError
 from langfuse_poller.events import Event
@@ -23,12 +27,30 @@ from langfuse_poller.runtime import Runtime
 from langfuse_poller.store import Store
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
-from .conftest import Clock, make_config
+from .conftest import Clock, make_config, redis_server
 
 T0 = 1_800_000_000.0
 
 
-def alert_config(tmp_path: Path, rule: dict[str, Any], *, forward: bool = False) -> Config:
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The config sections that choose the alert state: none (SQLite), or standby pollers on a redis-server."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    pytest.importorskip("redis", reason="the Python redis package is not installed (pip install -e '.[redis]')")
+    with contextmanager(redis_server)(tmp_path, durable=False) as server:
+        yield {"queue": {"backend": "redis", "url": server.url, "standby": True, "lease": "10m"}}
+
+
+def book(rt: Runtime) -> SilenceBook:
+    """The silences the runtime's alerter reads: in SQLite, or in Redis with the Redis backend."""
+    return silence_book(rt.config, rt.store)
+
+
+def alert_config(
+    tmp_path: Path, rule: dict[str, Any], *, forward: bool = False, backend: dict[str, Any] | None = None
+) -> Config:
     rules = [{"name": "errors", "events": ["trace.updated"], "when": 'data.level == "ERROR"', "notify": ["alerts"]}]
     rules[0].update(rule)
     if forward:
@@ -42,6 +64,7 @@ def alert_config(tmp_path: Path, rule: dict[str, Any], *, forward: bool = False)
                 "archive": {"type": "jsonl", "path": str(tmp_path / "archive.jsonl")},
             },
             "rules": rules,
+            **(backend or {}),
         },
         "test",
     )
@@ -50,6 +73,9 @@ def alert_config(tmp_path: Path, rule: dict[str, Any], *, forward: bool = False)
 @contextmanager
 def runtime(config: Config, clock: Clock) -> Iterator[Runtime]:
     rt = Runtime.build(config, handlers=Registry(), clock=clock)
+    if rt.replica is not None:
+        # with standby pollers only the leader moves the alert groups
+        assert rt.replica.try_lead()
     rt.alerter.start()
     try:
         yield rt
@@ -80,6 +106,9 @@ def feed(rt: Runtime, events: list[Event]) -> None:
         for event in events:
             tx.enqueue(event, rt.router.targets(event))
     rt.worker.run_until_idle()
+    if rt.replica is not None:
+        # the matches wait in Redis for the leader's next tick, which comes within a second
+        rt.alerter.tick()
 
 
 def at(rt: Runtime, clock: Clock, seconds: float) -> list[dict[str, Any]]:
@@ -102,10 +131,10 @@ def summary(notices: list[dict[str, Any]]) -> list[tuple[str, str, int]]:
     return [(n["event"], n["data"]["reason"], n["data"]["count"]) for n in notices]
 
 
-def test_group_wait_interval_repeat_and_resolve(tmp_path: Path) -> None:
+def test_group_wait_interval_repeat_and_resolve(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {"group_wait": "30s", "group_interval": "5m", "repeat_interval": "20m", "resolve_after": "30m"}
-    with runtime(alert_config(tmp_path, rule), clock) as rt:
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
         feed(rt, [error(n, clock) for n in range(3)])
         assert at(rt, clock, 29) == []
         first = at(rt, clock, 30)
@@ -140,10 +169,10 @@ def test_group_wait_interval_repeat_and_resolve(tmp_path: Path) -> None:
         assert len(ids) == len(set(ids))
 
 
-def test_group_by_keeps_groups_apart(tmp_path: Path) -> None:
+def test_group_by_keeps_groups_apart(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {"group_by": ["data.environment"], "group_wait": "10s"}
-    with runtime(alert_config(tmp_path, rule), clock) as rt:
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
         feed(rt, [error(1, clock, env="production"), error(2, clock, env="staging"), error(3, clock, env="production")])
         # a non-matching event (level WARNING) counts nowhere
         feed(rt, [error(4, clock, env="production", level="WARNING")])
@@ -153,10 +182,10 @@ def test_group_by_keeps_groups_apart(tmp_path: Path) -> None:
         assert len({n["data"]["dedupKey"] for n in sent}) == 2
 
 
-def test_resolve_reports_matches_nobody_was_told_about(tmp_path: Path) -> None:
+def test_resolve_reports_matches_nobody_was_told_about(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {"group_wait": "10s", "group_interval": "1h", "resolve_after": "5m"}
-    with runtime(alert_config(tmp_path, rule), clock) as rt:
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
         feed(rt, [error(1, clock)])
         assert summary(at(rt, clock, 10)) == [("rule.firing", "new", 1)]
         clock.now = T0 + 20
@@ -165,12 +194,15 @@ def test_resolve_reports_matches_nobody_was_told_about(tmp_path: Path) -> None:
         assert summary(at(rt, clock, 20 + 300)) == [("rule.firing", "update", 2), ("rule.resolved", "resolved", 2)]
 
 
-def test_storm_of_ten_thousand_becomes_a_handful_that_counts_all(tmp_path: Path, fake: FakeLangfuse) -> None:
+def test_storm_of_ten_thousand_becomes_a_handful_that_counts_all(
+    tmp_path: Path, fake: FakeLangfuse, backend: dict[str, Any]
+) -> None:
     clock = fake.clock
     assert isinstance(clock, Clock)
     config = make_config(
         fake,
         tmp_path,
+        **backend,
         poll={"start": "-1s", "settle": "0s", "interval": "10s"},
         notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
         rules=[
@@ -208,9 +240,11 @@ def test_storm_of_ten_thousand_becomes_a_handful_that_counts_all(tmp_path: Path,
     assert final == {"production": 9000, "staging": 1000}
 
 
-def test_restart_neither_resends_nor_forgets_an_open_group(tmp_path: Path) -> None:
+def test_restart_neither_resends_nor_forgets_an_open_group(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
-    config = alert_config(tmp_path, {"group_wait": "30s", "group_interval": "1m", "resolve_after": "10m"})
+    config = alert_config(
+        tmp_path, {"group_wait": "30s", "group_interval": "1m", "resolve_after": "10m"}, backend=backend
+    )
     with runtime(config, clock) as rt:
         feed(rt, [error(n, clock) for n in range(2)])
         assert summary(at(rt, clock, 30)) == [("rule.firing", "new", 2)]
@@ -265,10 +299,10 @@ def test_silence_counts_matches_without_sending_them(tmp_path: Path) -> None:
         assert matched == [(silence.id, 2), (archive_silence.id, 3)]
 
 
-def test_frequency_fires_at_the_threshold_and_resolves_when_it_clears(tmp_path: Path) -> None:
+def test_frequency_fires_at_the_threshold_and_resolves_when_it_clears(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {"type": "frequency", "threshold": 5, "window": "1m", "group_wait": "0s"}
-    with runtime(alert_config(tmp_path, rule), clock) as rt:
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
         # four matches within a minute, then a gap: below the threshold, nothing
         for n in range(4):
             clock.now = T0 + n * 10
@@ -290,12 +324,15 @@ def test_frequency_fires_at_the_threshold_and_resolves_when_it_clears(tmp_path: 
         assert summary(at(rt, clock, 360 + PROGRESS_RECHECK)) == [("rule.resolved", "resolved", 5)]
 
 
-def test_absence_fires_when_nothing_arrives_and_resolves_on_the_next(tmp_path: Path, fake: FakeLangfuse) -> None:
+def test_absence_fires_when_nothing_arrives_and_resolves_on_the_next(
+    tmp_path: Path, fake: FakeLangfuse, backend: dict[str, Any]
+) -> None:
     clock = fake.clock
     assert isinstance(clock, Clock)
     config = make_config(
         fake,
         tmp_path,
+        **backend,
         poll={"start": "now", "settle": "0s"},
         notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
         rules=[
@@ -382,17 +419,20 @@ def test_which_rules_group(tmp_path: Path) -> None:
     assert not grouped({"group": False}, slack)
 
 
-def poll_config(fake: FakeLangfuse, tmp_path: Path, rule: dict[str, Any], start: str = "now") -> Config:
+def poll_config(
+    fake: FakeLangfuse, tmp_path: Path, rule: dict[str, Any], start: str = "now", backend: dict[str, Any] | None = None
+) -> Config:
     return make_config(
         fake,
         tmp_path,
+        **(backend or {}),
         poll={"start": start, "settle": "0s"},
         notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
         rules=[{"name": "r", "notify": ["alerts"], **rule}],
     )
 
 
-def test_a_catch_up_is_not_a_silence_nor_a_burst(tmp_path: Path, fake: FakeLangfuse) -> None:
+def test_a_catch_up_is_not_a_silence_nor_a_burst(tmp_path: Path, fake: FakeLangfuse, backend: dict[str, Any]) -> None:
     clock = fake.clock
     assert isinstance(clock, Clock)
     # an hour of traffic, one error every two minutes, read in one catch-up
@@ -401,7 +441,9 @@ def test_a_catch_up_is_not_a_silence_nor_a_burst(tmp_path: Path, fake: FakeLangf
     absence = {"type": "absence", "events": ["trace.created"], "window": "15m"}
     storm = {"type": "frequency", "events": ["trace.updated"], "threshold": 10, "window": "5m", "group_wait": "0s"}
     for rule in (absence, storm):
-        with runtime(poll_config(fake, tmp_path / rule["type"], rule, start="-70m"), clock) as rt:
+        # each rule polls from the start again: with Redis, under a queue (and poll state) of its own
+        own = {"queue": {**backend["queue"], "name": f"q-{rule['type']}"}} if backend else {}
+        with runtime(poll_config(fake, tmp_path / rule["type"], rule, start="-70m", backend=own), clock) as rt:
             rt.poller.start_streams()
             rt.alerter.start()
             rt.poller.poll_once()
@@ -415,13 +457,13 @@ def test_a_catch_up_is_not_a_silence_nor_a_burst(tmp_path: Path, fake: FakeLangf
             assert notifications(rt) == [], rule["type"]
 
 
-def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path) -> None:
+def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {"type": "frequency", "threshold": 3, "window": "1m", "group_wait": "0s", "group_interval": "1m"}
-    with runtime(alert_config(tmp_path, rule), clock) as rt:
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
         feed(rt, [error(n, clock) for n in range(3)])
         assert summary(notifications(rt)) == [("rule.firing", "new", 3)]
-        silence = add_silence(SqliteSilenceBook(rt.store), "errors", duration=600, now=T0 + 10)
+        silence = add_silence(book(rt), "errors", duration=600, now=T0 + 10)
         # the storm goes on under the silence: no update, no resolve
         for second in range(10, 300, 10):
             clock.now = T0 + second
@@ -429,7 +471,7 @@ def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path) -> None:
             rt.alerter.tick()
             rt.worker.run_until_idle()
         assert len(notifications(rt)) == 1
-        SqliteSilenceBook(rt.store).expire(silence.id, T0 + 300)
+        book(rt).expire(silence.id, T0 + 300)
         clock.now = T0 + 300
         # the next match after the silence is told at once (group_interval passed long ago), with the silenced
         feed(rt, [error(999, clock)])
@@ -437,13 +479,15 @@ def test_a_silenced_storm_stays_open_and_is_told_after(tmp_path: Path) -> None:
         assert [(n["data"]["reason"], n["data"]["count"], n["data"]["silenced"]) for n in sent] == [("update", 4, 29)]
 
 
-def test_absence_is_silenced_and_resolved_groups_of_removed_rules_are_told(tmp_path: Path) -> None:
+def test_absence_is_silenced_and_resolved_groups_of_removed_rules_are_told(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
     clock = Clock(T0)
-    config = alert_config(tmp_path, {"type": "absence", "events": ["trace.created"], "window": "5m"})
+    config = alert_config(tmp_path, {"type": "absence", "events": ["trace.created"], "window": "5m"}, backend=backend)
     with runtime(config, clock) as rt:
-        silence = add_silence(SqliteSilenceBook(rt.store), "errors", duration=600, now=T0)
+        silence = add_silence(book(rt), "errors", duration=600, now=T0)
         assert at(rt, clock, 400) == []
-        SqliteSilenceBook(rt.store).expire(silence.id, T0 + 401)
+        book(rt).expire(silence.id, T0 + 401)
         fired = at(rt, clock, 410)
         assert [n["event"] for n in fired] == ["rule.firing"]
     # the rule is removed from the config: its open incident is resolved, not left open forever
@@ -452,15 +496,17 @@ def test_absence_is_silenced_and_resolved_groups_of_removed_rules_are_told(tmp_p
             "langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"},
             "state": {"path": str(tmp_path / "state.db")},
             "notifiers": {"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
+            **backend,
         },
         "test",
     )
     with runtime(without, clock) as rt:
         rt.worker.run_until_idle()
+        rt.alerter.store.send_notices(clock.now)  # what the Redis backend sends itself (SQLite: nothing)
         resolved = notifications(rt)[-1]
         assert resolved["event"] == "rule.resolved"
         assert resolved["data"]["dedupKey"] == fired[0]["data"]["dedupKey"]
-        assert rt.store._conn().execute("SELECT COUNT(*) FROM alert_groups").fetchone() == (0,)
+        assert rt.alerter.store.alert_state().groups() == []
 
 
 def test_more_rule_config_errors(tmp_path: Path) -> None:
@@ -523,3 +569,22 @@ def test_a_silence_added_after_events_of_its_rule_were_routed_mutes_the_next_one
     clock.now = T0 + 60  # the silence ended
     assert router.targets(error(4, clock)) == ["notifier:archive", "notifier:copy"]
     store.close()
+
+
+def test_a_group_round_trips_through_json_field_by_field() -> None:
+    from dataclasses import fields
+
+    from langfuse_poller.alerting.groups import Group
+    from langfuse_poller.alerting.state import group_from_json, group_to_json
+
+    group = Group("errors", "k", {"data.environment": "production"}, "firing", T0, count=3, told=["alerts"])
+    group.arrivals = [T0 - 1, T0]
+    group.samples = [{"id": "trace.updated:t1:o1:1"}]
+    group.next_at = T0 + 30
+    assert group_from_json(group_to_json(group)) == group
+    # every field is written, with no list to keep up to date; one the text lacks (written before it existed)
+    # gets its default
+    stored = json.loads(group_to_json(group))
+    assert set(stored) == {f.name for f in fields(Group)}
+    del stored["arrivals"]
+    assert group_from_json(json.dumps(stored)).arrivals == []

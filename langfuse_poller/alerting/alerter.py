@@ -5,6 +5,10 @@ the same transaction that marks the delivery done: a crash neither loses nor dou
 is enqueued, as a `rule.firing` or `rule.resolved` event for each of the rule's notifiers, in the same
 transaction that saves the group's new state: a restart neither re-sends nor forgets an open group, and the
 notifiers get it with the retries and dead letters of every delivery.
+
+The alerter is typed against the alert state's contract (`state.py`), not against one backend: with standby
+pollers the groups and the notifications live in Redis instead (`redis/standby/alert_state.py`), the matches wait
+there for the leader's `tick`, and a replica that stands by ticks nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..events import STREAM_OF_EVENT, Event
 from ..notifiers.base import Notifier
@@ -25,8 +29,12 @@ from ..store import Store, Transaction
 from . import measures
 from .groups import Group, alert_event, evaluate, group_key, labels_of, open_group, record_match, resolve
 from .silences import Silences
+from .state import AlertStore, AlertTransaction
 
 log = logging.getLogger(__name__)
+
+# `start` has not run: a tick then reconciles nothing by itself (the dry run and some callers never start)
+NOT_STARTED = object()
 
 
 def group_envelope(group: Group) -> dict[str, Any]:
@@ -52,12 +60,14 @@ class RuleTarget(Notifier):
         self.rule = rule
 
     def apply(self, tx: Transaction, events: Sequence[Event]) -> None:
-        self.alerter.record(tx, self.rule, events)
+        if not self.alerter.store.keep_matches(self.rule.target, events):
+            self.alerter.record(tx, self.rule, events)
 
     def send(self, event: Event) -> None:
         # the Notifier protocol's entry; the delivery worker calls `apply` inside its own transaction
-        with self.alerter.store.write() as tx:
-            self.apply(tx, [event])
+        if not self.alerter.store.keep_matches(self.rule.target, [event]):
+            with self.alerter.store.write() as tx:
+                self.alerter.record(tx, self.rule, [event])
 
     def close(self) -> None:
         pass
@@ -72,7 +82,7 @@ class Alerter:
 
     def __init__(
         self,
-        store: Store,
+        store: AlertStore,
         rules: Sequence[CompiledRule],
         silences: Silences,
         *,
@@ -92,11 +102,13 @@ class Alerter:
         self.streams = tuple(streams)
         self.clock = clock
         self._progress = progress
+        # the term `start` last reconciled the groups in: a replica that takes the lease reconciles at its first tick
+        self._started_term: object = NOT_STARTED
 
     def targets(self) -> dict[str, RuleTarget]:
         return {rule.target: RuleTarget(self, rule) for rule in self.rules.values()}
 
-    def progress(self, tx: Transaction, rule: Rule) -> float:
+    def progress(self, tx: AlertTransaction, rule: Rule) -> float:
         """How far this rule's matches have been read and counted, in event time.
 
         The lowest head watermark of the polled streams that make the rule's events, held back to the oldest
@@ -115,7 +127,7 @@ class Alerter:
         waiting = tx.oldest_pending_ts(rule.target)
         return progress if waiting is None else min(progress, waiting - 0.001)
 
-    def record(self, tx: Transaction, rule: Rule, events: Sequence[Event]) -> None:
+    def record(self, tx: AlertTransaction, rule: Rule, events: Sequence[Event]) -> None:
         """Count matches into their groups; notifications that this makes due are enqueued at once."""
         if rule.kind in MEASURING_KINDS:
             self._measure(tx, rule, events)
@@ -146,7 +158,7 @@ class Alerter:
             else:
                 self._settle(tx, rule, group, now, progress)
 
-    def _resolve(self, tx: Transaction, rule: Rule, groups: dict[str, Group], key: str, event: Event) -> None:
+    def _resolve(self, tx: AlertTransaction, rule: Rule, groups: dict[str, Group], key: str, event: Event) -> None:
         """An event met `resolve_when`: resolve its open group, telling the notifiers; no group, nothing to do."""
         group = groups.get(key) or tx.alert_state.group(rule.name, key)
         if group is None or group.state == "resolved":
@@ -156,7 +168,7 @@ class Alerter:
         muted = self.silences.covers(rule.name, group_envelope(group), tx.now)
         self._enqueue(tx, rule.name, resolve(rule, group, tx.now, muted=muted), [f"notifier:{n}" for n in rule.notify])
 
-    def _measure(self, tx: Transaction, rule: Rule, events: Sequence[Event]) -> None:
+    def _measure(self, tx: AlertTransaction, rule: Rule, events: Sequence[Event]) -> None:
         """Add what matches measure to their groups' windows, then judge the groups they moved."""
         assert rule.measure is not None
         compiled = self._measuring[rule.name]
@@ -187,7 +199,7 @@ class Alerter:
             self._settle(tx, rule, group, now, progress)
 
     def _new_values(
-        self, tx: Transaction, rule: Rule, compiled: CompiledRule, events: Sequence[Event]
+        self, tx: AlertTransaction, rule: Rule, compiled: CompiledRule, events: Sequence[Event]
     ) -> dict[str, Group]:
         """A new_value rule's matches: a value unseen (or forgotten) after the rule's first `learn` opens a group;
         every sighting is remembered. The groups the matches reached, by key."""
@@ -235,7 +247,7 @@ class Alerter:
         state.forget_values(rule.name, self.progress(tx, rule) - measure.remember.total_seconds())
         return groups
 
-    def _settle(self, tx: Transaction, rule: Rule, group: Group, now: float, progress: float) -> int:
+    def _settle(self, tx: AlertTransaction, rule: Rule, group: Group, now: float, progress: float) -> int:
         muted = self.silences.covers(rule.name, group_envelope(group), now)
         judge = measures.evaluate if rule.kind in MEASURING_KINDS else evaluate
         notices = judge(rule, group, now, progress, muted=muted)
@@ -243,7 +255,7 @@ class Alerter:
         tx.alert_state.save(group)
         return len(notices)
 
-    def _enqueue(self, tx: Transaction, rule: str, notices: Sequence[Event], targets: Sequence[str]) -> None:
+    def _enqueue(self, tx: AlertTransaction, rule: str, notices: Sequence[Event], targets: Sequence[str]) -> None:
         for notice in notices:
             if not tx.enqueue(notice, targets):
                 log.warning("alert %s: %s was already queued; not sent twice", rule, notice.id)
@@ -257,6 +269,11 @@ class Alerter:
         told, so no PagerDuty incident stays open forever) and dropped.
         """
         now = self.clock() if now is None else now
+        term = self.store.alert_term()
+        if term is None:
+            # a standby: the leader's groups are not this replica's to reconcile; it does so when it takes over
+            self._started_term = None
+            return
         with self.store.write(now) as tx:
             for group in tx.alert_state.groups():
                 rule = self.rules.get(group.rule)
@@ -280,15 +297,29 @@ class Alerter:
                     group.last_ts = self.progress(tx, rule)
                     group.next_at = now
                     tx.alert_state.save(group)
+        self._started_term = term
 
     def tick(self, now: float | None = None) -> int:
         """Send what is due: first notifications, updates, repeats, resolves. Returns how many were enqueued."""
         now = self.clock() if now is None else now
         self.silences.flush_counts()
+        term = self.store.alert_term()
+        if term is None:
+            return 0  # a standby: only the leader moves the groups
+        if self._started_term is not NOT_STARTED and term != self._started_term:
+            self.start(now)
+        sent = self.store.send_notices(now)
         if not self.rules:
-            return 0
-        sent = 0
+            return sent
+        by_target = {rule.target: rule for rule in self.rules.values()}
         with self.store.write(now) as tx:
+            # matches that wait in the state itself (Redis) first, in the transaction that takes them
+            for target, events in tx.matches():
+                rule = by_target.get(target)
+                if rule is None:
+                    log.info("alert: %d matches for %s, no longer an alerting rule, dropped", len(events), target)
+                    continue
+                self.record(tx, rule, events)
             progress: dict[str, float] = {}
             for group in tx.alert_state.due(now):
                 rule = self.rules.get(group.rule)
@@ -297,7 +328,7 @@ class Alerter:
                 if rule.name not in progress:
                     progress[rule.name] = self.progress(tx, rule) if rule.kind != "event" else now
                 sent += self._settle(tx, rule, group, now, progress[rule.name])
-        return sent
+        return sent + self.store.send_notices(now)
 
 
 def _reads_timestamp(rule: Rule) -> bool:
@@ -321,7 +352,7 @@ def _label_paths(rule: Rule) -> tuple[str, ...]:
 class _Cap:
     """A measuring rule's `max_groups`, over one batch of matches: a key beyond it goes to the overflow group."""
 
-    def __init__(self, alerter: Alerter, tx: Transaction, rule: Rule) -> None:
+    def __init__(self, alerter: Alerter, tx: AlertTransaction, rule: Rule) -> None:
         self.alerter = alerter
         self.tx = tx
         self.rule = rule
@@ -357,3 +388,9 @@ class _Cap:
                 self.count += 1
         groups[key] = group
         return group
+
+
+if TYPE_CHECKING:
+    # mypy proves here that the SQLite store is an alert state, as the Redis one is (redis/standby/alert_state.py)
+    _store: type[AlertStore] = Store
+    _transaction: type[AlertTransaction] = Transaction

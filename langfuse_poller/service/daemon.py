@@ -104,6 +104,8 @@ class Daemon:
         try:
             if self.runtime.alerter.tick():
                 self.runtime.worker.kick()
+        except Cancelled:
+            pass  # deposed meanwhile (the alert state in Redis refused the write): the new leader ticks
         except Exception:
             log.exception("alert groups could not be evaluated; the next tick tries again")
 

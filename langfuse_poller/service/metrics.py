@@ -144,9 +144,31 @@ class StateCollector(Collector):
             "Open alert groups, by rule and state (pending, firing).",
             labels=["rule", "state"],
         )
-        for rule, state, count in store.alert_state().counts():
+        alert_state = runtime.alerter.store.alert_state()
+        try:
+            counts = alert_state.counts()
+        except LangfusePollerError as exc:  # Redis away: the other metrics still stand
+            log.warning("the alert groups could not be read for the metrics: %s", exc)
+            counts = []
+        for rule, state, count in counts:
             groups.add_metric([rule, state], count)
         yield groups
+        backend = GaugeMetricFamily(
+            f"{PREFIX}_alert_state_backend",
+            "Where the alert groups live: sqlite (this process's state) or redis (shared by standby replicas).",
+            labels=["backend"],
+        )
+        backend.add_metric(["redis" if runtime.config.queue.standby else "sqlite"], 1)
+        yield backend
+        if runtime.replica is not None:
+            takeover = GaugeMetricFamily(
+                f"{PREFIX}_alert_groups_to_take_over",
+                "On a standby: the open alert groups (firing, pending) it would take over from the leader; 0 when "
+                "this replica leads.",
+            )
+            leading = runtime.replica.role == "leader"
+            takeover.add_metric([], 0 if leading else sum(n for _, state, n in counts if state != "watching"))
+            yield takeover
 
         overflow = CounterMetricFamily(
             f"{PREFIX}_rule_overflow",

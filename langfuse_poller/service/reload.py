@@ -98,7 +98,9 @@ def build(runtime: Runtime, prepared: Prepared) -> Routing:
             # the import system caches directory listings: a module file written since the start would be missed
             importlib.invalidate_caches()
         import_handler_modules(prepared.new_modules, prepared.config.source)
-        alerter, targets = wire_routing(prepared.config, prepared.router, runtime.store, runtime.worker.clock)
+        alerter, targets = wire_routing(
+            prepared.config, prepared.router, runtime.store, runtime.worker.clock, runtime.alerter.store
+        )
     except Exception as exc:
         for name in set(registry.handlers) - before:
             registry.unregister(name)

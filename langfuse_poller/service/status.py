@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from ..alerting.groups import Group
 from ..config import Config
 from ..errors import StateError
 from ..poll_state import StreamState
@@ -44,6 +45,31 @@ def _stream(
     }
 
 
+def _alert(group: Group) -> dict[str, Any]:
+    return {
+        "rule": group.rule,
+        "group": group.labels,
+        "state": group.state,
+        "matches": group.count,
+        "silenced": group.silenced,
+        "opened": _iso(group.opened_at),
+        "last_notified": _iso(group.last_notified_at),
+    }
+
+
+def _redis_alerts(config: Config) -> dict[str, Any]:
+    from ..redis.standby.alert_state import read_alert_state
+
+    found = read_alert_state(config.queue, config.delivery)
+    return {
+        "url": found.url,
+        "groups": [_alert(group) for group in found.groups],
+        "notifications_waiting": found.waiting,
+        "notifications_failed": found.dead,
+        "error": found.error,
+    }
+
+
 def collect_status(config: Config, *, now: float) -> dict[str, Any]:
     """A JSON-ready report of every stream, the queue and the dead letters."""
     from ..alerting.silences import silence_book
@@ -69,6 +95,11 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
         if config.queue.standby:
             # the replicas share their watermarks in Redis: a replica's SQLite holds none
             report["streams"] = [_stream(config, s, shared.read_paths, now) for s in shared.streams]
+    report["alert_state"] = {"backend": "redis" if config.queue.standby else "sqlite"}
+    if config.queue.standby:
+        # the alert groups live in Redis, shared by the replicas: the leader's now, a standby's at a takeover
+        report["alert_state"].update(_redis_alerts(config))
+        report["alerts"] = report["alert_state"].pop("groups")
     if not config.state_path.exists():
         report["note"] = "no state yet: the poller has not run with this state path"
         return report
@@ -77,18 +108,8 @@ def collect_status(config: Config, *, now: float) -> dict[str, Any]:
         if not config.queue.standby:
             read_paths = store.read_paths()
             report["streams"] = [_stream(config, stream, read_paths, now) for stream in store.streams()]
-        report["alerts"] = [
-            {
-                "rule": group.rule,
-                "group": group.labels,
-                "state": group.state,
-                "matches": group.count,
-                "silenced": group.silenced,
-                "opened": _iso(group.opened_at),
-                "last_notified": _iso(group.last_notified_at),
-            }
-            for group in store.alert_state().open_groups()
-        ]
+        if not config.queue.standby:
+            report["alerts"] = [_alert(group) for group in store.alert_state().open_groups()]
         try:
             report["silences"] = [
                 {"id": s.id, "rule": s.rule, "when": s.condition, "until": _iso(s.ends_at), "matched": s.matched}
@@ -127,6 +148,15 @@ def render_status(report: dict[str, Any]) -> str:
         lines.extend(_render_redis(report["redis"]))
     alerts = report["alerts"]
     lines.append(f"alerts: {sum(1 for a in alerts if a['state'] == 'firing')} firing groups")
+    shared = report.get("alert_state", {})
+    if shared.get("backend") == "redis":
+        lines.append(
+            f"     alert state in Redis at {shared['url']}, shared by the replicas: {len(alerts)} open groups, which"
+            f" a standby takes over; {shared['notifications_waiting']} notifications waiting,"
+            f" {shared['notifications_failed']} failed for good"
+        )
+        if shared["error"]:
+            lines.append(f"WARN {shared['error']}")
     for alert in alerts:
         group = ", ".join(f"{k}={v}" for k, v in alert["group"].items())
         lines.append(

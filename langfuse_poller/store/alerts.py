@@ -1,9 +1,10 @@
 """The alert tables: `alert_groups` (the open groups of grouping rules, the alerter's state), `alert_rules` and
 `alert_values` (what a new_value rule knows), and `silences`.
 
-The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state:
-one small set of methods over Group values, so that another backend can keep the same state behind the same
-methods. Silences are rows here; `alerting.silences.SqliteSilenceBook` turns them into `Silence` values.
+The alerter's reads and writes of its groups go through `SqliteAlertState`, the SQLite side of the alert state
+(the contract is `alerting/state.py`; with standby pollers the Redis side, `redis/standby/alert_state.py`, keeps
+the same state behind the same methods). Silences are rows here; `alerting.silences.SqliteSilenceBook` turns
+them into `Silence` values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import orjson
 
 from ..alerting.groups import Group
 from ..alerting.silence_book import Silence
+from ..events import Event
+from ..notifiers.base import Notifier
 from .base import Tables, TransactionBase
 
 COLUMNS = (
@@ -185,6 +188,10 @@ class AlertWrites(TransactionBase):
         """The alert groups as this transaction sees them."""
         return SqliteAlertState(self.conn)
 
+    def matches(self) -> list[tuple[str, list[Event]]]:
+        """None wait here: the outbox's delivery worker hands each match to the alerter in its own transaction."""
+        return []
+
 
 class AlertTables(Tables[AlertWrites]):
     """The store's reads of the alert groups, and its reads and writes of the silences."""
@@ -192,6 +199,21 @@ class AlertTables(Tables[AlertWrites]):
     def alert_state(self) -> SqliteAlertState:
         """The alert groups as this thread's connection sees them, for reads outside a write transaction."""
         return SqliteAlertState(self._conn())
+
+    def alert_term(self) -> int | None:
+        """Always 0: this state is this process's own, nobody else writes it."""
+        return 0
+
+    def keep_matches(self, target: str, events: Sequence[Event]) -> bool:
+        """False: the delivery's transaction records them, with the groups it writes."""
+        return False
+
+    def use_targets(self, targets: Mapping[str, Notifier]) -> None:
+        """Nothing to do: the delivery worker holds the targets of the outbox's deliveries."""
+
+    def send_notices(self, now: float) -> int:
+        """0: the notifications are deliveries of the outbox, which the delivery worker sends."""
+        return 0
 
     def add_silence(
         self,

@@ -4,12 +4,13 @@
 code with one replica or several; it also keeps the read paths (`set_read_path`). A transaction collects the
 page's writes, then commits in three steps:
 
-1. the events for local targets (alert groups: `rule:*`) and the records that cannot be parsed go to this
-   replica's SQLite outbox and dead letters, as without standby;
+1. the events for local targets and the records that cannot be parsed go to this replica's SQLite outbox and
+   dead letters, as without standby; with the alert state in Redis (`alert_matches`, what `run` wires), the
+   matches of alerting rules (`rule:*`) go instead into the fenced write of step 3 (`alert_state.py`);
 2. the events for handlers and notifiers are added as BullMQ jobs in one MULTI, job id = event id, so that
    a re-add (after a crash, or by a deposed leader racing its successor) is a no-op while the job is kept;
-3. one Lua script checks the fencing token, then writes the dedup keys and moves the watermarks (never
-   backwards). It refuses the whole write when a later token was issued: the replica is deposed.
+3. one Lua script checks the fencing token, then writes the dedup keys (and the alerting matches) and moves
+   the watermarks (never backwards). It refuses the whole write when a later token was issued: the replica is deposed.
 
 The heads this replica committed, and its polls' outcomes, are copied into its SQLite afterwards (a copy
 only: the alert groups' progress and the service's status line read it there).
@@ -33,6 +34,7 @@ from ...events import Event, RecordOutcome, Seen
 from ...poll_state import PollState, PollTransaction, StreamState
 from ...store import Store, StoredEvent
 from ..queue import QUEUE_TARGET
+from .alert_state import match_entry
 from .keys import PollerKeys
 from .lease import Deposed
 
@@ -57,6 +59,9 @@ for _, op in ipairs(cjson.decode(ARGV[3])) do
       redis.call('HSET', p .. ':seen', k, op.v[i])
       redis.call('ZADD', p .. ':seen-ts:' .. op.s, op.t[i], k)
     end
+  elseif op.op == 'match' then
+    -- a match of an alerting rule, for the leader's alerter (alert_state.AlertKeys.matches)
+    redis.call('RPUSH', p .. ':alert-matches', op.v)
   elseif op.op == 'head' then
     raise(p .. ':stream:' .. op.s, 'head', op.w)
   elseif op.op == 'sweep' then
@@ -176,6 +181,10 @@ class SharedTransaction:
         added = 0
         for event, targets in routed:
             local = [target for target in dict.fromkeys(targets) if target != QUEUE_TARGET]
+            if self.state.alert_matches:
+                # with the alert state in Redis, a page's matches are written with its watermark, under the token
+                self.ops.extend({"op": "match", "v": match_entry(t, event)} for t in local if t.startswith("rule:"))
+                local = [target for target in local if not target.startswith("rule:")]
             if QUEUE_TARGET in targets and event.id not in self.queued:
                 self.queued[event.id] = event
             if local:
@@ -219,8 +228,11 @@ class SharedPollState:
         on_deposed: Callable[[int], None] = lambda token: None,
         clock: Callable[[], float] = time.time,
         where: str = "Redis",
+        alert_matches: bool = False,
     ) -> None:
         self.client = client
+        # the alert state lives in Redis too (alert_state.py): matches of alerting rules go there, not to `local`
+        self.alert_matches = alert_matches
         self.keys = keys
         self.local = local
         self.add_jobs = add_jobs

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from ...config import Config
 from ...store import Store
 from ..queue import RedisQueueTarget, sync_client
+from .alert_state import RedisAlertStore
 from .keys import PollerKeys
 from .replica import PollCancel, Replica, default_replica
 from .shared_state import SharedPollState
@@ -15,8 +16,9 @@ from .shared_state import SharedPollState
 
 def build_standby(
     config: Config, store: Store, stop: threading.Event, clock: Callable[[], float]
-) -> tuple[Replica, SharedPollState, PollCancel, RedisQueueTarget]:
-    """The replica (lease and role), the shared poll state it fences, the reader's cancel, the job adder."""
+) -> tuple[Replica, SharedPollState, PollCancel, RedisQueueTarget, RedisAlertStore]:
+    """The replica (lease and role), the shared poll state it fences, the reader's cancel, the job adder, and the
+    alert state it fences."""
     queue = config.queue
     lease = queue.lease.total_seconds()
     # a third of the lease: a renewal that waits longer could not be followed by another before expiry
@@ -34,5 +36,16 @@ def build_standby(
         on_deposed=replica.deposed,
         clock=clock,
         where=f"Redis at {queue.display_url}",
+        alert_matches=True,
     )
-    return replica, shared, cancel, jobs
+    alerts = RedisAlertStore(
+        client,
+        keys,
+        token=replica.token,
+        delivery=config.delivery,
+        on_deposed=replica.deposed,
+        clock=clock,
+        where=f"Redis at {queue.display_url}",
+        local=store,
+    )
+    return replica, shared, cancel, jobs, alerts

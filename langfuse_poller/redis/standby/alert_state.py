@@ -1,0 +1,617 @@
+"""The alert state in Redis, for standby pollers: groups, their matches and their notifications survive the leader.
+
+With `[queue] standby = true` the alerter's `AlertStore` (alerting/state.py) is `RedisAlertStore`, beside the shared
+watermarks. What lives where, under `<prefix>` = `PollerKeys.prefix`:
+
+* `<prefix>:alert-groups` (hash: JSON [rule, key] -> the group, every dataclass field of it) and
+  `<prefix>:alert-due` (sorted set: the same field by `next_at`, so a tick finds the due groups in one range read).
+* `<prefix>:alert-matches` (list of {target, event}): the matches of alerting rules. The poller pushes a page's
+  matches in the fenced script that moves its watermark (`shared_state.COMMIT`), so a page's matches exist exactly
+  when its watermark moved; the webhook receiver of any replica appends its own. The leader's `tick` takes them
+  and records them into their groups in one fenced write.
+* `<prefix>:alert-outbox` (hash: event id -> {event, targets not yet reached, attempts, error}) with
+  `<prefix>:alert-outbox-due` (sorted set by when to try next), and `<prefix>:alert-dead` (list): the
+  notifications. They are written in the same fenced script as the group state that sends them, and the
+  leader's notifiers send them from there (`send_notices`), with the backoff and `max_attempts` of `[delivery]`;
+  a notification that keeps failing ends in the dead list.
+
+Why a fenced outbox in Redis rather than BullMQ jobs for the notifications: a job's id and data are the event
+alone, the queue's workers route it again by the rules (an alert goes to the notifiers its rule named, and a
+resolve to those that were told, which the worker cannot know), and Node.js consumers of the queue would start
+receiving alerts. The outbox keeps the notifiers where they are today with the Redis backend (in the poller),
+and keeps the one guarantee that matters across a takeover: the group and its notification are written
+together, under the token, so a notification is never lost with a dead leader nor made by a deposed one.
+
+Every write checks the fencing token first, as COMMIT does (`APPLY`): a replica paused past its lease that
+wakes up has its write refused whole, and nothing in Redis changes. Sending is not fenced (an HTTP request
+cannot be): a leader killed between a send and its record sends that notification again from the next leader,
+so a takeover repeats at most one notification per group, never more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ...alerting.groups import Group
+from ...alerting.state import AlertState, AlertStore, AlertTransaction, group_from_json, group_to_json
+from ...config import DeliveryConfig, QueueConfig
+from ...errors import DeliveryError, StateError
+from ...events import Event
+from ...notifiers.base import Notifier
+from ...store import Store
+from .keys import PollerKeys
+from .lease import Deposed
+
+log = logging.getLogger(__name__)
+
+# KEYS: token; ARGV: our token, key prefix, JSON list of operations. {1, token} when written, {0, token} when a
+# later token was issued (nothing written). Numbers travel as strings, as in COMMIT.
+APPLY = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current ~= tonumber(ARGV[1]) then return {0, current} end
+local p = ARGV[2]
+for _, op in ipairs(cjson.decode(ARGV[3])) do
+  if op.op == 'save' then
+    redis.call('HSET', p .. ':alert-groups', op.f, op.v)
+    redis.call('SADD', p .. ':alert-keys:' .. op.r, op.f)
+    if op.due == '' then redis.call('ZREM', p .. ':alert-due', op.f)
+    else redis.call('ZADD', p .. ':alert-due', op.due, op.f) end
+  elseif op.op == 'adopt' then
+    if redis.call('HSETNX', p .. ':alert-groups', op.f, op.v) == 1 then
+      redis.call('SADD', p .. ':alert-keys:' .. op.r, op.f)
+      if op.due ~= '' then redis.call('ZADD', p .. ':alert-due', op.due, op.f) end
+    end
+  elseif op.op == 'del' then
+    redis.call('HDEL', p .. ':alert-groups', op.f)
+    redis.call('ZREM', p .. ':alert-due', op.f)
+    redis.call('SREM', p .. ':alert-keys:' .. op.r, op.f)
+  elseif op.op == 'start' then
+    redis.call('HSETNX', p .. ':alert-rules', op.r, op.at)
+  elseif op.op == 'see' then
+    local h = p .. ':alert-values:' .. op.r
+    for i, k in ipairs(op.k) do
+      local old = redis.call('HGET', h, k)
+      if not old or tonumber(old) < tonumber(op.v[i]) then
+        redis.call('HSET', h, k, op.v[i])
+        redis.call('ZADD', h .. ':by-time', op.v[i], k)
+      end
+    end
+  elseif op.op == 'forget' then
+    local h = p .. ':alert-values:' .. op.r
+    for _, k in ipairs(redis.call('ZRANGEBYSCORE', h .. ':by-time', '-inf', '(' .. op.before)) do
+      redis.call('HDEL', h, k)
+    end
+    redis.call('ZREMRANGEBYSCORE', h .. ':by-time', '-inf', '(' .. op.before)
+  elseif op.op == 'take' then
+    redis.call('LTRIM', p .. ':alert-matches', op.n, -1)
+  elseif op.op == 'notice' then
+    if redis.call('HSETNX', p .. ':alert-outbox', op.id, op.v) == 1 then
+      redis.call('ZADD', p .. ':alert-outbox-due', op.at, op.id)
+    end
+  elseif op.op == 'retry' then
+    redis.call('HSET', p .. ':alert-outbox', op.id, op.v)
+    redis.call('ZADD', p .. ':alert-outbox-due', op.at, op.id)
+  elseif op.op == 'sent' or op.op == 'dead' then
+    redis.call('HDEL', p .. ':alert-outbox', op.id)
+    redis.call('ZREM', p .. ':alert-outbox-due', op.id)
+    if op.op == 'dead' then redis.call('RPUSH', p .. ':alert-dead', op.v) end
+  end
+end
+return {1, current}
+"""
+# matches taken by one tick at most; the rest wait for the next
+MATCH_BATCH = 5000
+# notifications sent by one tick at most
+NOTICE_BATCH = 100
+
+
+class AlertKeys:
+    """The alert state's keys, all built from the poller keys' prefix (so they follow it wherever it goes)."""
+
+    def __init__(self, keys: PollerKeys) -> None:
+        self.poller = keys
+        prefix = keys.prefix
+        self.prefix = prefix
+        self.groups = f"{prefix}:alert-groups"
+        self.due = f"{prefix}:alert-due"
+        self.matches = f"{prefix}:alert-matches"
+        self.outbox = f"{prefix}:alert-outbox"
+        self.outbox_due = f"{prefix}:alert-outbox-due"
+        self.dead = f"{prefix}:alert-dead"
+        # rule-level state: a set of each rule's group fields (what `max_groups` counts), when each new_value
+        # rule first ran, and the values each knows (hash value key -> last seen, with a sorted set by it)
+        self.rules = f"{prefix}:alert-rules"
+
+    def rule_groups(self, rule: str) -> str:
+        return f"{self.prefix}:alert-keys:{rule}"
+
+    def values(self, rule: str) -> str:
+        return f"{self.prefix}:alert-values:{rule}"
+
+
+def group_field(rule: str, key: str) -> str:
+    """A group's field in the groups hash and the due set."""
+    return json.dumps([rule, key], ensure_ascii=False)
+
+
+def match_entry(target: str, event: Event) -> str:
+    """One match as an item of the matches list (what COMMIT and `keep_matches` push)."""
+    return json.dumps({"t": target, "e": event.to_json()}, ensure_ascii=False)
+
+
+def notice_group(notice_id: str) -> tuple[str, int]:
+    """(the life of the group, the notification's seq) from an id `rule.<status>:<rule>:<key>:<opened>:<seq>`."""
+    head, _, seq = notice_id.rpartition(":")
+    _, _, life = head.partition(":")
+    try:
+        return life, int(seq)
+    except ValueError:
+        return notice_id, 0
+
+
+def first_of_each_group(notice_ids: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """For each group life with notifications waiting, the (seq, id) of its earliest."""
+    first: dict[str, tuple[int, str]] = {}
+    for notice_id in notice_ids:
+        life, seq = notice_group(notice_id)
+        first[life] = min(first.get(life, (seq, notice_id)), (seq, notice_id))
+    return first
+
+
+def number(value: float) -> str:
+    return repr(float(value))
+
+
+def _order(groups: Iterable[Group]) -> list[Group]:
+    return sorted(groups, key=lambda g: (g.rule, g.key))
+
+
+class RedisAlertState:
+    """The alert groups in Redis, as one transaction sees them: Redis, overlaid with that transaction's own writes
+    (`pending`: field -> the group, None when deleted). Without a transaction, a plain read."""
+
+    def __init__(self, store: RedisAlertStore, tx: RedisAlertTransaction | None = None) -> None:
+        self._store = store
+        self._keys = store.keys
+        self._tx = tx
+        self._pending: dict[str, Group | None] = tx.pending if tx is not None else {}
+        self._writable = tx is not None
+
+    def _all(self) -> dict[str, Group]:
+        raw: dict[str, str] = self._store.call("read the alert groups", self._store.client.hgetall, self._keys.groups)
+        found = {field: group_from_json(text) for field, text in raw.items()}
+        for field, group in self._pending.items():
+            if group is None:
+                found.pop(field, None)
+            else:
+                found[field] = group
+        return found
+
+    def group(self, rule: str, key: str) -> Group | None:
+        field = group_field(rule, key)
+        if field in self._pending:
+            return self._pending[field]
+        text = self._store.call("read an alert group", self._store.client.hget, self._keys.groups, field)
+        return None if text is None else group_from_json(text)
+
+    def groups(self) -> list[Group]:
+        return _order(self._all().values())
+
+    def due(self, now: float) -> list[Group]:
+        client = self._store.client
+        fields = self._store.call("read the due alert groups", client.zrangebyscore, self._keys.due, "-inf", now)
+        found: dict[str, Group] = {}
+        if fields:
+            texts = self._store.call("read the due alert groups", client.hmget, self._keys.groups, fields)
+            found = {f: group_from_json(t) for f, t in zip(fields, texts, strict=True) if t is not None}
+        for field, group in self._pending.items():
+            found.pop(field, None)
+            if group is not None and group.next_at is not None and group.next_at <= now:
+                found[field] = group
+        return _order(found.values())
+
+    def open_groups(self) -> list[Group]:
+        return [group for group in self.groups() if group.state in ("firing", "pending")]
+
+    def any_due(self, now: float) -> bool:
+        if self._pending:
+            return bool(self.due(now))
+        count = self._store.call("read the due alert groups", self._store.client.zcount, self._keys.due, "-inf", now)
+        return int(count) > 0
+
+    def next_due_after(self, now: float) -> float | None:
+        later = [g.next_at for g in self._all().values() if g.next_at is not None and g.next_at > now]
+        return min(later) if later else None
+
+    def firing_count(self) -> int:
+        return sum(1 for group in self._all().values() if group.state == "firing")
+
+    def counts(self) -> list[tuple[str, str, int]]:
+        tally: dict[tuple[str, str], int] = {}
+        for group in self._all().values():
+            tally[(group.rule, group.state)] = tally.get((group.rule, group.state), 0) + 1
+        return [(rule, state, count) for (rule, state), count in sorted(tally.items())]
+
+    def save(self, group: Group) -> None:
+        if not self._writable:
+            raise StateError("the alert groups read outside a transaction cannot be written")
+        if group.state == "resolved":
+            self.delete(group.rule, group.key)
+            return
+        self._pending[group_field(group.rule, group.key)] = group
+
+    def delete(self, rule: str, key: str) -> None:
+        if not self._writable:
+            raise StateError("the alert groups read outside a transaction cannot be written")
+        self._pending[group_field(rule, key)] = None
+
+    def group_count(self, rule: str) -> int:
+        client, where = self._store.client, self._keys.rule_groups(rule)
+        count = int(self._store.call("count a rule's alert groups", client.scard, where))
+        mine = [(field, group) for field, group in self._pending.items() if json.loads(field)[0] == rule]
+        if mine:
+            stored = self._store.call("count a rule's alert groups", client.smismember, where, [f for f, _ in mine])
+            for (_, group), there in zip(mine, stored, strict=True):
+                count += (group is not None) - bool(there)
+        return count
+
+    def rule_started(self, rule: str) -> float | None:
+        if self._tx is not None and rule in self._tx.started:
+            return self._tx.started[rule]
+        found = self._store.call("read when a rule first ran", self._store.client.hget, self._keys.rules, rule)
+        return None if found is None else float(found)
+
+    def start_rule(self, rule: str, at: float) -> None:
+        tx = self._writer()
+        if self.rule_started(rule) is None:
+            tx.started[rule] = at
+            tx.rule_ops.append({"op": "start", "r": rule, "at": number(at)})
+
+    def seen_values(self, rule: str, keys: Sequence[str]) -> dict[str, float]:
+        seen: dict[str, float] = {}
+        if keys:
+            found = self._store.call(
+                "read a rule's known values", self._store.client.hmget, self._keys.values(rule), list(keys)
+            )
+            seen = {key: float(ts) for key, ts in zip(keys, found, strict=True) if ts is not None}
+        mine = self._tx.seen.get(rule, {}) if self._tx is not None else {}
+        for key in keys:
+            if key in mine:
+                seen[key] = max(seen.get(key, mine[key]), mine[key])
+        return seen
+
+    def see_values(self, rule: str, seen: Mapping[str, float]) -> None:
+        tx = self._writer()
+        if seen:
+            mine = tx.seen.setdefault(rule, {})
+            for key, ts in seen.items():
+                mine[key] = max(mine.get(key, ts), ts)
+            tx.rule_ops.append({"op": "see", "r": rule, "k": list(seen), "v": [number(ts) for ts in seen.values()]})
+
+    def forget_values(self, rule: str, before: float) -> int:
+        tx = self._writer()
+        where = self._keys.values(rule) + ":by-time"
+        count = int(
+            self._store.call("read a rule's known values", self._store.client.zcount, where, "-inf", f"({before!r}")
+        )
+        tx.rule_ops.append({"op": "forget", "r": rule, "before": number(before)})
+        return count
+
+    def _writer(self) -> RedisAlertTransaction:
+        if self._tx is None:
+            raise StateError("the alert state read outside a transaction cannot be written")
+        return self._tx
+
+
+class RedisAlertTransaction:
+    """One change of the alert state in Redis, collected, then written by `APPLY` under the token."""
+
+    def __init__(self, store: RedisAlertStore, now: float) -> None:
+        self.store = store
+        self.now = now
+        self.pending: dict[str, Group | None] = {}
+        self.notices: dict[str, tuple[Event, list[str]]] = {}
+        self.taken = 0
+        self._oldest: dict[str, float] | None = None
+        # new_value rules' state: first runs and sightings this transaction wrote, and its writes, in order
+        self.started: dict[str, float] = {}
+        self.seen: dict[str, dict[str, float]] = {}
+        self.rule_ops: list[dict[str, Any]] = []
+        self._state = RedisAlertState(store, self)
+
+    @property
+    def alert_state(self) -> AlertState:
+        return self._state
+
+    def enqueue(self, event: Event, targets: Iterable[str]) -> bool:
+        # an id already in the outbox is kept as it is (HSETNX): the same notification is not sent twice
+        if event.id in self.notices:
+            return False
+        self.notices[event.id] = (event, list(dict.fromkeys(targets)))
+        return True
+
+    def heads(self) -> list[tuple[str, float]]:
+        keys, client = self.store.keys.poller, self.store.client
+        names = sorted(self.store.call("read the streams", client.smembers, keys.streams))
+        found = []
+        for name in names:
+            head = self.store.call("read a stream's head", client.hget, keys.stream(name), "head")
+            if head is not None:
+                found.append((name, float(head)))
+        return found
+
+    def oldest_pending_ts(self, target: str) -> float | None:
+        if self._oldest is None:
+            # once per transaction, and of one batch at most: past it, progress is held back by the batch anyway
+            rest = self.store.call(
+                "read the waiting matches",
+                self.store.client.lrange,
+                self.store.keys.matches,
+                self.taken,
+                self.taken + MATCH_BATCH - 1,
+            )
+            self._oldest = {}
+            for item in map(json.loads, rest):
+                ts = Event.from_json(item["e"]).timestamp.timestamp()
+                self._oldest[item["t"]] = min(self._oldest.get(item["t"], ts), ts)
+        return self._oldest.get(target)
+
+    def matches(self) -> list[tuple[str, list[Event]]]:
+        items = self.store.call(
+            "read the waiting matches", self.store.client.lrange, self.store.keys.matches, 0, MATCH_BATCH - 1
+        )
+        self.taken = len(items)
+        self._oldest = None
+        by_target: dict[str, list[Event]] = {}
+        for text in items:
+            item = json.loads(text)
+            by_target.setdefault(item["t"], []).append(Event.from_json(item["e"]))
+        return list(by_target.items())
+
+    def ops(self) -> list[dict[str, Any]]:
+        """What `APPLY` writes: the groups, the matches taken, the notifications (in the order they were made)."""
+        ops: list[dict[str, Any]] = []
+        for field, group in self.pending.items():
+            rule = json.loads(field)[0]
+            if group is None:
+                ops.append({"op": "del", "f": field, "r": rule})
+            else:
+                due = "" if group.next_at is None else number(group.next_at)
+                ops.append({"op": "save", "f": field, "r": rule, "v": group_to_json(group), "due": due})
+        ops.extend(self.rule_ops)
+        if self.taken:
+            ops.append({"op": "take", "n": self.taken})
+        for event, targets in self.notices.values():
+            entry = {"e": event.to_json(), "t": targets, "n": 0, "err": None}
+            # due at once; equal times are sent in the order of their ids, which puts a group's `rule.firing`
+            # before the `rule.resolved` made with it
+            ops.append({"op": "notice", "id": event.id, "v": json.dumps(entry), "at": number(self.now)})
+        return ops
+
+
+class RedisAlertStore:
+    """The `AlertStore` of standby pollers (see the module docstring). `token` is the replica's fencing token
+    (None while it stands by); `on_deposed` is told when a write was refused for a later token."""
+
+    def __init__(
+        self,
+        client: Any,
+        keys: PollerKeys,
+        *,
+        token: Callable[[], int | None],
+        delivery: DeliveryConfig,
+        on_deposed: Callable[[int], None] = lambda token: None,
+        clock: Callable[[], float] = time.time,
+        where: str = "Redis",
+        local: Store | None = None,
+    ) -> None:
+        self.client = client
+        self.keys = AlertKeys(keys)
+        # this replica's SQLite, whose groups (kept there before the alert state moved to Redis) it hands over
+        self.local = local
+        self._adopted_in: int | None = None
+        self.token = token
+        self.delivery = delivery
+        self.on_deposed = on_deposed
+        self.clock = clock
+        self.where = where
+        self.targets: Mapping[str, Notifier] = {}
+        self._apply = client.register_script(APPLY)
+
+    def call(self, what: str, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """A Redis call; its failure as a StateError that says what could not be done, and where."""
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            raise StateError(f"cannot {what} in {self.where}: {exc or type(exc).__name__}") from None
+
+    # AlertStore
+
+    @contextmanager
+    def write(self, now: float | None = None) -> Iterator[AlertTransaction]:
+        token = self.token()
+        if token is None:
+            raise Deposed()
+        if self.local is not None and self._adopted_in != token:
+            self._adopt(token)
+            self._adopted_in = token
+        tx = RedisAlertTransaction(self, self.clock() if now is None else now)
+        yield tx
+        ops = tx.ops()
+        if ops:
+            self._fenced(token, ops)
+
+    def alert_state(self) -> AlertState:
+        return RedisAlertState(self)
+
+    def alert_term(self) -> int | None:
+        return self.token()
+
+    def keep_matches(self, target: str, events: Sequence[Event]) -> bool:
+        # an append, not a change of state: any replica's receiver may add matches, the leader records them
+        if events:
+            items = [match_entry(target, event) for event in events]
+            self.call("keep the matches", self.client.rpush, self.keys.matches, *items)
+        return True
+
+    def use_targets(self, targets: Mapping[str, Notifier]) -> None:
+        self.targets = targets
+
+    def send_notices(self, now: float) -> int:
+        token = self.token()
+        if token is None:
+            return 0
+        ids = self.call(
+            "read the due notifications",
+            self.client.zrangebyscore,
+            self.keys.outbox_due,
+            "-inf",
+            now,
+            start=0,
+            num=NOTICE_BATCH,
+        )
+        if not ids:
+            return 0
+        # a group's notifications go out in the order made: one waits while an earlier one of its group is retried
+        waiting = set(self.call("read the waiting notifications", self.client.hkeys, self.keys.outbox))
+        sent = 0
+        for notice_id in ids:
+            life, seq = notice_group(notice_id)
+            if first_of_each_group(waiting).get(life, (seq, notice_id)) < (seq, notice_id):
+                continue
+            text = self.call("read a notification", self.client.hget, self.keys.outbox, notice_id)
+            if text is None:
+                continue
+            if self.token() != token:
+                raise Deposed()
+            op, reached = self._send(notice_id, json.loads(text), now)
+            # recorded one by one: a kill between a send and its record repeats that one notification only
+            self._fenced(token, [op])
+            if op["op"] != "retry":
+                waiting.discard(notice_id)
+            sent += reached
+        return sent
+
+    def _send(self, notice_id: str, entry: dict[str, Any], now: float) -> tuple[dict[str, Any], int]:
+        """Send one notification to the targets it has not reached; the outbox operation that records it."""
+        event = Event.from_json(entry["e"])
+        left: list[str] = []
+        errors: list[str] = []
+        final = True
+        for name in entry["t"]:
+            target = self.targets.get(name)
+            try:
+                if target is None:
+                    raise DeliveryError(f"{name} is not configured", retryable=False)
+                target.send(event)
+            except Exception as exc:
+                left.append(name)
+                errors.append(f"{name}: {exc}")
+                final = final and isinstance(exc, DeliveryError) and not exc.retryable
+                continue
+        reached = len(entry["t"]) - len(left)
+        if not left:
+            return {"op": "sent", "id": notice_id}, reached
+        attempts = int(entry["n"]) + 1
+        entry = {**entry, "t": left, "n": attempts, "err": "; ".join(errors)}
+        if final or attempts >= self.delivery.max_attempts:
+            log.error("alert notification %s failed for good: %s", notice_id, entry["err"])
+            return {"op": "dead", "id": notice_id, "v": json.dumps({**entry, "at": now})}, reached
+        wait = min(
+            self.delivery.max_backoff.total_seconds(), self.delivery.backoff.total_seconds() * 2 ** (attempts - 1)
+        )
+        log.warning(
+            "alert notification %s failed (attempt %d), again in %.0fs: %s", notice_id, attempts, wait, entry["err"]
+        )
+        return {"op": "retry", "id": notice_id, "v": json.dumps(entry), "at": number(now + wait)}, reached
+
+    def _adopt(self, token: int) -> None:
+        """Hand the groups this replica's SQLite still holds (from before the alert state moved to Redis) over to
+        Redis, where a group of the same key is not replaced; then drop them locally. Without this, the incidents
+        they opened would stay open for good. Twice (a crash between the two steps) changes nothing."""
+        assert self.local is not None
+        groups = self.local.alert_state().groups()
+        if not groups:
+            return
+        ops = [
+            {
+                "op": "adopt",
+                "f": group_field(group.rule, group.key),
+                "r": group.rule,
+                "v": group_to_json(group),
+                "due": "" if group.next_at is None else number(group.next_at),
+            }
+            for group in groups
+        ]
+        self._fenced(token, ops)
+        with self.local.write() as tx:
+            for group in groups:
+                tx.alert_state.delete(group.rule, group.key)
+        log.info("handed %d alert groups from this replica's SQLite over to %s", len(groups), self.where)
+
+    def _fenced(self, token: int, ops: list[dict[str, Any]]) -> None:
+        written, current = self.call(
+            "write the alert state",
+            self._apply,
+            keys=[self.keys.poller.token],
+            args=[token, self.keys.prefix, json.dumps(ops)],
+        )
+        if not int(written):
+            log.warning("fencing token %d refused for the alert state: token %s took over", token, current)
+            self.on_deposed(token)
+            raise Deposed()
+
+    # what status and the metrics show
+
+    def outbox_size(self) -> tuple[int, int]:
+        """(notifications waiting to be sent, notifications that failed for good)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hlen(self.keys.outbox)
+        pipe.llen(self.keys.dead)
+        waiting, dead = self.call("read the alert outbox", pipe.execute)
+        return int(waiting), int(dead)
+
+
+def read_alert_state(config: QueueConfig, delivery: DeliveryConfig, *, timeout: float = 3.0) -> AlertStateReport:
+    """What `status` shows of the alert state in Redis (from another process: it writes nothing); a Redis that
+    does not answer is an `error`, not an exception."""
+    from ..queue import sync_client
+
+    client = sync_client(config.url, timeout)
+    store = RedisAlertStore(
+        client, PollerKeys(config.name), token=lambda: None, delivery=delivery, where=f"Redis at {config.display_url}"
+    )
+    report = AlertStateReport(config.display_url)
+    try:
+        report.groups = store.alert_state().open_groups()
+        report.waiting, report.dead = store.outbox_size()
+    except StateError as exc:
+        report.error = str(exc)
+    finally:
+        client.close()
+    return report
+
+
+@dataclass
+class AlertStateReport:
+    """The open groups in Redis, and the notifications waiting in its outbox or failed for good."""
+
+    url: str
+    groups: list[Group] = dataclasses.field(default_factory=list)
+    waiting: int = 0
+    dead: int = 0
+    error: str | None = None
+
+
+if TYPE_CHECKING:
+    # mypy proves here that this is the alert state the alerter reads and writes, as the SQLite store is
+    _store: type[AlertStore] = RedisAlertStore
+    _transaction: type[AlertTransaction] = RedisAlertTransaction
+    _state: type[AlertState] = RedisAlertState
