@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -31,6 +31,8 @@ BATCH = 500
 # events, and each batch costs a query, a write transaction and, for the jsonl file, an fsync
 BULK_BATCH = 2000
 SHORT_REST = 1.0
+# the drain job of every in-process target at once (no target is named so: names are `kind:name`)
+IN_PROCESS = "in-process"
 FORGOTTEN_TARGET_CHECK = 60.0
 # `once` waits for retries due within this long; later ones stay pending for the next run
 ONCE_RETRY_HORIZON = 5.0
@@ -112,13 +114,23 @@ class DeliveryWorker:
             self._checked_forgotten = now
             self.dead_letter_forgotten_targets()
         with self._lock:
+            # the in-process targets (one per alerting rule) mostly get the same events: drained together, each
+            # event is parsed once for all of them and they take one write turn (BENCHMARKS.md, "Catch-up with
+            # alerting rules and usage metrics")
+            together = [name for name, target in self.targets.items() if isinstance(target, InProcessTarget)]
             for name in self.targets:
-                running = self._running.get(name)
+                job = IN_PROCESS if name in together else name
+                running = self._running.get(job)
                 if running is not None and not running.done():
                     continue
-                if self._resting(name, now) or self.cancel.is_set():
+                if self.cancel.is_set():
                     continue
-                self._running[name] = self._pool.submit(self._drain_safely, name)
+                if job == IN_PROCESS:
+                    if all(self._resting(each, now) for each in together):
+                        continue
+                    self._running[job] = self._pool.submit(self._drain_in_process_safely, together)
+                elif not self._resting(name, now):
+                    self._running[job] = self._pool.submit(self._drain_safely, name)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait for the drains in flight to finish."""
@@ -163,6 +175,50 @@ class DeliveryWorker:
         except Exception:
             # the store itself failed (disk full, locked too long): the next kick tries again
             log.exception("delivery to %s stopped on an unexpected error", name)
+
+    def _drain_in_process_safely(self, names: Sequence[str]) -> None:
+        try:
+            self.drain_in_process(names)
+        except Exception:
+            log.exception("delivery to the in-process targets stopped on an unexpected error")
+
+    def drain_in_process(self, names: Sequence[str]) -> int:
+        """Deliver the due deliveries of in-process targets, batch by batch: each round, the batches of every target
+        in one transaction, each target's in a part of it that fails alone (its deliveries are then retried)."""
+        sent = 0
+        while not self.cancel.is_set():
+            now = self.clock()
+            batches = {
+                name: batch
+                for name in names
+                if not self._resting(name, now) and (batch := self.store.due(name, now, BULK_BATCH))
+            }
+            if not batches:
+                break
+            events = _shared_events(batches.values())
+            failed: dict[str, Exception] = {}
+            try:
+                with self.store.write() as tx:
+                    for name, batch in batches.items():
+                        target = self.targets[name]
+                        assert isinstance(target, InProcessTarget)
+                        try:
+                            with tx.part():
+                                target.apply(tx, [events[due.event_id] for due in batch])
+                                tx.mark_done([due.id for due in batch])
+                        except Exception as exc:
+                            failed[name] = exc
+            except Exception as exc:
+                # the transaction itself failed (the disk, the lock): nothing of it was recorded
+                failed = dict.fromkeys(batches, exc)
+            for name, batch in batches.items():
+                if name in failed:
+                    for due in batch:
+                        self._failed(name, due, failed[name])
+                else:
+                    self.stats.add(self.stats.delivered, name, len(batch))
+                    sent += len(batch)
+        return sent
 
     def drain(self, name: str) -> int:
         """Deliver the due deliveries of one target until none is due, the target rests, or we stop."""
@@ -325,3 +381,13 @@ class DeliveryWorker:
                 )
                 count += 1
         return count
+
+
+def _shared_events(batches: Iterable[Sequence[DueDelivery]]) -> dict[str, Event]:
+    """The events of several targets' batches, by id, each parsed once: the batches mostly hold the same events."""
+    events: dict[str, Event] = {}
+    for batch in batches:
+        for due in batch:
+            if due.event_id not in events:
+                events[due.event_id] = due.event
+    return events

@@ -114,6 +114,8 @@ class CompiledRule:
         # they run on every match of the rule: on what they read, not on the whole envelope
         self._value_reads = Reads.of(measure.value if measure else None)
         self._share_reads = Reads.of(measure.share if measure else None)
+        # `when` runs on every event of the rule's types: narrowed the same way
+        self._when_reads = Reads.of(rule.when)
         # matches whose `value` was no number (or no value at all): left out of the measure
         self.skipped = 0
         self._warned = False
@@ -123,7 +125,7 @@ class CompiledRule:
         """Whether the condition holds for an event whose type the rule's globs match (the Router checked)."""
         if self.program is None:
             return True
-        return self._holds(self.program, "condition", event, envelope)
+        return self._holds(self.program, "condition", event, self._when_reads.activation(envelope))
 
     def resolves(self, event: Event, envelope: Mapping[str, Any]) -> bool:
         """Whether the event meets `resolve_when` (False without one): it resolves its group, and is no match."""
@@ -183,6 +185,8 @@ class CompiledRule:
 
 _DATA_FIELD = re.compile(r"\bdata\.([A-Za-z_][A-Za-z0-9_]*)")
 _DATA = re.compile(r"\bdata\b")
+# a macro or a method on `data` itself (`data.exists(k, ...)`, `data.size()`): not a field
+_DATA_CALL = re.compile(r"\bdata\.[A-Za-z_][A-Za-z0-9_]*\s*\(")
 _TOP_KEYS = re.compile(r"\b(id|event|timestamp|source)\b")
 _PATH = re.compile(r"^\s*data(\.[A-Za-z_][A-Za-z0-9_]*)+\s*$")
 
@@ -190,9 +194,10 @@ _PATH = re.compile(r"^\s*data(\.[A-Za-z_][A-Za-z0-9_]*)+\s*$")
 @dataclass(frozen=True)
 class Reads:
     """What a CEL expression reads of the envelope, found in its text: CEL converts its whole activation on every
-    run (about 90 us for a generation's envelope, 5 us for the two fields a share reads), so a measuring rule's
-    `value` and `share` get only the fields they name. Anything the text does not show plainly (`data["x"]`,
-    `data` alone) keeps the whole envelope; naming too much (a word in a string literal) only costs time."""
+    run (about 90 us for a generation's envelope, 5 us for the two fields a share reads), so a rule's `when`
+    and a measuring rule's `value` and `share` get only the fields they name. Anything the text does not show
+    plainly (`data["x"]`, `data` alone, `data.exists(...)`) keeps the whole of `data`; naming too much (a word in
+    a string literal) only costs time."""
 
     data: frozenset[str] | None  # the `data.X` fields read; None: all of `data`
     top: frozenset[str]  # the other top-level keys named
@@ -204,7 +209,7 @@ class Reads:
             return cls(frozenset(), frozenset(), None)
         fields = _DATA_FIELD.findall(expression)
         # every `data` is followed by `.field`: those fields are all it reads of data
-        whole = len(_DATA.findall(expression)) != len(fields)
+        whole = len(_DATA.findall(expression)) != len(fields) or _DATA_CALL.search(expression) is not None
         path = expression.strip() if _PATH.match(expression) else None
         return cls(None if whole else frozenset(fields), frozenset(_TOP_KEYS.findall(expression)), path)
 

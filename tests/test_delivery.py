@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from langfuse_poller.config import parse_config
+from langfuse_poller.config import DeliveryConfig, parse_config
+from langfuse_poller.delivery import DeliveryWorker
 from langfuse_poller.events import Event
 from langfuse_poller.registry import Registry
 from langfuse_poller.runtime import Runtime
+from langfuse_poller.store import Store, Transaction
 from langfuse_poller.webhooks.signing import verify
 
 from .receivers import receiver
@@ -225,3 +227,90 @@ def test_run_until_idle_waits_for_retries_due_soon(tmp_path: Path) -> None:
             rt.worker.run_until_idle()
             assert rt.store.queue_depth() == 0
     assert sorted(hook.ids()) == sorted(f"trace.created:t{n}" for n in range(10))
+
+
+class Counting:
+    """An in-process target that keeps what it was given, and fails while `fail` is set."""
+
+    concurrent = False
+    retries_forever = False
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple[Transaction, list[Event]]] = []
+
+    def apply(self, tx: Transaction, events: Any) -> None:
+        if self.fail:
+            raise RuntimeError("not now")
+        self.calls.append((tx, list(events)))
+
+    def send(self, event: Event) -> None:
+        raise AssertionError("an in-process target is applied, not sent to")
+
+    def close(self) -> None:
+        pass
+
+
+def test_in_process_targets_share_one_transaction_and_one_parse_of_each_event(tmp_path: Path) -> None:
+    # every alerting rule is an in-process target of the same events: one write turn and one parse serve them all
+    store = Store(tmp_path / "state.db")
+    first, second = Counting(), Counting()
+    worker = DeliveryWorker(store, {"rule:a": first, "rule:b": second}, DeliveryConfig())
+    with store.write() as tx:
+        tx.enqueue_many([(event(n), ["rule:a", "rule:b"]) for n in range(5)])
+    worker.run_until_idle()
+    worker.close()
+    assert len(first.calls) == len(second.calls) == 1
+    (tx_a, got_a), (tx_b, got_b) = first.calls[0], second.calls[0]
+    assert tx_a is tx_b
+    assert [e.id for e in got_a] == [event(n).id for n in range(5)]
+    assert all(a is b for a, b in zip(got_a, got_b, strict=True))
+    assert store.queue_depth() == 0
+    assert worker.stats.delivered == {"rule:a": 5, "rule:b": 5}
+
+
+def test_an_in_process_target_that_fails_does_not_hold_back_the_others(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    good, bad = Counting(), Counting(fail=True)
+    now = [1_900_000_000.0]
+    worker = DeliveryWorker(store, {"rule:good": good, "rule:bad": bad}, DeliveryConfig(), clock=lambda: now[0])
+    with store.write(now[0]) as tx:
+        tx.enqueue_many([(event(n), ["rule:good", "rule:bad"]) for n in range(3)])
+    worker.kick()
+    worker.wait_idle()
+    # the failing target's work rolled back alone: the other's is recorded once, its own waits for a retry
+    assert [len(events) for _, events in good.calls] == [3]
+    assert store.pending_by_target() == {"rule:bad": 3}
+    assert worker.stats.delivered == {"rule:good": 3}
+    assert worker.stats.failed == {"rule:bad": 3}
+    bad.fail = False
+    now[0] += 3600
+    worker.kick()
+    worker.wait_idle()
+    worker.close()
+    assert store.queue_depth() == 0
+    assert [len(events) for _, events in bad.calls] == [3]
+
+
+class Notifying(Counting):
+    """An in-process target that queues a notice of its own, then fails while `fail` is set."""
+
+    def apply(self, tx: Transaction, events: Any) -> None:
+        tx.enqueue(event(1000 + len(self.calls), "rule.firing"), ["notifier:pager"])
+        super().apply(tx, events)
+
+
+def test_a_failed_part_is_not_told_to_the_observers_of_stored_events(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    told: list[Any] = []
+    store.on_stored = told.extend
+    worker = DeliveryWorker(store, {"rule:good": Counting(), "rule:bad": Notifying(fail=True)}, DeliveryConfig())
+    with store.write() as tx:
+        tx.enqueue_many([(event(n), ["rule:good", "rule:bad"]) for n in range(3)])
+    told.clear()
+    worker.kick()
+    worker.wait_idle()
+    worker.close()
+    # the notice the failing target queued was rolled back with its part: usage metrics must not count it
+    assert told == []
+    assert store.pending_by_target() == {"rule:bad": 3}

@@ -119,6 +119,13 @@ def test_check_compiles_value_and_share(tmp_path: Path, rule: dict[str, Any], ke
         'data["level"] == "ERROR"',
         "size(data) > 3",
         "data.missing",
+        # what `when` conditions write: a macro or a method on `data` itself reads all of it
+        'data.exists(k, k == "level")',
+        "data.size() > 3",
+        'data.metadata.env == "prod"',
+        'has(data.metadata) && data.metadata.env == "prod"',
+        'timestamp(timestamp) > timestamp("2027-01-01T00:00:00Z")',
+        'source == "poll" && data.totalCost > 0.1',
     ],
 )
 def test_value_and_share_read_what_cel_reads_of_the_whole_envelope(expression: str) -> None:
@@ -131,7 +138,14 @@ def test_value_and_share_read_what_cel_reads_of_the_whole_envelope(expression: s
         "event": "generation.created",
         "timestamp": "2027-01-15T08:00:00.000Z",
         "source": "poll",
-        "data": {"level": "ERROR", "totalCost": 0.25, "latency": 1.5, "usage": {"total": 30}, "model": "m"},
+        "data": {
+            "level": "ERROR",
+            "totalCost": 0.25,
+            "latency": 1.5,
+            "usage": {"total": 30},
+            "model": "m",
+            "metadata": {"env": "prod"},
+        },
     }
     reads = Reads.of(expression)
     program = cel.compile(expression)
@@ -143,6 +157,15 @@ def test_value_and_share_read_what_cel_reads_of_the_whole_envelope(expression: s
             return type(exc)
 
     assert run(reads.activation(envelope)) == run(envelope)
+    # a rule's `when` is judged on the same narrowed activation, with the same outcome as on the whole envelope
+    from langfuse_poller.events import Event
+    from langfuse_poller.registry import CompiledRule
+    from langfuse_poller.rules import Rule
+
+    when = CompiledRule(Rule(name="r", events=("generation.created",), when=expression, notify=()))
+    assert when.matches(Event.from_envelope(envelope), envelope) == (run(envelope) is True)
     # a plain path is read without CEL; what CEL cannot see plainly gets the whole of `data`
     assert (reads.path is not None) == (expression in ("data.totalCost", "data.usage.total", "data.missing"))
-    assert (reads.data is None) == (expression in ('data["level"] == "ERROR"', "size(data) > 3"))
+    assert (reads.data is None) == (
+        expression in ('data["level"] == "ERROR"', "size(data) > 3", 'data.exists(k, k == "level")', "data.size() > 3")
+    )

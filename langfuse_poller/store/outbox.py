@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -137,6 +138,22 @@ class OutboxWrites(TransactionBase):
         )
         self.enqueued += len(stored)
         return len(stored)
+
+    @contextmanager
+    def part(self) -> Iterator[None]:
+        """A part of the transaction that fails alone (a savepoint): on an exception its writes are undone and the
+        exception goes on; the rest of the transaction stays, to commit."""
+        enqueued = self.enqueued
+        self.conn.execute("SAVEPOINT part")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK TO part")
+            self.conn.execute("RELEASE part")
+            # what `stored_by` reads back counts only the events that stay
+            self.enqueued = enqueued
+            raise
+        self.conn.execute("RELEASE part")
 
     def mark_done(self, ids: Sequence[int]) -> None:
         """Record deliveries as done, in one statement per 500."""
