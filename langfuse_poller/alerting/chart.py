@@ -326,7 +326,7 @@ def _rows(rule: Rule, values: list[float], spike: list[float], glyphs: Glyphs) -
             if not math.isnan(spike[column]) and spike[column] <= hi and row_of(spike[column]) == row:
                 line = glyphs.line
             cells.append(glyphs.blocks[fill] if fill or line is None else line)
-        rows.append(f"{labels.get(row, ''):>11} {glyphs.axis}{''.join(cells)}")
+        rows.append(f"{labels.get(row, ''):>11} {glyphs.axis}{''.join(cells)}".rstrip())
     return rows
 
 
