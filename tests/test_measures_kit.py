@@ -1,14 +1,17 @@
 """The rules that measure with the tools users test their setup with: `send-test-event` reaches a measuring rule's
 notifiers as it does an alerting rule's (no group opened), and `PollHarness` drives a metric rule to firing on an
-injected clock, as the README's example does."""
+injected clock, as the README's example does; and the README's examples of each kind are valid config."""
 
 # the fixture `cli` comes from test_cli, and each test names it as a parameter
 # ruff: noqa: F811
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
+from langfuse_poller.config import parse_config
+from langfuse_poller.registry import CompiledRule
 from langfuse_poller.store import Store
 from langfuse_poller.testing import FakeLangfuse, PollHarness
 
@@ -116,3 +119,25 @@ def test_the_harness_drives_a_metric_rule_to_firing() -> None:
         [alert] = harness.alerts()
     assert alert.type == "rule.firing" and alert.data["group"] == {"data.model": "gpt-4o"}
     assert alert.data["value"] == 6.0 and alert.data["threshold"] == 5.0 and alert.data["count"] == 3
+
+
+def test_the_readme_examples_of_rules_that_measure_are_valid_config() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.partition("### Rules that measure")[2].partition("\n### ")[0]
+    blocks = [block.partition("\n")[2] for block in section.split("```toml")[1:]]
+    rules = [tomllib.loads(block.partition("```")[0])["rules"][0] for block in blocks]
+    config = parse_config(
+        {
+            "langfuse": {"base_url": NOWHERE, "public_key": "pk", "secret_key": "sk"},
+            "notifiers": {
+                "slack": {"type": "slack", "webhook_url": "https://hooks.slack.com/services/T/B/x"},
+                "pagerduty": {"type": "pagerduty", "routing_key": "r" * 32},
+            },
+            "rules": rules,
+        },
+        "README.md",
+    )
+    assert [rule.kind for rule in config.rules] == ["metric", "ratio", "spike", "new_value"]
+    # every CEL expression compiles, as `check` compiles them
+    for rule in config.rules:
+        CompiledRule(rule, "README.md")
