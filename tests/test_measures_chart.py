@@ -95,6 +95,16 @@ def test_test_rule_charts_in_ascii_where_stdout_cannot_show_blocks(cli: Cli, tmp
     assert "#" in out and "^" in out and "- above 5" in out, out
 
 
+def test_a_key_the_ascii_stdout_cannot_show_is_charted_with_a_stand_in(cli: Cli, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    lines = [generation(n, T0 + n * 60, "mistral-médium", 1.0) for n in range(10)]
+    events.write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    path = write_config(tmp_path / "config.toml", "http://127.0.0.1:9", jsonl("alerts", tmp_path / "a.jsonl") + METRIC)
+    result = cli("test-rule", "cost", "--events", events, "--config", path, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, str(result)
+    assert "data.model=mistral-m?dium: peak 10 " in result.stdout, result.stdout
+
+
 def test_test_rule_json_gives_each_keys_series(cli: Cli, tmp_path: Path) -> None:
     path, events = metric_config(tmp_path)
     result = cli("test-rule", "cost", "--events", events, "--json", "--config", path)

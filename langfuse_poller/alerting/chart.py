@@ -215,8 +215,23 @@ def _when(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M")
 
 
-def render_charts(recorder: Recorder, out: TextIO, *, keys: int, glyphs: Glyphs) -> None:
+class _Shown:
+    """`out`, with what its encoding cannot hold written as "?": a key's labels are the user's own text, and an
+    ASCII stdout must not end the chart with a UnicodeEncodeError."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.encoding = getattr(out, "encoding", None)
+
+    def write(self, text: str) -> None:
+        if self.encoding:
+            text = text.encode(self.encoding, "replace").decode(self.encoding)
+        self.out.write(text)
+
+
+def render_charts(recorder: Recorder, stream: TextIO, *, keys: int, glyphs: Glyphs) -> None:
     """Chart at most `keys` keys, the most alarming first, and count the others."""
+    out = _Shown(stream)
     rule = recorder.rule
     timeline = recorder.timeline
     ordered = recorder.ordered()
