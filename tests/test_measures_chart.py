@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from langfuse_poller.alerting.chart import ASCII, UNICODE, glyphs_for
+from langfuse_poller.alerting.chart import ASCII, MAX_POINTS, UNICODE, Timeline, glyphs_for
 from langfuse_poller.alerting.dryrun import dry_run, render
 from langfuse_poller.config import parse_config
 from langfuse_poller.events import Event
@@ -183,3 +183,30 @@ def test_stdout_that_cannot_encode_blocks_gets_ascii() -> None:
     assert glyphs_for(io.TextIOWrapper(io.BytesIO(), encoding="ascii")) is ASCII
     assert glyphs_for(io.TextIOWrapper(io.BytesIO(), encoding="latin-1")) is ASCII
     assert glyphs_for(io.TextIOWrapper(io.BytesIO(), encoding="utf-8")) is UNICODE
+
+
+@pytest.mark.parametrize(("span", "bucket"), [(600.0, 20.0), (7 * 86400.0, 120.0), (3600.0, 7.0), (50.0, 120.0)])
+def test_the_samples_cover_the_replay_and_none_lies_past_its_end(span: float, bucket: float) -> None:
+    timeline = Timeline.over(T0, T0 + span, bucket)
+    assert 1 <= timeline.size <= MAX_POINTS
+    assert timeline.at(0) > T0 and timeline.step >= min(bucket, span)
+    last = timeline.at(timeline.size - 1)
+    assert last <= T0 + span + 1e-6 and T0 + span - last < timeline.step
+
+
+def test_a_replay_shorter_than_a_bucket_is_charted() -> None:
+    out = io.StringIO()
+    rule = {"name": "cost", "type": "metric", "value": "data.totalCost", "aggregate": "sum", "window": "1h"}
+    config = parse_config(
+        {
+            "langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"},
+            "notifiers": {"alerts": {"type": "log"}},
+            "rules": [{"events": ["generation.created"], "notify": ["alerts"], "above": 5.0, **rule}],
+        },
+        "test",
+    )
+    events = [Event.from_json(json.dumps(generation(0, T0 + 5, "gpt-a", 1.0)))]
+    start, end = datetime.fromtimestamp(T0, UTC), datetime.fromtimestamp(T0 + 30, UTC)
+    run = dry_run(config, config.rules[0], iter(events), since=start, until=end)
+    render(run, out, source="test", glyphs=UNICODE)
+    assert "(all matches): peak 1 " in out.getvalue(), out.getvalue()

@@ -68,10 +68,14 @@ class Timeline:
 
     @classmethod
     def over(cls, start: float, end: float, bucket: float) -> Timeline:
-        """Samples from `start` to `end`, one per bucket of the rule's window, at most MAX_POINTS of them."""
-        span = max(end - start, bucket)
-        step = max(bucket, span / MAX_POINTS)
-        return cls(start, step, max(1, math.ceil(span / step)))
+        """Samples after `start` up to `end`, one per bucket of the rule's window, at most MAX_POINTS of them; a
+        replay shorter than a bucket gets one, at its end. None lies past `end`: the replay stops there."""
+        span = end - start
+        if span <= 0:
+            return cls(start, bucket, 0)
+        step = min(span, max(bucket, span / MAX_POINTS))
+        # the float division may land a hair below a whole number of steps
+        return cls(start, step, max(1, math.floor(span / step + 1e-9)))
 
     def at(self, index: int) -> float:
         """The event time of sample `index`."""
@@ -236,7 +240,7 @@ def render_charts(recorder: Recorder, stream: TextIO, *, keys: int, glyphs: Glyp
     timeline = recorder.timeline
     ordered = recorder.ordered()
     shown, rest = ordered[:keys], ordered[keys:]
-    columns = min(WIDTH, timeline.size)
+    columns = max(1, min(WIDTH, timeline.size))
     span = timeline.size * timeline.step / columns
     out.write(f"  {describe(rule)}\n")
     out.write(
