@@ -93,6 +93,8 @@ def test_test_rule_charts_in_ascii_where_stdout_cannot_show_blocks(cli: Cli, tmp
     out.encode("ascii")
     assert "data.model=gpt-c" in out, "ten keys are shown by default"
     assert "#" in out and "^" in out and "- above 5" in out, out
+    none = cli("test-rule", "cost", "--events", events, "--keys", "0", "--config", path)
+    assert none.returncode == 2 and "--keys: expected an integer >= 1, found 0" in none.stderr, str(none)
 
 
 def test_a_key_the_ascii_stdout_cannot_show_is_charted_with_a_stand_in(cli: Cli, tmp_path: Path) -> None:
