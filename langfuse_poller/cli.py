@@ -102,7 +102,14 @@ def _parser() -> argparse.ArgumentParser:
     dry.add_argument("--since", default="-1h", help='where to start reading Langfuse: "-1h" (default), RFC 3339')
     dry.add_argument("--until", default="now", help='where to stop: "now" (default), "-10m", RFC 3339')
     dry.add_argument("--events", metavar="FILE", help="replay the envelopes of a jsonl file instead of Langfuse")
-    dry.add_argument("--json", action="store_true", help="print the notifications as envelopes, one per line")
+    dry.add_argument(
+        "--json",
+        action="store_true",
+        help="print the notifications as envelopes, one per line; for metric, ratio and spike rules each key's series",
+    )
+    dry.add_argument(
+        "--keys", type=int, default=10, metavar="N", help="metric, ratio, spike: chart the N keys nearest to firing"
+    )
     dry.set_defaults(func=cmd_test_rule)
 
     demo = sub.add_parser(
@@ -344,6 +351,8 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
 
     config = _config(args)
     rule = find_rule(config, args.rule)
+    if args.keys < 1:
+        raise ConfigError("command line", "--keys", args.keys, "an integer >= 1")
     run = DryRun(rule)
     bounds: list[datetime] = []
     if args.events:
@@ -364,7 +373,7 @@ def cmd_test_rule(args: argparse.Namespace) -> int:
     if args.json:
         dump(run, sys.stdout)
     else:
-        render(run, sys.stdout, source=source)
+        render(run, sys.stdout, source=source, keys=args.keys)
     return EXIT_OK
 
 

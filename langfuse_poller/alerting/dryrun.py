@@ -3,6 +3,8 @@
 Events come from Langfuse (read-only, the state is not touched) or from a jsonl file of envelopes. They are
 replayed in time order through the rule's real alert groups, kept in a throwaway state, on a clock that
 follows the events' timestamps: group_wait, group_interval, repeat and resolve play out as they would have.
+For a metric, ratio or spike rule the replay also reads every group at fixed steps of event time, and `render`
+charts each key's value against the threshold (`chart.py`) instead of listing the notifications.
 """
 
 from __future__ import annotations
@@ -24,12 +26,19 @@ from ..rules import Rule
 from ..store import Store
 from . import alerter as alerter_module
 from .alerter import Alerter
+from .chart import Glyphs, Recorder, Timeline, dump_series, glyphs_for, render_charts
+from .measures import measure
 from .silences import Silences, SqliteSilenceBook
+from .windows import bucket_width
 
 # forwarded matches are listed up to this many; the rest are counted
 LIST_LIMIT = 20
 MAX_TICKS = 100_000
 ABSENCE_STEP = 60.0
+# the kinds whose value `test-rule` charts per key (a new_value rule has no value to chart: it lists its finds)
+CHARTED_KINDS = ("metric", "ratio", "spike")
+# keys charted unless `--keys` says otherwise
+CHARTED_KEYS = 10
 
 
 @dataclass
@@ -43,6 +52,7 @@ class DryRun:
     notifications: list[Event] = field(default_factory=list)
     skipped_lines: int = 0
     still_open: int = 0  # groups firing when the replay ended
+    charted: Recorder | None = None  # metric, ratio, spike: each key's value over the replay
 
 
 def find_rule(config: Config, name: str) -> Rule:
@@ -144,6 +154,9 @@ def _replay(
         return run
     with tempfile.TemporaryDirectory(prefix="langfuse-poller-test-rule-") as tmp:
         now = [since.timestamp() if since is not None else ordered[0].timestamp.timestamp()]
+        end = until.timestamp() if until is not None else ordered[-1].timestamp.timestamp() + _horizon(rule)
+        if rule.kind in CHARTED_KINDS:
+            run.charted = Recorder(rule, Timeline.over(now[0], end, bucket_width(rule.window.total_seconds())))
         store = Store(Path(tmp) / "state.db", clock=lambda: now[0])
         try:
             clock = lambda: now[0]  # noqa: E731
@@ -156,7 +169,7 @@ def _replay(
             )
             alerter.start(now[0])
             for event in ordered:
-                _tick_until(alerter, rule, event.timestamp.timestamp(), now)
+                _tick_until(alerter, rule, event.timestamp.timestamp(), now, run.charted)
                 if not matches(rule.events, event.type) or not compiled.matches(event, event.envelope()):
                     continue
                 run.matched += 1
@@ -165,9 +178,11 @@ def _replay(
                     continue
                 with store.write(now[0]) as tx:
                     alerter.record(tx, rule, [event])
-            _tick_until(alerter, rule, until.timestamp() if until is not None else now[0] + _horizon(rule), now)
+            _tick_until(alerter, rule, max(end, now[0]), now, run.charted)
             run.still_open = store.alert_state().firing_count()
             run.notifications = store.alert_notifications()
+            if run.charted is not None:
+                run.charted.attach(run.notifications)
         finally:
             store.close()
     return run
@@ -185,23 +200,40 @@ def _horizon(rule: Rule) -> float:
     return max(rule.grouping.wait, rule.grouping.resolve_after, rule.window).total_seconds() + 1
 
 
-def _tick_until(alerter: Alerter, rule: Rule, until: float, now: list[float]) -> None:
-    """Run the alert ticks that fall due up to `until`, each at its own time."""
+def _tick_until(alerter: Alerter, rule: Rule, until: float, now: list[float], recorder: Recorder | None) -> None:
+    """Run the alert ticks that fall due up to `until`, each at its own time, and take the samples due."""
     groups = alerter.store.alert_state()
     for _ in range(MAX_TICKS):
         if groups.any_due(now[0]):
             alerter.tick(now[0])
+        if recorder is not None:
+            _sample(alerter, rule, recorder, now[0])
         if now[0] >= until:
             return
         future = groups.next_due_after(now[0])
         step = until if future is None else min(until, future)
+        sample_at = recorder.next_at if recorder is not None else None
+        if sample_at is not None:
+            step = min(step, sample_at)
         if rule.kind == "absence":
             # absence depends on progress, not on a known time: step through the quiet stretch
             step = min(step, now[0] + ABSENCE_STEP)
         now[0] = step
 
 
-def render(run: DryRun, out: TextIO, *, source: str) -> None:
+def _sample(alerter: Alerter, rule: Rule, recorder: Recorder, now: float) -> None:
+    """Read every group of the rule at each sample time that has come: what it would be judged on then."""
+    while (at := recorder.next_at) is not None and at <= now:
+        readings = [
+            (group.key, group.labels, measure(rule, group, at))
+            for group in alerter.store.alert_state().groups()
+            if group.rule == rule.name and group.state != "resolved"
+        ]
+        recorder.take(readings)
+
+
+def render(run: DryRun, out: TextIO, *, source: str, keys: int = CHARTED_KEYS, glyphs: Glyphs | None = None) -> None:
+    """What the rule would have sent, for people; a metric, ratio or spike rule's keys charted (at most `keys`)."""
     from ..notifiers.messages import message_for
 
     rule = run.rule
@@ -216,7 +248,9 @@ def render(run: DryRun, out: TextIO, *, source: str) -> None:
             out.write(f"  ... and {len(run.forwarded) - LIST_LIMIT} more\n")
         out.write(f"would send {len(run.forwarded)} events to {notifiers}; nothing was sent\n")
         return
-    for notice in run.notifications:
+    if run.charted is not None:
+        render_charts(run.charted, out, keys=keys, glyphs=glyphs or glyphs_for(out))
+    for notice in run.notifications if run.charted is None else ():
         when = notice.envelope()["timestamp"]
         out.write(f"  {when}  {notice.type} ({notice.data.get('reason')}) -> {notifiers}\n")
         out.write(f"      {message_for(notice).text}\n")
@@ -228,6 +262,9 @@ def render(run: DryRun, out: TextIO, *, source: str) -> None:
 
 
 def dump(run: DryRun, out: TextIO) -> None:
-    """The notifications as envelopes, one per line."""
+    """The notifications as envelopes, one per line; for a metric, ratio or spike rule, each key's series."""
+    if run.charted is not None:
+        dump_series(run.charted, out)
+        return
     for event in run.notifications or run.forwarded:
         out.write(json.dumps(event.envelope(), ensure_ascii=False, default=str) + "\n")
