@@ -27,7 +27,6 @@ from langfuse_poller.config import DeliveryConfig
 from langfuse_poller.events import test_event as make_test_event
 from langfuse_poller.redis.queue import sync_client
 from langfuse_poller.redis.standby.alert_state import AlertKeys, RedisAlertStore
-from langfuse_poller.redis.standby.keys import PollerKeys
 from langfuse_poller.redis.standby.lease import Deposed
 from langfuse_poller.redis.standby.replica import PollCancel, Replica
 from langfuse_poller.rules import Rule
@@ -37,7 +36,7 @@ from tests.conftest import Clock, make_config, runtime_for
 from tests.fake_alerting import FakePagerDuty
 from tests.test_cli import Cli, cli, langfuse, q, read_jsonl, wait_for  # noqa: F401
 from tests.test_queue_redis import QUEUE, RedisServer, redis, redis_server  # noqa: F401
-from tests.test_standby import TAKEOVER_BOUND, Proc, leads, standby_config, took_over_within
+from tests.test_standby import TAKEOVER_BOUND, Proc, keys_for, leads, standby_config, took_over_within
 
 pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
 
@@ -65,7 +64,7 @@ def actions(pagerduty: FakePagerDuty) -> list[tuple[str, str]]:
 
 def groups_in(server: RedisServer) -> dict[str, Any]:
     """The alert groups in Redis: field -> the group as stored."""
-    raw = sync_client(server.url, 1.0).hgetall(AlertKeys(PollerKeys(QUEUE)).groups)
+    raw = sync_client(server.url, 1.0).hgetall(AlertKeys(keys_for(server)).groups)
     return {field: json.loads(text) for field, text in raw.items()}
 
 
@@ -168,7 +167,7 @@ def test_a_stopped_leader_that_wakes_past_its_lease_changes_no_alert_state(
 
 
 def test_a_deposed_leaders_alert_write_is_refused_whole(redis: RedisServer) -> None:
-    keys = PollerKeys(QUEUE)
+    keys = keys_for(redis)
     rule = Rule("errors", ("trace.updated",), None, ("pd",))
     made = []
     for name in ("a", "b"):
@@ -250,7 +249,7 @@ def take_over(dead: Runtime, heir: Runtime, server: RedisServer) -> None:
     """`dead` stops renewing (killed): its lease key expires; `heir` takes the lease at its next tick."""
     assert dead.replica is not None and heir.replica is not None
     dead.replica.lease.forget()
-    sync_client(server.url, 1.0).delete(PollerKeys(QUEUE).lease)
+    sync_client(server.url, 1.0).delete(keys_for(server).lease)
     heir.replica.tick()
     assert heir.replica.role == "leader"
     heir.poller.start_streams()
@@ -341,7 +340,8 @@ def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_o
         assert (group["rule"], group["state"], group["matches"]) == ("errors", "firing", 2)
         text = render_status(report)
         assert (
-            "alert state in Redis at redis://127.0.0.1:" in text and "1 open groups, which a standby takes over" in text
+            f"alert state in Redis at {redis.url.split(',')[0]}" in text
+            and "1 open groups, which a standby takes over" in text
         )
 
 

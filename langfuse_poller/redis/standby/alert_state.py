@@ -586,7 +586,7 @@ def read_alert_state(config: QueueConfig, delivery: DeliveryConfig, *, timeout: 
 
     client = sync_client(config.url, timeout)
     store = RedisAlertStore(
-        client, PollerKeys(config.name), token=lambda: None, delivery=delivery, where=f"Redis at {config.display_url}"
+        client, PollerKeys.of(config), token=lambda: None, delivery=delivery, where=f"Redis at {config.display_url}"
     )
     report = AlertStateReport(config.display_url)
     try:
