@@ -218,11 +218,13 @@ def pair(
     tmp_path: Path,
     server: RedisServer,
     clock: Clock,
-    rule: dict[str, Any],
+    rule: dict[str, Any] | list[dict[str, Any]],
     stack: ExitStack,
     notifier: dict[str, Any] | None = None,
 ) -> tuple[Runtime, Runtime]:
-    """Two replicas of one queue in process, a leading; their alerts go to one notifier, by default a jsonl file."""
+    """Two replicas of one queue in process, a leading, with this rule (or these); their alerts go to one notifier,
+    by default a jsonl file."""
+    rules = [rule] if isinstance(rule, dict) else rule
     runtimes = []
     for name in ("a", "b"):
         config = make_config(
@@ -231,7 +233,7 @@ def pair(
             queue={"backend": "redis", "url": server.url, "name": QUEUE, "standby": True, "replica": name},
             notifiers={"alerts": notifier or {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
             delivery={"backoff": "1s", "max_attempts": 5},
-            rules=[{"notify": ["alerts"], **rule}],
+            rules=[{"notify": ["alerts"], **each} for each in rules],
         )
         runtimes.append(stack.enter_context(runtime_for(config, clock)))
     a, b = runtimes
@@ -306,6 +308,46 @@ def test_an_absence_window_goes_on_across_a_takeover(redis: RedisServer, tmp_pat
         assert fired == ["rule.firing"]
         step(clock, 60, b, [a], fake, 1)
         assert [n["event"] for n in read_jsonl(tmp_path / "alerts.jsonl")] == ["rule.firing", "rule.resolved"]
+
+
+def test_a_metric_window_and_the_values_a_new_value_rule_knows_go_on_across_a_takeover(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    errors = {"events": ["trace.updated"], "when": 'data.level == "ERROR"', "group_wait": "0s"}
+    rules = [
+        {**errors, "name": "busy", "type": "metric", "aggregate": "count", "window": "10m", "above": 3},
+        {
+            **errors,
+            "name": "new-name",
+            "type": "new_value",
+            "value": "data.name",
+            "learn": "0s",
+            "remember": "1d",
+            "resolve_after": "1m",
+        },
+    ]
+
+    def traces(seconds: float, leader: Runtime, other: Runtime, *names: str) -> list[tuple[str, str, Any]]:
+        before = len(read_jsonl(tmp_path / "alerts.jsonl"))
+        clock.advance(seconds)
+        for name in names:
+            fake.add_trace(name=name, level="ERROR", start_time=datetime.fromtimestamp(clock.now - 1, UTC))
+        step(clock, 0, leader, [other], fake, 0)
+        told = read_jsonl(tmp_path / "alerts.jsonl")[before:]
+        return sorted((n["event"], n["data"]["rule"], n["data"]["value"]) for n in told)
+
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        a, b = pair(fake, tmp_path, redis, clock, rules, stack)
+        assert traces(30, a, b, "alpha", "alpha", "alpha") == [("rule.firing", "new-name", "alpha")]
+        assert traces(90, a, b) == [("rule.resolved", "new-name", "alpha")]
+        take_over(a, b, redis)
+        # the window holds the three errors the old leader counted: with two more, five of them; and "alpha",
+        # resolved but known, is not new to the new leader
+        assert traces(30, b, a, "alpha", "beta") == [
+            ("rule.firing", "busy", 5.0),
+            ("rule.firing", "new-name", "beta"),
+        ]
 
 
 def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_over(
