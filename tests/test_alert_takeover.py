@@ -26,7 +26,9 @@ from langfuse_poller.alerting.groups import open_group
 from langfuse_poller.config import DeliveryConfig
 from langfuse_poller.events import test_event as make_test_event
 from langfuse_poller.redis.queue import sync_client
-from langfuse_poller.redis.standby.alert_state import AlertKeys, RedisAlertStore
+from langfuse_poller.redis.standby.alert_script import AlertKeys, group_field
+from langfuse_poller.redis.standby.alert_state import RedisAlertStore
+from langfuse_poller.redis.standby.keys import PollerKeys
 from langfuse_poller.redis.standby.lease import Deposed
 from langfuse_poller.redis.standby.replica import PollCancel, Replica
 from langfuse_poller.rules import Rule
@@ -429,3 +431,41 @@ def test_groups_kept_in_sqlite_before_are_handed_over_to_redis(redis: RedisServe
         resolved = at(rt, clock, 300)
         assert summary(resolved) == [("rule.resolved", "resolved", 1)]
         assert resolved[0]["data"]["dedupKey"] == fired[0]["data"]["dedupKey"]
+
+
+def test_status_and_metrics_read_no_window_of_a_group_that_is_not_open(tmp_path: Path) -> None:
+    from contextlib import contextmanager
+
+    # a p95 group's window is tens of kB of JSON: a scrape or a `status` that parsed every group would take
+    # a second at a hundred of them. Counting reads a small index; only the open groups are read whole
+    with contextmanager(redis_server)(tmp_path, durable=False) as server:
+        client = sync_client(server.url, 1.0)
+        keys = PollerKeys(QUEUE)
+        leader = Replica(client, keys, "a", 30.0, PollCancel(threading.Event()))
+        store = RedisAlertStore(client, keys, token=leader.token, delivery=DeliveryConfig())
+        rule = Rule("lat", ("generation.created",), None, ("pd",))
+        try:
+            leader.tick()
+            with store.write(1000.0) as tx:
+                for n, state in enumerate(["firing", "pending", "watching", "watching"]):
+                    group = open_group(rule, f"k{n}", {}, 1000.0)
+                    group.state, group.next_at = state, 1100.0 + n
+                    group.measure = {"b": [[n, 1, 1.0, 1.0, 1.0, {str(b): 1 for b in range(2000)}, None]]}
+                    tx.alert_state.save(group)
+                # the transaction's own writes count before they are kept
+                assert tx.alert_state.firing_count() == 1
+            assert store.alert_state().counts() == [("lat", "firing", 1), ("lat", "pending", 1), ("lat", "watching", 2)]
+            with store.write(1001.0) as tx:
+                tx.alert_state.delete("lat", "k0")
+                assert tx.alert_state.counts() == [("lat", "pending", 1), ("lat", "watching", 2)]
+            size = len(client.hget(AlertKeys(keys).groups, group_field("lat", "k1")))
+            before = client.info("stats")["total_net_output_bytes"]
+            state = store.alert_state()
+            assert state.counts() == [("lat", "pending", 1), ("lat", "watching", 2)]
+            assert (state.firing_count(), state.next_due_after(1101.5)) == (0, 1102.0)
+            assert [group.key for group in state.open_groups()] == ["k1"]
+            # what Redis sent: the one open group whole, and little else (the three groups are four times that)
+            sent = client.info("stats")["total_net_output_bytes"] - before
+            assert size < sent < 1.5 * size, (size, sent)
+        finally:
+            leader.close()
