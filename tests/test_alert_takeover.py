@@ -5,7 +5,8 @@ redis-server; and, in process on an injected clock, a paused leader fenced off, 
 that go on in the new leader.
 """
 
-# the fixtures `cli`, `langfuse` and `redis` come from other test modules, and each test names them
+# the fixtures `cli`, `langfuse`, `redis`, `alertmanager` and `recorder` come from other test modules, and each
+# test names them
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.conftest import Clock, make_config, runtime_for
 from tests.fake_alerting import FakePagerDuty
+from tests.test_alertmanager import Alertmanager, Recorder, alertmanager, recorder  # noqa: F401
 from tests.test_cli import Cli, cli, langfuse, q, read_jsonl, wait_for  # noqa: F401
 from tests.test_queue_redis import QUEUE, RedisServer, redis, redis_server  # noqa: F401
 from tests.test_standby import TAKEOVER_BOUND, Proc, keys_for, leads, standby_config, took_over_within
@@ -469,3 +471,47 @@ def test_status_and_metrics_read_no_window_of_a_group_that_is_not_open(tmp_path:
             assert size < sent < 1.5 * size, (size, sent)
         finally:
             leader.close()
+
+
+def test_a_new_leader_re_sends_to_alertmanager_the_open_groups_the_old_one_told(
+    redis: RedisServer, tmp_path: Path, alertmanager: Alertmanager, recorder: Recorder
+) -> None:
+    from langfuse_poller.alerting.resend import Resender
+    from langfuse_poller.service.daemon import Daemon
+
+    # in the past: Alertmanager refuses an alert that starts after the end it gives it (now + resolve_timeout)
+    clock = Clock(time.time() - 300)
+    rule = {
+        "name": "errors",
+        "events": ["trace.updated"],
+        "when": 'data.level == "ERROR"',
+        "group_wait": "0s",
+        "resolve_after": "1h",
+    }
+    # an HA list: the real Alertmanager keeps the alert, the recorder shows every request
+    notifier = {"type": "alertmanager", "url": [alertmanager.url, recorder.url], "resend_interval": "30s"}
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        a, b = pair(fake, tmp_path, redis, clock, rule, stack, notifier)
+        daemons = [Daemon(rt) for rt in (a, b)]
+        for daemon in daemons:
+            daemon.resender = Resender(clock=clock)
+
+        def resend() -> None:
+            for daemon in daemons:
+                daemon.resend_job()
+
+        step(clock, 5, a, [b], fake, 1)
+        [(_, _, [told])] = recorder.requests
+        clock.advance(30)
+        resend()
+        # the leader re-sends the group it told; the standby tells nobody
+        assert len(recorder.requests) == 2
+        take_over(a, b, redis)
+        clock.advance(30)
+        resend()
+        # the new leader re-sends what the old one told, as the same alert; the deposed one sends nothing
+        assert len(recorder.requests) == 3
+        [again] = recorder.requests[-1][2]
+        assert again["labels"] == told["labels"] and again["startsAt"] == told["startsAt"]
+        [active] = alertmanager.active()
+        assert active["labels"] == told["labels"]
