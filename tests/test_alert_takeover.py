@@ -37,6 +37,7 @@ from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.conftest import Clock, make_config, runtime_for
 from tests.fake_alerting import FakePagerDuty
+from tests.redis_cluster import RedisClusterServer
 from tests.test_alertmanager import Alertmanager, Recorder, alertmanager, recorder  # noqa: F401
 from tests.test_cli import Cli, cli, langfuse, q, read_jsonl, wait_for  # noqa: F401
 from tests.test_queue_redis import QUEUE, RedisServer, redis, redis_server  # noqa: F401
@@ -352,6 +353,15 @@ def test_a_metric_window_and_the_values_a_new_value_rule_knows_go_on_across_a_ta
             ("rule.firing", "busy", 5.0),
             ("rule.firing", "new-name", "beta"),
         ]
+    if isinstance(redis, RedisClusterServer):
+        # APPLY names the token key alone and builds the rest from the prefix: on a cluster, all in one slot
+        from redis.crc import key_slot
+
+        keys, prefix = redis.keys(), AlertKeys(keys_for(redis)).prefix
+        for name in ("groups", "states", "due", "keys:busy", "rules", "values:new-name", "values:new-name:by-time"):
+            assert f"{prefix}:alert-{name}" in keys, sorted(keys)
+        slot = key_slot(keys_for(redis).namespace.encode())
+        assert {key for key, at in keys.items() if at != slot} == set()
 
 
 def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_over(
