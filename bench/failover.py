@@ -1,4 +1,5 @@
-"""Failover: kill -9 the polling replica again and again; how long until a standby has polled in its place?
+"""Failover: kill -9 the polling replica again and again; how long until a standby has polled in its place, and
+taken over the alert groups?
 
     python bench/failover.py                          # 10 kills, lease 5 s, about two minutes
     python bench/failover.py --kills 5 --lease 15     # the default lease
@@ -13,6 +14,21 @@ to a jsonl file. Each round kills the replica that holds the lease (SIGKILL), th
   **after expiry** of the dead leader's lease: the part a standby controls;
 * **first poll committed**: until the shared state records a poll finished after the kill (`last_poll_at`
   of a stream): the moment the new leader's first poll is durable, the failover's end.
+
+An alert group is open at every kill: before it, an ERROR trace of its own name opens a group of the rule
+`errors` (group_wait 0 s, `--resolve-after`, twice the lease by default), and the kill waits until the leader
+has told a jsonl notifier. Right after the kill a second ERROR trace of that name arrives, and the round
+measures, from the kill:
+
+* **alert write**: until the group in Redis counts that second match: the new leader's first write of the
+  alert state (its poll read the trace, its alerter took the match), under its own fencing token;
+* **resolved**: until the group's `rule.resolved` reaches the notifier, and **resolve late**: how long after
+  it was due. A group resolves `resolve_after` after the alerter recorded its last match, here the new
+  leader's first write, so this is the delay of the resolve itself once the new leader holds the group; the
+  same delay without a takeover (a group opened and resolved by one leader before the first kill) is printed
+  beside it.
+
+Every group must fire once and resolve once (a repeat allowed per kill).
 
 The killed replica is started again (as the new standby) and the next round waits `--pause` seconds. At the
 end, the traffic stops and the worker must deliver every expected event; repeats must stay within the
@@ -94,6 +110,14 @@ class Redis:
         found = [self.client.hget(f"{QUEUE}:poller:stream:{s}", "last_poll_at") for s in ("observations", "scores")]
         return max((float(value) for value in found if value), default=0.0)
 
+    def alert_count(self, name: str) -> int:
+        """How many matches the alert group of this trace name counts in Redis (0: no such group)."""
+        for text in self.client.hvals(f"{QUEUE}:poller:alert-groups"):
+            group = json.loads(text)
+            if group["labels"].get("data.traceName") == name:
+                return int(group["count"])
+        return 0
+
     def close(self) -> None:
         self.client.close()
         self.proc.terminate()
@@ -109,6 +133,9 @@ class Round:
     lease_left: float  # what the dead leader's lease still had to run at the kill
     lease_taken: float
     first_poll: float
+    alert_write: float = 0.0
+    resolved: float = 0.0
+    resolve_late: float = 0.0
 
     @property
     def after_expiry(self) -> float:
@@ -125,6 +152,17 @@ class Figures:
     lease: float = 0.0
     interval: float = 0.0
     problems: list[str] = field(default_factory=list)
+    # alert notifications of the groups open at the kills: (event, reason, group name) as the notifier got them
+    alerts: list[tuple[str, str, str]] = field(default_factory=list)
+    # how late the resolve of a group came with no takeover, for comparison (the poller's settle and interval)
+    calm_late: float = 0.0
+
+    @property
+    def alert_repeats(self) -> int:
+        """Notifications beyond one new firing and one resolve per group (the update that tells the second match
+        before the resolve is no repeat)."""
+        once = [(event, name) for event, reason, name in self.alerts if reason in ("new", "resolved", "repeat")]
+        return len(once) - len(set(once))
 
     @property
     def bound(self) -> float:
@@ -161,9 +199,20 @@ def write_config(directory: Path, fake: FakeLangfuse, redis_url: str, name: str,
                 'name = "everything"',
                 'events = ["trace.*"]',
                 'notify = ["archive"]',
+                "[[rules]]",
+                'name = "errors"',
+                'events = ["trace.updated"]',
+                "when = 'data.level == \"ERROR\"'",
+                'group_by = ["data.traceName"]',
+                'group_wait = "0s"',
+                f'resolve_after = "{args.resolve_after:g}s"',
+                'notify = ["alerts"]',
                 "[notifiers.archive]",
                 'type = "jsonl"',
                 f"path = {toml(str(directory / 'archive.jsonl'))}",
+                "[notifiers.alerts]",
+                'type = "jsonl"',
+                f"path = {toml(str(directory / 'alerts.jsonl'))}",
             ]
         )
         + "\n",
@@ -206,6 +255,24 @@ def wait(predicate: Any, timeout: float, step: float = 0.01) -> bool:
     return False
 
 
+def told(path: Path, event: str, name: str) -> bool:
+    """Whether the jsonl notifier got `event` (rule.firing, rule.resolved) for the group of this trace name."""
+    return any((e, n) == (event, name) for e, _, n in alerts_in(path))
+
+
+def alerts_in(path: Path) -> list[tuple[str, str, str]]:
+    """(event, reason, trace name of the group) of every alert notification, in the order sent."""
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            notice = json.loads(line)
+            data = notice["data"]
+            found.append((notice["event"], data["reason"], data["group"].get("data.traceName", "")))
+    return found
+
+
 def failover(args: argparse.Namespace, directory: Path) -> Figures:
     figures = Figures(lease=args.lease, interval=args.interval)
     redis = Redis(directory)
@@ -236,14 +303,30 @@ def failover(args: argparse.Namespace, directory: Path) -> Figures:
             feeder.start()
             spare = 2
             time.sleep(args.pause)
-            for _ in range(args.kills):
+            alerts = directory / "alerts.jsonl"
+            # a group resolved by the leader that opened it: how late a resolve is without a takeover
+            fake.add_trace(name="calm", level="ERROR")
+            if not wait(lambda: redis.alert_count("calm") >= 1, 30):
+                raise SystemExit("the first alert group was not opened")
+            recorded = time.time()
+            if not wait(lambda: told(alerts, "rule.resolved", "calm"), args.resolve_after + 30):
+                raise SystemExit("the first alert group did not resolve")
+            figures.calm_late = time.time() - recorded - args.resolve_after
+            for kill in range(args.kills):
                 leader = redis.holder()
                 if leader is None or leader not in procs:
                     figures.problems.append(f"no live leader before a kill (lease: {leader})")
                     break
+                # an alert group open at the kill, told by the leader
+                name = f"boom-{kill}"
+                fake.add_trace(name=name, level="ERROR")
+                if not wait(lambda name=name: told(alerts, "rule.firing", name), 30):
+                    figures.problems.append(f"the group {name} did not fire before the kill")
+                    break
                 left = redis.lease_left()
                 procs.pop(leader).kill9()
                 killed_wall, killed = time.time(), time.monotonic()
+                fake.add_trace(name=name, level="ERROR")
                 limit = args.lease * 3 + 10
                 heir = None
                 if wait(lambda dead=leader: (holder := redis.holder()) is not None and holder != dead, limit):
@@ -252,7 +335,17 @@ def failover(args: argparse.Namespace, directory: Path) -> Figures:
                 if heir is None or not wait(lambda since=killed_wall: redis.last_poll() > since, limit):
                     figures.problems.append(f"nobody took over within {limit:.0f} s after {leader} was killed")
                     break
-                figures.rounds.append(Round(leader, heir, left, taken, redis.last_poll() - killed_wall))
+                first_poll = redis.last_poll() - killed_wall
+                if not wait(lambda name=name: redis.alert_count(name) >= 2, limit):
+                    figures.problems.append(f"the new leader did not count the match of {name} within {limit:.0f} s")
+                    break
+                written = time.monotonic() - killed
+                if not wait(lambda name=name: told(alerts, "rule.resolved", name), args.resolve_after + limit):
+                    figures.problems.append(f"the group {name} did not resolve")
+                    break
+                resolved = time.monotonic() - killed
+                late = resolved - written - args.resolve_after
+                figures.rounds.append(Round(leader, heir, left, taken, first_poll, written, resolved, late))
                 start(f"r{spare}")
                 spare += 1
                 time.sleep(args.pause)
@@ -266,6 +359,7 @@ def failover(args: argparse.Namespace, directory: Path) -> Figures:
             figures.expected = len(expected)
             figures.delivered = len(expected & set(got))
             figures.repeats = repeats(got)
+            figures.alerts = alerts_in(alerts)
     finally:
         stop.set()
         for proc in procs.values():
@@ -281,7 +375,12 @@ def main(argv: Sequence[str] | None = None) -> Figures:
     parser.add_argument("--interval", type=float, default=1.0, help="[poll] interval, seconds (default 1)")
     parser.add_argument("--rate", type=float, default=10.0, help="new traces per second (default 10)")
     parser.add_argument("--pause", type=float, default=2.0, help="seconds between a takeover and the next kill")
+    parser.add_argument(
+        "--resolve-after", type=float, help="resolve_after of the alert rule, seconds (default: twice the lease)"
+    )
     args = parser.parse_args(argv)
+    if args.resolve_after is None:
+        args.resolve_after = 2 * args.lease
     print(f"failover: {machine()}")
     print(
         f"{args.kills} SIGKILLs of the leader of 2 replicas; lease {args.lease:g} s, poll interval "
@@ -290,16 +389,33 @@ def main(argv: Sequence[str] | None = None) -> Figures:
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
         figures = failover(args, Path(tmp))
     rows = [
-        (i + 1, r.killed, r.heir, r.lease_left, r.lease_taken, r.after_expiry, r.first_poll)
+        (i + 1, r.lease_left, r.lease_taken, r.after_expiry, r.first_poll, r.alert_write, r.resolved, r.resolve_late)
         for i, r in enumerate(figures.rounds)
     ]
-    headers = ("kill", "killed", "took over", "lease left (s)", "lease taken (s)", "after expiry (s)", "first poll (s)")
+    headers = (
+        "kill",
+        "lease left (s)",
+        "lease taken (s)",
+        "after expiry (s)",
+        "first poll (s)",
+        "alert write (s)",
+        "resolved (s)",
+        "resolve late (s)",
+    )
     print(table(headers, rows))
     polls = [r.first_poll for r in figures.rounds]
+    writes, lates = [r.alert_write for r in figures.rounds], [r.resolve_late for r in figures.rounds]
     print(
         f"\nfirst poll committed after a kill: p50 {percentile(polls, 50):.2f} s, max {max(polls, default=0):.2f} s "
         f"(bound: lease + lease/3 + interval = {figures.bound:.2f} s); events delivered {figures.delivered}/"
         f"{figures.expected}, repeats {figures.repeats} (allowed <= {len(figures.rounds)})"
+    )
+    print(
+        f"alert state: the new leader's first write p50 {percentile(writes, 50):.2f} s, max "
+        f"{max(writes, default=0):.2f} s after the kill; resolves late by p50 {percentile(lates, 50):.2f} s, max "
+        f"{max(lates, default=0):.2f} s (without a takeover: {figures.calm_late:.2f} s); "
+        f"{len(figures.alerts)} alert notifications for {len({n for *_, n in figures.alerts})} groups, repeats "
+        f"{figures.alert_repeats} (allowed <= {len(figures.rounds)})"
     )
     for problem in figures.problems:
         print(f"problem: {problem}")
@@ -308,8 +424,12 @@ def main(argv: Sequence[str] | None = None) -> Figures:
         and figures.delivered == figures.expected
         and figures.repeats <= len(figures.rounds)
         and all(p <= figures.bound for p in polls)
+        and figures.alert_repeats <= len(figures.rounds)
     )
-    print(f"target every failover within the bound, nothing lost, repeats <= kills: {'met' if met else 'missed'}")
+    print(
+        "target every failover within the bound, nothing lost, repeats <= kills (events and alerts): "
+        f"{'met' if met else 'missed'}"
+    )
     return figures
 
 

@@ -10,14 +10,15 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import ConfigError, LangfusePollerError
 
 if TYPE_CHECKING:
     from .config import Config
+    from .redis.standby.alert_dead import AlertDeadLetters
     from .runtime import Runtime
 
 log = logging.getLogger("langfuse_poller")
@@ -80,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         ("purge", "delete dead letters"),
     ):
         cmd = dead_sub.add_parser(action, parents=[common], help=text)
-        cmd.add_argument("ids", nargs="*", type=int, metavar="ID")
+        cmd.add_argument(
+            "ids", nargs="*", type=_dead_letter_id, metavar="ID", help="a number, or an alert notification's id"
+        )
         cmd.add_argument("--all", action="store_true", help="every dead letter")
 
     silence = sub.add_parser("silence", parents=[common], help="mute a rule's alerts for a while")
@@ -257,11 +260,15 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.action == "list":
         store = Store(config.state_path)
         letters = store.dead_letters()
+        # with standby pollers, alert notifications die in Redis, named by their notification's id
+        alerts = _alert_dead_letters(config, lambda dead: dead.list()) or []
         if args.json:
             for letter in letters:
                 print(json.dumps(letter.__dict__))
+            for alert in alerts:
+                print(json.dumps(alert.as_json()))
             return EXIT_OK
-        if not letters:
+        if not letters and not alerts:
             print("no dead letters")
         for letter in letters:
             when = datetime.fromtimestamp(letter.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
@@ -271,27 +278,66 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
                 else f"unparseable {letter.stream} record"
             )
             print(f"{letter.id:>6}  {when}  {what}\n        {letter.error}")
+        for alert in alerts:
+            when = datetime.fromtimestamp(alert.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+            to = ", ".join(alert.targets)
+            print(f"{alert.id}\n        {when}  alert notification -> {to} after {alert.attempts} attempts")
+            print(f"        {alert.error}")
         return EXIT_OK
     if not args.ids and not args.all:
         print(f"dead-letters {args.action}: give dead letter IDs, or --all", file=sys.stderr)
         return EXIT_CONFIG
-    ids = None if args.all else list(args.ids)
+    numbered = [i for i in args.ids if isinstance(i, int)]
+    named = [i for i in args.ids if isinstance(i, str)]
+    if named and not config.queue.standby:
+        print(f"dead-letters {args.action}: no dead letter {named[0]!r} (their IDs are numbers)", file=sys.stderr)
+        return EXIT_CONFIG
+    ids, alert_ids = (None, None) if args.all else (numbered, named)
     if args.action == "purge":
-        count = Store(config.state_path).delete_dead_letters(ids)
+        count = Store(config.state_path).delete_dead_letters(ids) if ids != [] else 0
+        if alert_ids != []:
+            count += _alert_dead_letters(config, lambda dead: dead.purge(alert_ids)) or 0
         print(f"purged {count} dead letters")
         return EXIT_OK
     from .service.replay import replay_dead_letters
 
-    runtime = _runtime(args, lock=False)
-    try:
-        requeued, still_bad = replay_dead_letters(runtime, ids)
-    finally:
-        runtime.close()
+    requeued = still_bad = 0
+    if ids != []:
+        runtime = _runtime(args, lock=False)
+        try:
+            requeued, still_bad = replay_dead_letters(runtime, ids)
+        finally:
+            runtime.close()
+    if alert_ids != []:
+        requeued += _alert_dead_letters(config, lambda dead: dead.replay(alert_ids, time.time())) or 0
     print(f"queued {requeued} for delivery again; the daemon (or `langfuse-poller once`) delivers them")
     if still_bad:
         print(f"{still_bad} records still cannot be parsed and stay dead letters", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+T = TypeVar("T")
+
+
+def _dead_letter_id(text: str) -> int | str:
+    """A dead letter's ID: a number (SQLite), or the id of an alert notification (`rule.<status>:...`, in Redis)."""
+    if text.startswith("rule.") and ":" in text:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def _alert_dead_letters(config: Config, act: Callable[[AlertDeadLetters], T]) -> T | None:
+    """`act` on the dead alert notifications in Redis, with standby pollers; None without (they are in SQLite)."""
+    if not config.queue.standby:
+        return None
+    from .redis.standby.alert_dead import alert_dead_letters
+
+    with alert_dead_letters(config.queue) as dead:
+        return act(dead)
 
 
 def cmd_silence(args: argparse.Namespace) -> int:

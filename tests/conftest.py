@@ -231,6 +231,18 @@ def redis_for_test(
     yield cluster
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """The config sections that choose the alert state: none (SQLite), or standby pollers on a redis-server.
+    The alerting tests (test_alerting.py, test_measures.py) take it to run against each backend."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    pytest.importorskip("redis", reason="the Python redis package is not installed (pip install -e '.[redis]')")
+    with contextmanager(redis_server)(tmp_path, durable=False) as server:
+        yield {"queue": {"backend": "redis", "url": server.url, "standby": True, "lease": "10m"}}
+
+
 @pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def poll_state(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PollStateFor]:
     """The poll state of a test's poller, once per implementation of PollState: the runtime's SQLite store, and

@@ -5,7 +5,8 @@ redis-server; and, in process on an injected clock, a paused leader fenced off, 
 that go on in the new leader.
 """
 
-# the fixtures `cli`, `langfuse` and `redis` come from other test modules, and each test names them
+# the fixtures `cli`, `langfuse`, `redis`, `alertmanager` and `recorder` come from other test modules, and each
+# test names them
 # ruff: noqa: F811
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from langfuse_poller.alerting.groups import open_group
 from langfuse_poller.config import DeliveryConfig
 from langfuse_poller.events import test_event as make_test_event
 from langfuse_poller.redis.queue import sync_client
-from langfuse_poller.redis.standby.alert_state import AlertKeys, RedisAlertStore
+from langfuse_poller.redis.standby.alert_script import AlertKeys, group_field
+from langfuse_poller.redis.standby.alert_state import RedisAlertStore
 from langfuse_poller.redis.standby.keys import PollerKeys
 from langfuse_poller.redis.standby.lease import Deposed
 from langfuse_poller.redis.standby.replica import PollCancel, Replica
@@ -35,9 +37,11 @@ from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 from tests.conftest import Clock, make_config, runtime_for
 from tests.fake_alerting import FakePagerDuty
+from tests.redis_cluster import RedisClusterServer
+from tests.test_alertmanager import Alertmanager, Recorder, alertmanager, recorder  # noqa: F401
 from tests.test_cli import Cli, cli, langfuse, q, read_jsonl, wait_for  # noqa: F401
 from tests.test_queue_redis import QUEUE, RedisServer, redis, redis_server  # noqa: F401
-from tests.test_standby import TAKEOVER_BOUND, Proc, leads, standby_config, took_over_within
+from tests.test_standby import TAKEOVER_BOUND, Proc, keys_for, leads, standby_config, took_over_within
 
 pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
 
@@ -65,7 +69,7 @@ def actions(pagerduty: FakePagerDuty) -> list[tuple[str, str]]:
 
 def groups_in(server: RedisServer) -> dict[str, Any]:
     """The alert groups in Redis: field -> the group as stored."""
-    raw = sync_client(server.url, 1.0).hgetall(AlertKeys(PollerKeys(QUEUE)).groups)
+    raw = sync_client(server.url, 1.0).hgetall(AlertKeys(keys_for(server)).groups)
     return {field: json.loads(text) for field, text in raw.items()}
 
 
@@ -168,7 +172,7 @@ def test_a_stopped_leader_that_wakes_past_its_lease_changes_no_alert_state(
 
 
 def test_a_deposed_leaders_alert_write_is_refused_whole(redis: RedisServer) -> None:
-    keys = PollerKeys(QUEUE)
+    keys = keys_for(redis)
     rule = Rule("errors", ("trace.updated",), None, ("pd",))
     made = []
     for name in ("a", "b"):
@@ -219,11 +223,13 @@ def pair(
     tmp_path: Path,
     server: RedisServer,
     clock: Clock,
-    rule: dict[str, Any],
+    rule: dict[str, Any] | list[dict[str, Any]],
     stack: ExitStack,
     notifier: dict[str, Any] | None = None,
 ) -> tuple[Runtime, Runtime]:
-    """Two replicas of one queue in process, a leading; their alerts go to one notifier, by default a jsonl file."""
+    """Two replicas of one queue in process, a leading, with this rule (or these); their alerts go to one notifier,
+    by default a jsonl file."""
+    rules = [rule] if isinstance(rule, dict) else rule
     runtimes = []
     for name in ("a", "b"):
         config = make_config(
@@ -232,7 +238,7 @@ def pair(
             queue={"backend": "redis", "url": server.url, "name": QUEUE, "standby": True, "replica": name},
             notifiers={"alerts": notifier or {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
             delivery={"backoff": "1s", "max_attempts": 5},
-            rules=[{"notify": ["alerts"], **rule}],
+            rules=[{"notify": ["alerts"], **each} for each in rules],
         )
         runtimes.append(stack.enter_context(runtime_for(config, clock)))
     a, b = runtimes
@@ -250,7 +256,7 @@ def take_over(dead: Runtime, heir: Runtime, server: RedisServer) -> None:
     """`dead` stops renewing (killed): its lease key expires; `heir` takes the lease at its next tick."""
     assert dead.replica is not None and heir.replica is not None
     dead.replica.lease.forget()
-    sync_client(server.url, 1.0).delete(PollerKeys(QUEUE).lease)
+    sync_client(server.url, 1.0).delete(keys_for(server).lease)
     heir.replica.tick()
     assert heir.replica.role == "leader"
     heir.poller.start_streams()
@@ -309,6 +315,55 @@ def test_an_absence_window_goes_on_across_a_takeover(redis: RedisServer, tmp_pat
         assert [n["event"] for n in read_jsonl(tmp_path / "alerts.jsonl")] == ["rule.firing", "rule.resolved"]
 
 
+def test_a_metric_window_and_the_values_a_new_value_rule_knows_go_on_across_a_takeover(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    clock = Clock()
+    errors = {"events": ["trace.updated"], "when": 'data.level == "ERROR"', "group_wait": "0s"}
+    rules = [
+        {**errors, "name": "busy", "type": "metric", "aggregate": "count", "window": "10m", "above": 3},
+        {
+            **errors,
+            "name": "new-name",
+            "type": "new_value",
+            "value": "data.name",
+            "learn": "0s",
+            "remember": "1d",
+            "resolve_after": "1m",
+        },
+    ]
+
+    def traces(seconds: float, leader: Runtime, other: Runtime, *names: str) -> list[tuple[str, str, Any]]:
+        before = len(read_jsonl(tmp_path / "alerts.jsonl"))
+        clock.advance(seconds)
+        for name in names:
+            fake.add_trace(name=name, level="ERROR", start_time=datetime.fromtimestamp(clock.now - 1, UTC))
+        step(clock, 0, leader, [other], fake, 0)
+        told = read_jsonl(tmp_path / "alerts.jsonl")[before:]
+        return sorted((n["event"], n["data"]["rule"], n["data"]["value"]) for n in told)
+
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        a, b = pair(fake, tmp_path, redis, clock, rules, stack)
+        assert traces(30, a, b, "alpha", "alpha", "alpha") == [("rule.firing", "new-name", "alpha")]
+        assert traces(90, a, b) == [("rule.resolved", "new-name", "alpha")]
+        take_over(a, b, redis)
+        # the window holds the three errors the old leader counted: with two more, five of them; and "alpha",
+        # resolved but known, is not new to the new leader
+        assert traces(30, b, a, "alpha", "beta") == [
+            ("rule.firing", "busy", 5.0),
+            ("rule.firing", "new-name", "beta"),
+        ]
+    if isinstance(redis, RedisClusterServer):
+        # APPLY names the token key alone and builds the rest from the prefix: on a cluster, all in one slot
+        from redis.crc import key_slot
+
+        keys, prefix = redis.keys(), AlertKeys(keys_for(redis)).prefix
+        for name in ("groups", "states", "due", "keys:busy", "rules", "values:new-name", "values:new-name:by-time"):
+            assert f"{prefix}:alert-{name}" in keys, sorted(keys)
+        slot = key_slot(keys_for(redis).namespace.encode())
+        assert {key for key, at in keys.items() if at != slot} == set()
+
+
 def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_over(
     redis: RedisServer, tmp_path: Path
 ) -> None:
@@ -341,7 +396,8 @@ def test_status_and_metrics_show_the_alert_state_and_what_a_standby_would_take_o
         assert (group["rule"], group["state"], group["matches"]) == ("errors", "firing", 2)
         text = render_status(report)
         assert (
-            "alert state in Redis at redis://127.0.0.1:" in text and "1 open groups, which a standby takes over" in text
+            f"alert state in Redis at {redis.url.split(',')[0]}" in text
+            and "1 open groups, which a standby takes over" in text
         )
 
 
@@ -387,3 +443,85 @@ def test_groups_kept_in_sqlite_before_are_handed_over_to_redis(redis: RedisServe
         resolved = at(rt, clock, 300)
         assert summary(resolved) == [("rule.resolved", "resolved", 1)]
         assert resolved[0]["data"]["dedupKey"] == fired[0]["data"]["dedupKey"]
+
+
+def test_status_and_metrics_read_no_window_of_a_group_that_is_not_open(tmp_path: Path) -> None:
+    from contextlib import contextmanager
+
+    # a p95 group's window is tens of kB of JSON: a scrape or a `status` that parsed every group would take
+    # a second at a hundred of them. Counting reads a small index; only the open groups are read whole
+    with contextmanager(redis_server)(tmp_path, durable=False) as server:
+        client = sync_client(server.url, 1.0)
+        keys = PollerKeys(QUEUE)
+        leader = Replica(client, keys, "a", 30.0, PollCancel(threading.Event()))
+        store = RedisAlertStore(client, keys, token=leader.token, delivery=DeliveryConfig())
+        rule = Rule("lat", ("generation.created",), None, ("pd",))
+        try:
+            leader.tick()
+            with store.write(1000.0) as tx:
+                for n, state in enumerate(["firing", "pending", "watching", "watching"]):
+                    group = open_group(rule, f"k{n}", {}, 1000.0)
+                    group.state, group.next_at = state, 1100.0 + n
+                    group.measure = {"b": [[n, 1, 1.0, 1.0, 1.0, {str(b): 1 for b in range(2000)}, None]]}
+                    tx.alert_state.save(group)
+                # the transaction's own writes count before they are kept
+                assert tx.alert_state.firing_count() == 1
+            assert store.alert_state().counts() == [("lat", "firing", 1), ("lat", "pending", 1), ("lat", "watching", 2)]
+            with store.write(1001.0) as tx:
+                tx.alert_state.delete("lat", "k0")
+                assert tx.alert_state.counts() == [("lat", "pending", 1), ("lat", "watching", 2)]
+            size = len(client.hget(AlertKeys(keys).groups, group_field("lat", "k1")))
+            before = client.info("stats")["total_net_output_bytes"]
+            state = store.alert_state()
+            assert state.counts() == [("lat", "pending", 1), ("lat", "watching", 2)]
+            assert (state.firing_count(), state.next_due_after(1101.5)) == (0, 1102.0)
+            assert [group.key for group in state.open_groups()] == ["k1"]
+            # what Redis sent: the one open group whole, and little else (the three groups are four times that)
+            sent = client.info("stats")["total_net_output_bytes"] - before
+            assert size < sent < 1.5 * size, (size, sent)
+        finally:
+            leader.close()
+
+
+def test_a_new_leader_re_sends_to_alertmanager_the_open_groups_the_old_one_told(
+    redis: RedisServer, tmp_path: Path, alertmanager: Alertmanager, recorder: Recorder
+) -> None:
+    from langfuse_poller.alerting.resend import Resender
+    from langfuse_poller.service.daemon import Daemon
+
+    # in the past: Alertmanager refuses an alert that starts after the end it gives it (now + resolve_timeout)
+    clock = Clock(time.time() - 300)
+    rule = {
+        "name": "errors",
+        "events": ["trace.updated"],
+        "when": 'data.level == "ERROR"',
+        "group_wait": "0s",
+        "resolve_after": "1h",
+    }
+    # an HA list: the real Alertmanager keeps the alert, the recorder shows every request
+    notifier = {"type": "alertmanager", "url": [alertmanager.url, recorder.url], "resend_interval": "30s"}
+    with FakeLangfuse(clock=clock) as fake, ExitStack() as stack:
+        a, b = pair(fake, tmp_path, redis, clock, rule, stack, notifier)
+        daemons = [Daemon(rt) for rt in (a, b)]
+        for daemon in daemons:
+            daemon.resender = Resender(clock=clock)
+
+        def resend() -> None:
+            for daemon in daemons:
+                daemon.resend_job()
+
+        step(clock, 5, a, [b], fake, 1)
+        [(_, _, [told])] = recorder.requests
+        clock.advance(30)
+        resend()
+        # the leader re-sends the group it told; the standby tells nobody
+        assert len(recorder.requests) == 2
+        take_over(a, b, redis)
+        clock.advance(30)
+        resend()
+        # the new leader re-sends what the old one told, as the same alert; the deposed one sends nothing
+        assert len(recorder.requests) == 3
+        [again] = recorder.requests[-1][2]
+        assert again["labels"] == told["labels"] and again["startsAt"] == told["startsAt"]
+        [active] = alertmanager.active()
+        assert active["labels"] == told["labels"]

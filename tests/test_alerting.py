@@ -27,20 +27,9 @@ from langfuse_poller.runtime import Runtime
 from langfuse_poller.store import Store
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
-from .conftest import Clock, make_config, redis_server
+from .conftest import Clock, make_config
 
 T0 = 1_800_000_000.0
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The config sections that choose the alert state: none (SQLite), or standby pollers on a redis-server."""
-    if request.param == "sqlite":
-        yield {}
-        return
-    pytest.importorskip("redis", reason="the Python redis package is not installed (pip install -e '.[redis]')")
-    with contextmanager(redis_server)(tmp_path, durable=False) as server:
-        yield {"queue": {"backend": "redis", "url": server.url, "standby": True, "lease": "10m"}}
 
 
 def book(rt: Runtime) -> SilenceBook:

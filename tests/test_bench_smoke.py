@@ -135,6 +135,16 @@ def test_failover() -> None:
     # each failover within lease + lease/3 + interval, plus a second for process scheduling on a shared machine
     assert all(0 < r.lease_taken <= r.first_poll <= f.bound + 1.0 for r in f.rounds), f.rounds
     assert f.expected > 10 and f.delivered == f.expected and f.repeats <= 2, f
+    # a group open at each kill: the new leader writes it, resolves it, and tells no one twice
+    assert all(0 < r.alert_write < r.resolved for r in f.rounds) and f.alert_repeats <= 2, f
+
+
+def test_alert_state_reads() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    pytest.importorskip("redis", reason="the Python redis package is not installed (pip install -e '.[redis]')")
+    timings = load("alert_state_reads").main(["--groups", "3", "--firing", "1"])
+    assert set(timings) == {"counts", "firing_count", "next_due_after", "open_groups", "any_due", "due"}
 
 
 def test_redis_workers() -> None:

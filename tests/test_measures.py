@@ -1,6 +1,9 @@
 """Rules that measure, on injected time: metric, ratio, spike and new_value fire, warn, resolve (with
 `resolve_after` hysteresis), wait for `for` and `min_count`; a late record lands in its own window; a restart in
-the middle of a window neither forgets it nor fires twice; `max_groups` sends further keys to one overflow group."""
+the middle of a window neither forgets it nor fires twice; `max_groups` sends further keys to one overflow group.
+
+The tests that take `backend` run against each alert state, SQLite and Redis (test_alerting.py's fixture): the
+windows travel in `Group.measure`, and new_value's first run and known values in the rule-level state."""
 
 from __future__ import annotations
 
@@ -21,8 +24,14 @@ from .conftest import Clock
 from .test_alerting import T0, alert_config, at, feed, notifications, runtime
 
 
-def measuring(tmp_path: Path, **rule: Any) -> Config:
-    return alert_config(tmp_path, {"events": ["generation.created"], "when": None, "group_wait": "0s", **rule})
+def measuring(tmp_path: Path, backend: dict[str, Any] | None = None, **rule: Any) -> Config:
+    rule = {"events": ["generation.created"], "when": None, "group_wait": "0s", **rule}
+    return alert_config(tmp_path, rule, backend=backend)
+
+
+def apart(backend: dict[str, Any], name: str) -> dict[str, Any]:
+    """The same backend for a second, separate deployment in one test (in Redis: its own key prefix)."""
+    return {"queue": {**backend["queue"], "name": name}} if backend else {}
 
 
 def gen(n: int, ts: float, *, user: str = "u1", cost: float | None = 1.0, level: str = "DEFAULT", **data: Any) -> Event:
@@ -70,10 +79,10 @@ COST = {
 
 
 def test_metric_warns_then_escalates_and_resolves_after_the_condition_cleared_for_resolve_after(
-    tmp_path: Path,
+    tmp_path: Path, backend: dict[str, Any]
 ) -> None:
     clock = Clock(T0)
-    with runtime(measuring(tmp_path, **COST), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **COST), clock) as rt:
         assert send(rt, clock, 0, gen(1, T0, cost=2.0)) == []
         # another user's costs are their own
         assert send(rt, clock, 30, gen(2, T0 + 30, user="u2", cost=2.5)) == []
@@ -99,9 +108,9 @@ def test_metric_warns_then_escalates_and_resolves_after_the_condition_cleared_fo
         assert at(rt, clock, 3600) == []
 
 
-def test_hysteresis_keeps_a_group_that_wavers_at_the_line_firing(tmp_path: Path) -> None:
+def test_hysteresis_keeps_a_group_that_wavers_at_the_line_firing(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
-    with runtime(measuring(tmp_path, **{**COST, "window": "1m", "resolve_after": "5m"}), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **{**COST, "window": "1m", "resolve_after": "5m"}), clock) as rt:
         assert told(send(rt, clock, 0, gen(1, T0, cost=6.0))) == [("rule.firing", "new", "critical", 6.0)]
         # each minute the cost falls out of the window and comes back: one alert throughout
         for minute in range(1, 5):
@@ -113,14 +122,16 @@ def test_hysteresis_keeps_a_group_that_wavers_at_the_line_firing(tmp_path: Path)
         assert [n["event"] for n in at(rt, clock, 340 + 5 * 60)] == ["rule.resolved"]
 
 
-def test_for_holds_a_condition_before_firing(tmp_path: Path) -> None:
+def test_for_holds_a_condition_before_firing(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
-    with runtime(measuring(tmp_path, **{**COST, "for": "2m"}), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **{**COST, "for": "2m"}), clock) as rt:
         assert send(rt, clock, 0, gen(1, T0, cost=6.0)) == []
         assert at(rt, clock, 119) == []
         assert told(at(rt, clock, 120)) == [("rule.firing", "new", "critical", 6.0)]
     clock = Clock(T0)
-    with runtime(measuring(tmp_path / "brief", **{**COST, "window": "1m", "for": "2m"}), clock) as rt:
+    with runtime(
+        measuring(tmp_path / "brief", apart(backend, "brief"), **{**COST, "window": "1m", "for": "2m"}), clock
+    ) as rt:
         # a condition that holds for less than `for` never fires
         assert send(rt, clock, 0, gen(1, T0, cost=6.0)) == []
         assert at(rt, clock, 70) == []
@@ -129,7 +140,7 @@ def test_for_holds_a_condition_before_firing(tmp_path: Path) -> None:
         assert notifications(rt) == []
 
 
-def test_ratio_is_judged_from_min_count_on(tmp_path: Path) -> None:
+def test_ratio_is_judged_from_min_count_on(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {
         "type": "ratio",
@@ -140,7 +151,7 @@ def test_ratio_is_judged_from_min_count_on(tmp_path: Path) -> None:
         "min_count": 4,
         "resolve_after": "1m",
     }
-    with runtime(measuring(tmp_path, **rule), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **rule), clock) as rt:
         # three errors of three: a share of 1, but too few to judge
         for n in range(3):
             assert send(rt, clock, n, gen(n, T0 + n, level="ERROR")) == []
@@ -155,7 +166,7 @@ def test_ratio_is_judged_from_min_count_on(tmp_path: Path) -> None:
         assert [n["event"] for n in at(rt, clock, 10 + 60)] == ["rule.resolved"]
 
 
-def test_spike_against_the_previous_window_and_a_catch_up_is_no_spike(tmp_path: Path) -> None:
+def test_spike_against_the_previous_window_and_a_catch_up_is_no_spike(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {
         "type": "spike",
@@ -166,7 +177,7 @@ def test_spike_against_the_previous_window_and_a_catch_up_is_no_spike(tmp_path: 
         "min_count": 2,
         "resolve_after": "1m",
     }
-    with runtime(measuring(tmp_path, **rule), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **rule), clock) as rt:
         # nothing is judged until two whole windows have been seen since the first value: a window begun
         # before it would be no reference
         assert send(rt, clock, 0, gen(1, T0, cost=1.0), gen(2, T0 + 1, cost=1.0)) == []
@@ -183,20 +194,20 @@ def test_spike_against_the_previous_window_and_a_catch_up_is_no_spike(tmp_path: 
         assert [n["event"] for n in at(rt, clock, 1920 + 60)] == ["rule.resolved"]
 
     clock = Clock(T0 + 7200)
-    with runtime(measuring(tmp_path / "catch-up", **rule), clock) as rt:
+    with runtime(measuring(tmp_path / "catch-up", apart(backend, "catch-up"), **rule), clock) as rt:
         # two hours of steady costs read at once, after an outage: each lands in its own window
         catch_up = [gen(n, T0 + n * 30, cost=1.0) for n in range(240)]
         assert send(rt, clock, 7200, *catch_up) == []
         assert at(rt, clock, 7300) == []
 
 
-def test_a_late_record_lands_in_its_own_window(tmp_path: Path) -> None:
+def test_a_late_record_lands_in_its_own_window(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
-    with runtime(measuring(tmp_path, **{**COST, "group_by": [], "window": "1m"}), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **{**COST, "group_by": [], "window": "1m"}), clock) as rt:
         assert send(rt, clock, 0, gen(1, T0, cost=2.0)) == []
         # found by a sweep two minutes later: it belongs to the window it happened in, which is over
         assert send(rt, clock, 200, gen(2, T0 + 200, cost=1.0), gen(3, T0 + 10, cost=5.0)) == []
-        state = rt.store.alert_state().groups()
+        state = rt.alerter.store.alert_state().groups()
         assert len(state) == 1
         reading = measure(rt.config.rules[0], state[0], T0 + 200)
         assert (reading.value, reading.count, reading.held) == (1.0, 1, False)
@@ -204,9 +215,11 @@ def test_a_late_record_lands_in_its_own_window(tmp_path: Path) -> None:
         assert told(send(rt, clock, 210, gen(4, T0 + 190, cost=2.5))) == [("rule.firing", "new", "warning", 3.5)]
 
 
-def test_a_restart_in_the_middle_of_a_window_neither_forgets_it_nor_fires_twice(tmp_path: Path) -> None:
+def test_a_restart_in_the_middle_of_a_window_neither_forgets_it_nor_fires_twice(
+    tmp_path: Path, backend: dict[str, Any]
+) -> None:
     clock = Clock(T0)
-    config = measuring(tmp_path, **COST)
+    config = measuring(tmp_path, backend, **COST)
     with runtime(config, clock) as rt:
         assert send(rt, clock, 0, gen(1, T0, cost=2.0)) == []
         assert told(send(rt, clock, 60, gen(2, T0 + 60, cost=1.5))) == [("rule.firing", "new", "warning", 3.5)]
@@ -222,11 +235,11 @@ def test_a_restart_in_the_middle_of_a_window_neither_forgets_it_nor_fires_twice(
     assert [n["data"]["reason"] for n in notifications(rt)] == ["new", "update", "resolved"]
 
 
-def test_percentiles_and_distinct(tmp_path: Path) -> None:
+def test_percentiles_and_distinct(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     latency = {**COST, "value": "data.latency", "aggregate": "p95", "group_by": ["data.model"], "above": 10.0}
     del latency["warn_above"]
-    with runtime(measuring(tmp_path, **latency), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **latency), clock) as rt:
         fast = [gen(n, T0 + n, latency=1.0 + n / 100) for n in range(90)]
         assert send(rt, clock, 90, *fast) == []
         slow = [gen(n, T0 + n, latency=20.0) for n in range(90, 100)]
@@ -236,7 +249,7 @@ def test_percentiles_and_distinct(tmp_path: Path) -> None:
         assert abs(fired[0]["data"]["value"] - 20.0) <= 0.2
     users = {**COST, "aggregate": "distinct", "value": "data.userId", "group_by": ["data.model"], "above": 2}
     del users["warn_above"]
-    with runtime(measuring(tmp_path / "distinct", **users), clock) as rt:
+    with runtime(measuring(tmp_path / "distinct", apart(backend, "distinct"), **users), clock) as rt:
         clock.now = T0
         assert send(rt, clock, 0, *[gen(n, T0, user=f"u{n % 2}") for n in range(10)]) == []
         assert told(send(rt, clock, 1, gen(11, T0 + 1, user="u9"))) == [("rule.firing", "new", "critical", 3.0)]
@@ -252,7 +265,7 @@ def test_a_value_that_is_no_number_is_skipped_and_said_once(tmp_path: Path, capl
     assert len(said) == 1 and "generation.created:o1" in said[0].getMessage()
 
 
-def test_new_value_learns_then_tells_each_new_kind_once(tmp_path: Path) -> None:
+def test_new_value_learns_then_tells_each_new_kind_once(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     rule = {
         "type": "new_value",
@@ -274,7 +287,7 @@ def test_new_value_learns_then_tells_each_new_kind_once(tmp_path: Path) -> None:
             data={"traceId": f"t{n}", "level": "ERROR", "statusMessage": message, "name": "chat"},
         )
 
-    with runtime(alert_config(tmp_path, {**rule, "group_wait": "0s"}), clock) as rt:
+    with runtime(alert_config(tmp_path, {**rule, "group_wait": "0s"}, backend=backend), clock) as rt:
         # learned silently in the first hour
         assert send(rt, clock, 10, err(1, T0 + 10, "timeout after 30s calling /v1/users/42")) == []
         assert send(rt, clock, 3700, err(2, T0 + 3700, "timeout after 12s calling /v1/users/7")) == []
@@ -307,14 +320,16 @@ def test_fingerprint_masks_what_varies() -> None:
     )
 
 
-def test_max_groups_sends_further_keys_to_one_overflow_group(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_max_groups_sends_further_keys_to_one_overflow_group(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: dict[str, Any]
+) -> None:
     clock = Clock(T0)
     capped = {**COST, "max_groups": 3}
     del capped["warn_above"]
-    with caplog.at_level(logging.WARNING), runtime(measuring(tmp_path, **capped), clock) as rt:
+    with caplog.at_level(logging.WARNING), runtime(measuring(tmp_path, backend, **capped), clock) as rt:
         send(rt, clock, 0, *[gen(n, T0, user=f"u{n}", cost=1.0) for n in range(5)])
         send(rt, clock, 1, *[gen(n, T0 + 1, user=f"u{n}", cost=1.0) for n in range(5, 8)])
-        labels = sorted(g.labels["data.userId"] for g in rt.store.alert_state().groups())
+        labels = sorted(g.labels["data.userId"] for g in rt.alerter.store.alert_state().groups())
         assert labels == [OVERFLOW, "u0", "u1", "u2"]
         assert rt.alerter.overflowed == {"errors": 5}
         scraped = generate_latest(Metrics(rt).registry).decode()
@@ -327,18 +342,18 @@ def test_max_groups_sends_further_keys_to_one_overflow_group(tmp_path: Path, cap
     assert len(said) == 1
 
 
-def test_a_window_kept_under_another_window_or_aggregate_starts_afresh(tmp_path: Path) -> None:
+def test_a_window_kept_under_another_window_or_aggregate_starts_afresh(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
-    with runtime(measuring(tmp_path, **COST), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **COST), clock) as rt:
         assert told(send(rt, clock, 0, gen(1, T0, cost=4.0))) == [("rule.firing", "new", "warning", 4.0)]
     # the same window with a p95: the stored bucket holds no sketch for the next cost to go into
-    with runtime(measuring(tmp_path, **{**COST, "aggregate": "p95"}), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **{**COST, "aggregate": "p95"}), clock) as rt:
         assert at(rt, clock, 1) == []
         assert told(send(rt, clock, 2, gen(2, T0 + 2, cost=6.0))) == [("rule.firing", "update", "critical", 6.0)]
-        [group] = rt.store.alert_state().groups()
+        [group] = rt.alerter.store.alert_state().groups()
         assert [bucket[1] for bucket in group.measure["b"]] == [1]
     # a longer window: buckets of the old width would lie in the future of the new one, never to leave
-    with runtime(measuring(tmp_path, **{**COST, "aggregate": "p95", "window": "1h"}), clock) as rt:
+    with runtime(measuring(tmp_path, backend, **{**COST, "aggregate": "p95", "window": "1h"}), clock) as rt:
         send(rt, clock, 3, gen(3, T0 + 3, cost=1.0))
-        [group] = rt.store.alert_state().groups()
+        [group] = rt.alerter.store.alert_state().groups()
         assert [bucket[0] for bucket in group.measure["b"]] == [int(T0 // 120)]

@@ -1,5 +1,6 @@
 """What Slack and PagerDuty show of a measuring rule's alert: the value against its threshold, the window, the top
-contributors; PagerDuty's severity follows warn_* against the main threshold, and the resolve closes the incident."""
+contributors; PagerDuty's severity follows warn_* against the main threshold, and the resolve closes the incident.
+With the alert state in SQLite and in Redis (the `backend` fixture)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .test_measures import COST, gen
 from .test_slack_pagerduty import ROUTING_KEY, fields, header, pagerduty, slack_webhook
 
 
-def test_slack_and_pagerduty_show_the_measure_and_page_by_severity(tmp_path: Path) -> None:
+def test_slack_and_pagerduty_show_the_measure_and_page_by_severity(tmp_path: Path, backend: dict[str, Any]) -> None:
     clock = Clock(T0)
     with FakeSlack() as slack, FakePagerDuty(routing_keys=[ROUTING_KEY]) as pd:
         rule: dict[str, Any] = {
@@ -31,6 +32,7 @@ def test_slack_and_pagerduty_show_the_measure_and_page_by_severity(tmp_path: Pat
                 "state": {"path": str(tmp_path / "state.db")},
                 "notifiers": {"slack": slack_webhook(slack), "pagerduty": pagerduty(pd, severity="error")},
                 "rules": [rule],
+                **backend,
             },
             "test",
         )
@@ -42,6 +44,9 @@ def test_slack_and_pagerduty_show_the_measure_and_page_by_severity(tmp_path: Pat
                     for event in events:
                         tx.enqueue(event, rt.router.targets(event))
                 rt.worker.run_until_idle()
+                if rt.replica is not None:
+                    # the matches wait in Redis for the leader's next tick
+                    rt.alerter.tick()
 
             send(0, gen(1, T0, cost=2.0), gen(2, T0 + 1, cost=1.5))
             send(60, gen(3, T0 + 60, cost=2.0))

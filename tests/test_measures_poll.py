@@ -1,5 +1,6 @@
 """Each rule that measures fires and resolves through the real poller against the stand-in, its notifications
-reaching a notifier; and the `test-rule` dry run replays events through them on its own clock."""
+reaching a notifier, with the alert state in SQLite and in Redis (the `backend` fixture); and the `test-rule` dry
+run replays events through them on its own clock."""
 
 from __future__ import annotations
 
@@ -47,12 +48,15 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
-def test_each_kind_fires_and_resolves_through_the_poller(tmp_path: Path, fake: FakeLangfuse) -> None:
+def test_each_kind_fires_and_resolves_through_the_poller(
+    tmp_path: Path, fake: FakeLangfuse, backend: dict[str, Any]
+) -> None:
     clock = fake.clock
     assert isinstance(clock, Clock)
     config = make_config(
         fake,
         tmp_path,
+        **backend,
         poll={"start": "now", "settle": "0s", "interval": "10s"},
         notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
         rules=[
@@ -149,7 +153,7 @@ def test_the_dry_run_replays_a_metric_rule(tmp_path: Path, fake: FakeLangfuse) -
     assert "would send 2 notifications" in out.getvalue()
 
 
-def test_a_langfuse_outage_is_not_a_drop(tmp_path: Path, fake: FakeLangfuse) -> None:
+def test_a_langfuse_outage_is_not_a_drop(tmp_path: Path, fake: FakeLangfuse, backend: dict[str, Any]) -> None:
     clock = fake.clock
     assert isinstance(clock, Clock)
     low = {
@@ -165,6 +169,7 @@ def test_a_langfuse_outage_is_not_a_drop(tmp_path: Path, fake: FakeLangfuse) -> 
     config = make_config(
         fake,
         tmp_path,
+        **backend,
         poll={"start": "now", "settle": "0s", "interval": "10s"},
         notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
         rules=[low],

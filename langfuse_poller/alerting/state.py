@@ -21,6 +21,8 @@ from contextlib import AbstractContextManager
 from functools import cache
 from typing import Any, Protocol
 
+import orjson
+
 from ..events import Event
 from ..notifiers.base import Notifier
 from .groups import Group
@@ -166,7 +168,8 @@ def group_to_json(group: Group) -> str:
 def group_from_json(text: str) -> Group:
     """A group from `group_to_json`; a field missing from the text (written before the field existed) gets its
     default, a field the text has that Group no longer has is dropped."""
-    data = json.loads(text)
+    # orjson: a measuring group's window is tens of kB of numbers, which json.loads reads three times slower
+    data = orjson.loads(text)
     hints = _hints(Group)
     values = {f.name: _revive(hints[f.name], data[f.name]) for f in dataclasses.fields(Group) if f.name in data}
     return Group(**values)

@@ -115,7 +115,10 @@ class Daemon:
             return  # a standby tells nobody: the leader re-sends the groups it told
         runtime = self.runtime
         try:
-            self.resender.run(runtime.store.alert_state(), runtime.alerter.rules, runtime.worker.targets)
+            # the alerter's store: with standby pollers, the groups in Redis, so a new leader re-sends those the
+            # old one told
+            state = runtime.alerter.store.alert_state()
+            self.resender.run(state, runtime.alerter.rules, runtime.worker.targets)
         except Exception:
             log.exception("open alerts could not be re-sent; the next tick tries again")
 

@@ -4,7 +4,9 @@ With `[queue] standby = true` the alerter's `AlertStore` (alerting/state.py) is 
 watermarks. What lives where, under `<prefix>` = `PollerKeys.prefix`:
 
 * `<prefix>:alert-groups` (hash: JSON [rule, key] -> the group, every dataclass field of it) and
-  `<prefix>:alert-due` (sorted set: the same field by `next_at`, so a tick finds the due groups in one range read).
+  `<prefix>:alert-due` (sorted set: the same field by `next_at`, so a tick finds the due groups in one range read),
+  `<prefix>:alert-states` (hash: the same field -> the group's state, so counting them for status and the metrics
+  parses no window of a measuring group). The keys and the fenced script that writes them: `alert_script.py`.
 * `<prefix>:alert-matches` (list of {target, event}): the matches of alerting rules. The poller pushes a page's
   matches in the fenced script that moves its watermark (`shared_state.COMMIT`), so a page's matches exist exactly
   when its watermark moved; the webhook receiver of any replica appends its own. The leader's `tick` takes them
@@ -46,127 +48,20 @@ from ...errors import DeliveryError, StateError
 from ...events import Event
 from ...notifiers.base import Notifier
 from ...store import Store
+from .alert_script import APPLY, AlertKeys, first_of_each_group, group_field, match_entry, notice_group, number
 from .keys import PollerKeys
 from .lease import Deposed
 
 log = logging.getLogger(__name__)
 
-# KEYS: token; ARGV: our token, key prefix, JSON list of operations. {1, token} when written, {0, token} when a
-# later token was issued (nothing written). Numbers travel as strings, as in COMMIT.
-APPLY = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-if current ~= tonumber(ARGV[1]) then return {0, current} end
-local p = ARGV[2]
-for _, op in ipairs(cjson.decode(ARGV[3])) do
-  if op.op == 'save' then
-    redis.call('HSET', p .. ':alert-groups', op.f, op.v)
-    redis.call('SADD', p .. ':alert-keys:' .. op.r, op.f)
-    if op.due == '' then redis.call('ZREM', p .. ':alert-due', op.f)
-    else redis.call('ZADD', p .. ':alert-due', op.due, op.f) end
-  elseif op.op == 'adopt' then
-    if redis.call('HSETNX', p .. ':alert-groups', op.f, op.v) == 1 then
-      redis.call('SADD', p .. ':alert-keys:' .. op.r, op.f)
-      if op.due ~= '' then redis.call('ZADD', p .. ':alert-due', op.due, op.f) end
-    end
-  elseif op.op == 'del' then
-    redis.call('HDEL', p .. ':alert-groups', op.f)
-    redis.call('ZREM', p .. ':alert-due', op.f)
-    redis.call('SREM', p .. ':alert-keys:' .. op.r, op.f)
-  elseif op.op == 'start' then
-    redis.call('HSETNX', p .. ':alert-rules', op.r, op.at)
-  elseif op.op == 'see' then
-    local h = p .. ':alert-values:' .. op.r
-    for i, k in ipairs(op.k) do
-      local old = redis.call('HGET', h, k)
-      if not old or tonumber(old) < tonumber(op.v[i]) then
-        redis.call('HSET', h, k, op.v[i])
-        redis.call('ZADD', h .. ':by-time', op.v[i], k)
-      end
-    end
-  elseif op.op == 'forget' then
-    local h = p .. ':alert-values:' .. op.r
-    for _, k in ipairs(redis.call('ZRANGEBYSCORE', h .. ':by-time', '-inf', '(' .. op.before)) do
-      redis.call('HDEL', h, k)
-    end
-    redis.call('ZREMRANGEBYSCORE', h .. ':by-time', '-inf', '(' .. op.before)
-  elseif op.op == 'take' then
-    redis.call('LTRIM', p .. ':alert-matches', op.n, -1)
-  elseif op.op == 'notice' then
-    if redis.call('HSETNX', p .. ':alert-outbox', op.id, op.v) == 1 then
-      redis.call('ZADD', p .. ':alert-outbox-due', op.at, op.id)
-    end
-  elseif op.op == 'retry' then
-    redis.call('HSET', p .. ':alert-outbox', op.id, op.v)
-    redis.call('ZADD', p .. ':alert-outbox-due', op.at, op.id)
-  elseif op.op == 'sent' or op.op == 'dead' then
-    redis.call('HDEL', p .. ':alert-outbox', op.id)
-    redis.call('ZREM', p .. ':alert-outbox-due', op.id)
-    if op.op == 'dead' then redis.call('RPUSH', p .. ':alert-dead', op.v) end
-  end
-end
-return {1, current}
-"""
 # matches taken by one tick at most; the rest wait for the next
 MATCH_BATCH = 5000
 # notifications sent by one tick at most
 NOTICE_BATCH = 100
 
 
-class AlertKeys:
-    """The alert state's keys, all built from the poller keys' prefix (so they follow it wherever it goes)."""
-
-    def __init__(self, keys: PollerKeys) -> None:
-        self.poller = keys
-        prefix = keys.prefix
-        self.prefix = prefix
-        self.groups = f"{prefix}:alert-groups"
-        self.due = f"{prefix}:alert-due"
-        self.matches = f"{prefix}:alert-matches"
-        self.outbox = f"{prefix}:alert-outbox"
-        self.outbox_due = f"{prefix}:alert-outbox-due"
-        self.dead = f"{prefix}:alert-dead"
-        # rule-level state: a set of each rule's group fields (what `max_groups` counts), when each new_value
-        # rule first ran, and the values each knows (hash value key -> last seen, with a sorted set by it)
-        self.rules = f"{prefix}:alert-rules"
-
-    def rule_groups(self, rule: str) -> str:
-        return f"{self.prefix}:alert-keys:{rule}"
-
-    def values(self, rule: str) -> str:
-        return f"{self.prefix}:alert-values:{rule}"
-
-
-def group_field(rule: str, key: str) -> str:
-    """A group's field in the groups hash and the due set."""
-    return json.dumps([rule, key], ensure_ascii=False)
-
-
-def match_entry(target: str, event: Event) -> str:
-    """One match as an item of the matches list (what COMMIT and `keep_matches` push)."""
-    return json.dumps({"t": target, "e": event.to_json()}, ensure_ascii=False)
-
-
-def notice_group(notice_id: str) -> tuple[str, int]:
-    """(the life of the group, the notification's seq) from an id `rule.<status>:<rule>:<key>:<opened>:<seq>`."""
-    head, _, seq = notice_id.rpartition(":")
-    _, _, life = head.partition(":")
-    try:
-        return life, int(seq)
-    except ValueError:
-        return notice_id, 0
-
-
-def first_of_each_group(notice_ids: Iterable[str]) -> dict[str, tuple[int, str]]:
-    """For each group life with notifications waiting, the (seq, id) of its earliest."""
-    first: dict[str, tuple[int, str]] = {}
-    for notice_id in notice_ids:
-        life, seq = notice_group(notice_id)
-        first[life] = min(first.get(life, (seq, notice_id)), (seq, notice_id))
-    return first
-
-
-def number(value: float) -> str:
-    return repr(float(value))
+# the states of an open group: what status shows and a standby would take over
+OPEN = ("firing", "pending")
 
 
 def _order(groups: Iterable[Group]) -> list[Group]:
@@ -194,6 +89,32 @@ class RedisAlertState:
                 found[field] = group
         return found
 
+    def _states(self) -> dict[str, str]:
+        """Field -> state of every group, from the small states index (a group's window is not parsed)."""
+        pipe = self._store.client.pipeline(transaction=False)
+        pipe.hgetall(self._keys.states)
+        pipe.hlen(self._keys.groups)
+        states, stored = self._store.call("read the alert groups' states", pipe.execute)
+        if len(states) < int(stored):
+            # groups written before the index existed: read whole, until each is written again
+            return {field: group.state for field, group in self._all().items()}
+        for field, group in self._pending.items():
+            if group is None:
+                states.pop(field, None)
+            else:
+                states[field] = group.state
+        return dict(states)
+
+    def _read(self, fields: Sequence[str]) -> dict[str, Group]:
+        """These groups, this transaction's writes included; a field with no group is left out."""
+        found = {f: g for f in fields if f in self._pending and (g := self._pending[f]) is not None}
+        stored = [field for field in fields if field not in self._pending]
+        if stored:
+            client = self._store.client
+            texts = self._store.call("read alert groups", client.hmget, self._keys.groups, stored)
+            found.update({f: group_from_json(t) for f, t in zip(stored, texts, strict=True) if t is not None})
+        return found
+
     def group(self, rule: str, key: str) -> Group | None:
         field = group_field(rule, key)
         if field in self._pending:
@@ -207,18 +128,15 @@ class RedisAlertState:
     def due(self, now: float) -> list[Group]:
         client = self._store.client
         fields = self._store.call("read the due alert groups", client.zrangebyscore, self._keys.due, "-inf", now)
-        found: dict[str, Group] = {}
-        if fields:
-            texts = self._store.call("read the due alert groups", client.hmget, self._keys.groups, fields)
-            found = {f: group_from_json(t) for f, t in zip(fields, texts, strict=True) if t is not None}
+        found = self._read([field for field in fields if field not in self._pending])
         for field, group in self._pending.items():
-            found.pop(field, None)
             if group is not None and group.next_at is not None and group.next_at <= now:
                 found[field] = group
         return _order(found.values())
 
     def open_groups(self) -> list[Group]:
-        return [group for group in self.groups() if group.state in ("firing", "pending")]
+        fields = [field for field, state in self._states().items() if state in OPEN]
+        return _order(group for group in self._read(fields).values() if group.state in OPEN)
 
     def any_due(self, now: float) -> bool:
         if self._pending:
@@ -227,16 +145,30 @@ class RedisAlertState:
         return int(count) > 0
 
     def next_due_after(self, now: float) -> float | None:
-        later = [g.next_at for g in self._all().values() if g.next_at is not None and g.next_at > now]
+        # the stored earliest, past those this transaction changed (their next look is the one it holds)
+        client, pending = self._store.client, self._pending
+        stored = self._store.call(
+            "read the due alert groups",
+            client.zrangebyscore,
+            self._keys.due,
+            f"({now!r}",
+            "+inf",
+            start=0,
+            num=len(pending) + 1,
+            withscores=True,
+        )
+        later = [float(at) for field, at in stored if field not in pending]
+        later += [g.next_at for g in pending.values() if g is not None and g.next_at is not None and g.next_at > now]
         return min(later) if later else None
 
     def firing_count(self) -> int:
-        return sum(1 for group in self._all().values() if group.state == "firing")
+        return sum(1 for state in self._states().values() if state == "firing")
 
     def counts(self) -> list[tuple[str, str, int]]:
         tally: dict[tuple[str, str], int] = {}
-        for group in self._all().values():
-            tally[(group.rule, group.state)] = tally.get((group.rule, group.state), 0) + 1
+        for field, state in self._states().items():
+            rule = json.loads(field)[0]
+            tally[(rule, state)] = tally.get((rule, state), 0) + 1
         return [(rule, state, count) for (rule, state), count in sorted(tally.items())]
 
     def save(self, group: Group) -> None:
@@ -384,7 +316,9 @@ class RedisAlertTransaction:
                 ops.append({"op": "del", "f": field, "r": rule})
             else:
                 due = "" if group.next_at is None else number(group.next_at)
-                ops.append({"op": "save", "f": field, "r": rule, "v": group_to_json(group), "due": due})
+                ops.append(
+                    {"op": "save", "f": field, "r": rule, "v": group_to_json(group), "s": group.state, "due": due}
+                )
         ops.extend(self.rule_ops)
         if self.taken:
             ops.append({"op": "take", "n": self.taken})
@@ -546,6 +480,7 @@ class RedisAlertStore:
                 "f": group_field(group.rule, group.key),
                 "r": group.rule,
                 "v": group_to_json(group),
+                "s": group.state,
                 "due": "" if group.next_at is None else number(group.next_at),
             }
             for group in groups
@@ -586,7 +521,7 @@ def read_alert_state(config: QueueConfig, delivery: DeliveryConfig, *, timeout: 
 
     client = sync_client(config.url, timeout)
     store = RedisAlertStore(
-        client, PollerKeys(config.name), token=lambda: None, delivery=delivery, where=f"Redis at {config.display_url}"
+        client, PollerKeys.of(config), token=lambda: None, delivery=delivery, where=f"Redis at {config.display_url}"
     )
     report = AlertStateReport(config.display_url)
     try:

@@ -34,7 +34,7 @@ from ...events import Event, RecordOutcome, Seen
 from ...poll_state import PollState, PollTransaction, StreamState
 from ...store import Store, StoredEvent
 from ..queue import QUEUE_TARGET
-from .alert_state import match_entry
+from .alert_script import match_entry
 from .keys import PollerKeys
 from .lease import Deposed
 
