@@ -283,6 +283,11 @@ def _generation_created(
     data = {
         **common,
         "traceName": record.get("traceName"),
+        # every observation of a trace carries its user and session (/v2/observations' `basic` group,
+        # packages/shared/src/server/repositories/observations_converters.ts; on the legacy path, the trace's
+        # context): what a rule needs to measure cost per user or per session
+        "userId": record.get("userId"),
+        "sessionId": record.get("sessionId"),
         "model": record.get("model"),
         "usage": _usage(record.get("usageDetails")),
         "usageDetails": record.get("usageDetails") or {},

@@ -195,3 +195,17 @@ def test_usage_metrics() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"'generations_total': \d+", done.stdout), done.stdout
     assert "RSS growth over the last 90%" in done.stdout and "folded into 'other'" in done.stdout, done.stdout
+
+
+def test_rules() -> None:
+    rules = load("rules")
+    found = rules.main(["--events", "4000", "--models", "20", "--keys", "300", "--values", "30"])
+    costs = {cost.rule: cost for cost in found["cost"]}
+    assert set(costs) == set(rules.RULES)
+    assert all(cost.events == 4000 and cost.micros > 0 for cost in costs.values()), costs
+    # one group per model; new_value: one per kind of error (5 kinds x 10 services at most)
+    assert costs["metric p95"].groups == 20 and 0 < costs["new_value (fingerprint)"].groups <= 50
+    keys, cap = found["keys"], found["cap"]
+    assert keys["groups"] == 300 and keys["events"] == 300 * 30 and keys["measure bytes per group"] > 0
+    # twice as many users as max_groups: the second half share the overflow group
+    assert cap["groups"] == 301 and cap["overflowed matches"] == cap["events"] // 2

@@ -79,8 +79,8 @@ def test_each_event_of_an_observation_has_exactly_this_envelope() -> None:
             '{"id":"generation.created:o1","event":"generation.created","timestamp":"2026-11-27T07:37:16.522Z",'
             '"source":"poll","data":{"projectId":"p1","traceId":"t1","observationId":"o1","name":"llm-call",'
             '"level":"ERROR","statusMessage":"upstream 500","environment":"production",'
-            '"url":"https://cloud.langfuse.com/project/p1/traces/t1","traceName":"chat","model":"gpt-4o",'
-            '"usage":{"promptTokens":120.0,"completionTokens":30.0,"totalTokens":150.0},'
+            '"url":"https://cloud.langfuse.com/project/p1/traces/t1","traceName":"chat","userId":"u1",'
+            '"sessionId":"s1","model":"gpt-4o","usage":{"promptTokens":120.0,"completionTokens":30.0,"totalTokens":150.0},'
             '"usageDetails":{"input":120,"output":30},"costDetails":{"total":0.0012},"totalCost":0.0012,'
             '"latency":1.25,"timeToFirstToken":0.3}}'
         ),
@@ -249,3 +249,21 @@ def test_seen_compares_by_version_and_level() -> None:
     assert Seen("1", "ERROR") == Seen("1", "ERROR")
     assert Seen("1", "ERROR") != Seen("1") and Seen("1") != Seen("2") and Seen("1") is not None
     assert Seen("bad").level == ""
+
+
+def test_a_generation_carries_its_traces_user_and_session_as_the_stand_in_serves_them() -> None:
+    # /v2/observations serves userId and sessionId (the `basic` group) on every observation of a trace, not only
+    # its root: a rule can measure cost per user on generation.created alone
+    from langfuse_poller.testing import FakeLangfuse, PollHarness
+
+    with FakeLangfuse() as langfuse:
+        clock = [1_800_000_000.0]
+        langfuse.clock = lambda: clock[0]
+        with PollHarness(langfuse) as harness:
+            langfuse.add_trace(trace_id="t-user", observations=2, user_id="user-7", session_id="session-3")
+            langfuse.add_trace(trace_id="t-anonymous", observations=1)
+            clock[0] += 1  # the head reads up to now, exclusive
+            events = harness.poll()
+    generations = {e.data["traceId"]: e.data for e in events if e.type == "generation.created"}
+    assert (generations["t-user"]["userId"], generations["t-user"]["sessionId"]) == ("user-7", "session-3")
+    assert (generations["t-anonymous"]["userId"], generations["t-anonymous"]["sessionId"]) == (None, None)

@@ -87,3 +87,12 @@ def test_demo_shows_events_and_alerts_then_a_summary(tmp_path: Path) -> None:
     assert "traces and" in summary and "events delivered: " in summary and "alerts sent: " in summary
     assert "trace.created" in summary and "API requests: observations" in summary
     assert not (tmp_path / "state").exists(), "the demo keeps its state in a temporary directory"
+    # the story: a user's agent loop runs away, and the cost-per-user rule warns, then fires, for that user
+    story = [line for line in lines if " story " in line or (" ALERT " in line and "cost-per-user" in line)]
+    assert "user-13's agent loop runs away" in story[0], result.stdout
+    alerts = [line.split(" ALERT ", 1)[1] for line in story if " ALERT " in line]
+    assert [alert.split(":", 1)[0].strip() for alert in alerts][:2] == [
+        "🟠 cost-per-user [userId=user-13]",
+        "🔥 cost-per-user [userId=user-13]",
+    ], result.stdout
+    assert "sum over 10s" in alerts[0] and "Threshold: 0.2" in alerts[0] and "Threshold: 0.5" in alerts[1]

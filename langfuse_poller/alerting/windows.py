@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,17 +166,21 @@ def quantile(bins: Counter[str], q: float) -> float | None:
     if total == 0:
         return None
     rank = q * (total - 1)
-    negatives = sorted((int(k[1:]) for k in bins if k.startswith(NEGATIVE)), reverse=True)
-    positives = sorted(int(k) for k in bins if k not in (ZERO,) and not k.startswith(NEGATIVE))
-    ordered: Iterable[tuple[str, float]] = (
-        *((NEGATIVE + str(k), -MAPPING.value(k)) for k in negatives),
-        (ZERO, 0.0),
-        *((str(k), MAPPING.value(k)) for k in positives),
-    )
+    # the bins in value order: negatives from the largest magnitude, zero, positives. Only the bin the rank
+    # falls in is mapped back to a value: a window of an hour holds a few hundred bins, and mapping each (a
+    # power) cost more than the walk itself
+    negatives = sorted(((int(k[1:]), k) for k in bins if k.startswith(NEGATIVE)), reverse=True)
+    positives = sorted((int(k), k) for k in bins if k != ZERO and not k.startswith(NEGATIVE))
     running = 0
-    value = 0.0
-    for key, value in ordered:
-        running += bins.get(key, 0)
+    for index, key in negatives:
+        running += bins[key]
         if running > rank:
-            return value
-    return value
+            return -MAPPING.value(index)
+    running += bins.get(ZERO, 0)
+    if running > rank or not positives:
+        return 0.0
+    for index, key in positives:
+        running += bins[key]
+        if running > rank:
+            return MAPPING.value(index)
+    return MAPPING.value(positives[-1][0])
