@@ -129,7 +129,9 @@ def test_failover() -> None:
         pytest.skip("redis-server is not installed")
     pytest.importorskip("bullmq", reason="the Python bullmq package is not installed (pip install -e '.[redis]')")
     failover = load("failover")
-    f = failover.main(["--kills", "2", "--lease", "1", "--interval", "0.5", "--rate", "5", "--pause", "1"])
+    f = failover.main(
+        ["--kills", "2", "--lease", "1", "--interval", "0.5", "--rate", "5", "--pause", "1", "--resolve-after", "1"]
+    )
     assert len(f.rounds) == 2 and not f.problems, f
     assert f.rounds[0].heir == f.rounds[1].killed, "the heir of the first kill is the leader at the second"
     # each failover within lease + lease/3 + interval, plus a second for process scheduling on a shared machine

@@ -174,6 +174,9 @@ def test_a_langfuse_outage_is_not_a_drop(tmp_path: Path, fake: FakeLangfuse, bac
         notifiers={"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}},
         rules=[low],
     )
+    # whole minutes from a whole minute: where the 10 s buckets of the window fall against the minutely
+    # generations must not depend on when the test starts (it failed when started 8-9 s past a bucket's start)
+    clock.now -= clock.now % 60
     start = clock.now
 
     def step(seconds: float) -> None:
