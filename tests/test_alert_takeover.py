@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,25 +79,32 @@ def pagerduty() -> Iterator[FakePagerDuty]:
         yield service
 
 
+@contextmanager
 def leader_and_standby(
-    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, extra: str, procs: list[Proc]
-) -> tuple[Proc, Proc]:
-    a = replica(cli, tmp_path, langfuse, server, "a", extra)
-    procs.append(a)
-    assert wait_for(lambda: leads(a), 15), a.text()
-    b = replica(cli, tmp_path, langfuse, server, "b", extra)
-    procs.append(b)
-    assert wait_for(lambda: "standby poller" in b.text(), 15), b.text()
-    return a, b
+    cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, server: RedisServer, extra: str
+) -> Iterator[tuple[Proc, Proc]]:
+    """Replica a leading and b standing by; both stopped afterwards, and neither may have printed a traceback."""
+    procs: list[Proc] = []
+    try:
+        a = replica(cli, tmp_path, langfuse, server, "a", extra)
+        procs.append(a)
+        assert wait_for(lambda: leads(a), 15), a.text()
+        b = replica(cli, tmp_path, langfuse, server, "b", extra)
+        procs.append(b)
+        assert wait_for(lambda: "standby poller" in b.text(), 15), b.text()
+        yield a, b
+    finally:
+        for proc in procs:
+            proc.stop()
+    for proc in procs:
+        assert "Traceback" not in proc.text(), proc.text()
 
 
 def test_kill_9_after_a_group_fired_the_new_leader_resolves_it_once(
     cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, pagerduty: FakePagerDuty
 ) -> None:
     extra = paging_rule(pagerduty, group_wait="0s", resolve_after="12s")
-    procs: list[Proc] = []
-    try:
-        a, b = leader_and_standby(cli, tmp_path, langfuse, redis, extra, procs)
+    with leader_and_standby(cli, tmp_path, langfuse, redis, extra) as (a, b):
         langfuse.add_trace(level="ERROR")
         assert wait_for(lambda: actions(pagerduty), 15), a.text()
         [(action, dedup_key)] = actions(pagerduty)
@@ -114,20 +121,13 @@ def test_kill_9_after_a_group_fired_the_new_leader_resolves_it_once(
         time.sleep(1.5)  # a late second firing or resolve would land now
         assert actions(pagerduty) == [("trigger", dedup_key), ("resolve", dedup_key)]
         assert groups_in(redis) == {}
-    finally:
-        for proc in procs:
-            proc.stop()
-    for proc in procs:
-        assert "Traceback" not in proc.text(), proc.text()
 
 
 def test_kill_9_within_group_wait_makes_exactly_one_firing(
     cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, pagerduty: FakePagerDuty
 ) -> None:
     extra = paging_rule(pagerduty, group_wait="6s", resolve_after="30s")
-    procs: list[Proc] = []
-    try:
-        a, b = leader_and_standby(cli, tmp_path, langfuse, redis, extra, procs)
+    with leader_and_standby(cli, tmp_path, langfuse, redis, extra) as (a, b):
         langfuse.add_trace(level="ERROR")
         # the leader recorded the match (group_wait runs), and has not told anyone yet
         assert wait_for(lambda: groups_in(redis), 15), a.text()
@@ -140,20 +140,13 @@ def test_kill_9_within_group_wait_makes_exactly_one_firing(
         assert action == "trigger"
         [group] = groups_in(redis).values()
         assert group["count"] == 1 and group["notified_count"] == 1 and group["told"] == ["pd"]
-    finally:
-        for proc in procs:
-            proc.stop()
-    for proc in procs:
-        assert "Traceback" not in proc.text(), proc.text()
 
 
 def test_a_stopped_leader_that_wakes_past_its_lease_changes_no_alert_state(
     cli: Cli, tmp_path: Path, langfuse: FakeLangfuse, redis: RedisServer, pagerduty: FakePagerDuty
 ) -> None:
     extra = paging_rule(pagerduty, group_wait="0s", resolve_after="4s")
-    procs: list[Proc] = []
-    try:
-        a, b = leader_and_standby(cli, tmp_path, langfuse, redis, extra, procs)
+    with leader_and_standby(cli, tmp_path, langfuse, redis, extra) as (a, b):
         langfuse.add_trace(level="ERROR")
         assert wait_for(lambda: actions(pagerduty), 15), a.text()
         a.proc.send_signal(signal.SIGSTOP)
@@ -165,11 +158,6 @@ def test_a_stopped_leader_that_wakes_past_its_lease_changes_no_alert_state(
         [(_, dedup_key)] = {(None, key) for _, key in actions(pagerduty)}
         assert actions(pagerduty) == [("trigger", dedup_key), ("resolve", dedup_key)]
         assert groups_in(redis) == {}
-    finally:
-        for proc in procs:
-            proc.stop()
-    for proc in procs:
-        assert "Traceback" not in proc.text(), proc.text()
 
 
 # --- in process, on an injected clock ----------------------------------------------------------------------
