@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from .config import DeliveryConfig
 from .errors import DeliveryError
 from .events import Event
 from .notifiers.base import BatchNotifier, Notifier, RawBatchNotifier
-from .store import DueDelivery, Store, Transaction
+from .store import DueDelivery, InProcessTarget, Store
 from .util.backoff import backoff_seconds, jittered_backoff
 
 log = logging.getLogger(__name__)
@@ -53,16 +53,6 @@ class HandlerTarget(Notifier):
 
     def close(self) -> None:
         """Nothing to release: the handler belongs to its module."""
-
-
-@runtime_checkable
-class InProcessTarget(Protocol):
-    """A target inside this process whose work is a state change: done in the transaction that records it."""
-
-    def apply(self, tx: Transaction, events: Sequence[Event]) -> None:
-        """Apply the events' effect through `tx`, the transaction that also marks them delivered; raise to roll
-        both back (the deliveries are then retried)."""
-        ...
 
 
 @dataclass
@@ -131,6 +121,14 @@ class DeliveryWorker:
                     self._running[job] = self._pool.submit(self._drain_in_process_safely, together)
                 elif not self._resting(name, now):
                     self._running[job] = self._pool.submit(self._drain_safely, name)
+
+    def count_applied(self, applied: Mapping[str, int], failed: Mapping[str, int]) -> None:
+        """Count the events that the store applied to in-process targets as it stored them as delivered, and
+        those they failed on (queued for them instead) as failed attempts."""
+        for name, count in applied.items():
+            self.stats.add(self.stats.delivered, name, count)
+        for name, count in failed.items():
+            self.stats.add(self.stats.failed, name, count)
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Wait for the drains in flight to finish."""

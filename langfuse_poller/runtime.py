@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,7 +20,7 @@ from .notifiers import Notifier, build_notifier
 from .poll_state import PollState
 from .poller import Poller
 from .registry import Registry, Router, import_handler_modules, registry
-from .store import Store
+from .store import InProcessTarget, Store
 from .webhooks.receiver import WebhookReceiver
 
 if TYPE_CHECKING:
@@ -54,6 +54,16 @@ def wire_routing(
         router.queue = QUEUE_TARGET
     alerter.store.use_targets(targets)
     return alerter, targets
+
+
+def apply_rules_at_once(
+    store: Store, alerter: Alerter, targets: Mapping[str, Notifier], worker: DeliveryWorker
+) -> None:
+    """Have the transaction that stores an event record it into the groups of its alerting rules at once
+    (`Database.apply_at_once`), when those groups live in the same store. With standby pollers they live in Redis,
+    where the matches wait for the leader: the rules then keep their deliveries."""
+    rules = {name: t for name, t in targets.items() if isinstance(t, InProcessTarget)} if alerter.store is store else {}
+    store.apply_at_once(rules, on_applied=worker.count_applied)
 
 
 @dataclass
@@ -100,6 +110,7 @@ class Runtime:
             standby = build_standby(config, store, cancel, clock)
         alerter, targets = wire_routing(config, router, store, clock, standby[4] if standby else None)
         worker = DeliveryWorker(store, targets, config.delivery, clock=clock, cancel=cancel)
+        apply_rules_at_once(store, alerter, targets, worker)
         reader = LangfuseReader(
             config.langfuse,
             extra_fields=config.poll.fields,

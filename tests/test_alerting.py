@@ -91,9 +91,10 @@ def error(n: int, clock: Clock, *, env: str = "production", level: str = "ERROR"
 
 
 def feed(rt: Runtime, events: list[Event]) -> None:
+    """Store events as a poll stores a page: together, in one transaction, which records the alerting rules'
+    matches into their groups as it stores them."""
     with rt.store.write() as tx:
-        for event in events:
-            tx.enqueue(event, rt.router.targets(event))
+        tx.enqueue_many([(event, rt.router.targets(event)) for event in events])
     rt.worker.run_until_idle()
     if rt.replica is not None:
         # the matches wait in Redis for the leader's next tick, which comes within a second
@@ -311,6 +312,20 @@ def test_frequency_fires_at_the_threshold_and_resolves_when_it_clears(tmp_path: 
         # groups that follow the poller's progress are looked at every few seconds
         assert at(rt, clock, 359) == []
         assert summary(at(rt, clock, 360 + PROGRESS_RECHECK)) == [("rule.resolved", "resolved", 5)]
+
+
+def test_a_burst_in_a_page_that_comes_newest_first_still_fires(tmp_path: Path, backend: dict[str, Any]) -> None:
+    # the API serves a page newest first; the rule must count its matches in event time, oldest first, or it
+    # sees only the latest three (10 s, 20 s, 900 s: more than a minute apart) and misses the burst
+    clock = Clock(T0)
+    rule = {"type": "frequency", "threshold": 3, "window": "1m", "group_wait": "0s"}
+    with runtime(alert_config(tmp_path, rule, backend=backend), clock) as rt:
+        page = []
+        for n, offset in enumerate((900, 20, 10, 0)):
+            clock.now = T0 + offset
+            page.append(error(n, clock))
+        feed(rt, page)
+        assert summary(notifications(rt)) == [("rule.firing", "new", 4)]
 
 
 def test_absence_fires_when_nothing_arrives_and_resolves_on_the_next(

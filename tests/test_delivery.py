@@ -314,3 +314,96 @@ def test_a_failed_part_is_not_told_to_the_observers_of_stored_events(tmp_path: P
     # the notice the failing target queued was rolled back with its part: usage metrics must not count it
     assert told == []
     assert store.pending_by_target() == {"rule:bad": 3}
+
+
+def test_in_process_targets_are_applied_in_the_transaction_that_stores_the_events(tmp_path: Path) -> None:
+    # what a poll page stores is recorded into the alerting rules at once: no delivery row per rule and event
+    store = Store(tmp_path / "state.db")
+    rule, told = Counting(), []
+    store.apply_at_once({"rule:a": rule}, on_applied=lambda applied, failed: told.append(applied))
+    with store.write() as tx:
+        # an id the page holds twice is applied once; the notifier keeps its delivery
+        assert tx.enqueue_many([(event(n), ["rule:a", "notifier:file"]) for n in (1, 2)]) == 2
+        assert tx.enqueue_many([(event(n), ["rule:a", "notifier:file"]) for n in (2, 3, 3)]) == 1
+        # the transaction's pages are applied together, as it commits
+        assert rule.calls == []
+    assert [e.id for e in rule.calls[0][1]] == [event(1).id, event(2).id, event(3).id]
+    assert rule.calls[0][0] is tx
+    assert told == [{"rule:a": 3}]
+    assert store.pending_by_target() == {"notifier:file": 3}
+    # a re-read of the same records stores nothing new, so nothing is applied twice
+    with store.write() as tx:
+        assert tx.enqueue_many([(event(n), ["rule:a", "notifier:file"]) for n in (1, 2)]) == 0
+    assert len(rule.calls) == 1
+    assert store.pending_by_target() == {"notifier:file": 3}
+    # a transaction that rolls back undoes the application with the events, and tells nothing
+    try:
+        with store.write() as tx:
+            tx.enqueue_many([(event(4), ["rule:a"])])
+            raise RuntimeError("the page failed")
+    except RuntimeError:
+        pass
+    assert len(rule.calls) == 1
+    assert told == [{"rule:a": 3}]
+    assert store.event(event(4).id) is None
+
+
+def test_an_in_process_target_that_fails_at_once_gets_the_deliveries_instead(tmp_path: Path) -> None:
+    # a failing rule must not fail the page: the page commits, the rule's writes are undone, and its events wait
+    # for it as deliveries, with the retries and dead letters of any other
+    store = Store(tmp_path / "state.db")
+    told: list[Any] = []
+    store.on_stored = told.extend
+    bad, good = Notifying(fail=True), Counting()
+    counted: list[Any] = []
+    store.apply_at_once({"rule:bad": bad, "rule:good": good}, on_applied=lambda *counts: counted.append(counts))
+    now = [1_900_000_000.0]
+    with store.write(now[0]) as tx:
+        tx.enqueue_many([(event(n), ["rule:bad", "rule:good"]) for n in range(3)])
+    assert store.pending_by_target() == {"rule:bad": 3}
+    assert counted == [({"rule:good": 3}, {"rule:bad": 3})]
+    assert [len(events) for _, events in good.calls] == [3]
+    # the notice the failing rule queued was rolled back with its writes
+    assert sorted(e.type for e in told) == ["trace.created"] * 3
+    assert store.alert_notifications() == []
+    worker = DeliveryWorker(store, {"rule:bad": bad, "rule:good": good}, DeliveryConfig(), clock=lambda: now[0])
+    worker.kick()
+    worker.wait_idle()
+    assert worker.stats.failed == {"rule:bad": 3}
+    bad.fail = False
+    now[0] += 3600
+    worker.kick()
+    worker.wait_idle()
+    worker.close()
+    assert [len(events) for _, events in bad.calls] == [3]
+    # what is left is the notice the rule queued once it worked
+    assert store.pending_by_target() == {"notifier:pager": 1}
+
+
+def test_at_once_applies_oldest_first_and_queues_behind_what_still_waits(tmp_path: Path) -> None:
+    # a page comes newest first; a rule judges in event time: a burst or a resolve must be seen in order
+    store = Store(tmp_path / "state.db")
+    rule = Counting()
+    store.apply_at_once({"rule:a": rule})
+    with store.write() as tx:
+        tx.enqueue_many([(event(n), ["rule:a"]) for n in (3, 2, 1)])
+    assert [e.id for e in rule.calls[0][1]] == [event(n).id for n in (1, 2, 3)]
+    # older matches still waiting as deliveries (the rule failed on them, or a release before this one queued
+    # them): newer ones wait behind them, or the rule would slide its windows past them and drop them as late
+    store.apply_at_once({})
+    with store.write() as tx:
+        tx.enqueue_many([(event(4), ["rule:a"])])
+    store.apply_at_once({"rule:a": rule})
+    with store.write() as tx:
+        tx.enqueue_many([(event(n), ["rule:a"]) for n in (6, 5)])
+    assert len(rule.calls) == 1
+    assert store.pending_by_target() == {"rule:a": 3}
+    worker = DeliveryWorker(store, {"rule:a": rule}, DeliveryConfig())
+    worker.run_until_idle()
+    worker.close()
+    assert [e.id for e in rule.calls[1][1]] == [event(n).id for n in (4, 5, 6)]
+    # caught up: the next events are applied at once again
+    with store.write() as tx:
+        tx.enqueue_many([(event(7), ["rule:a"])])
+    assert [e.id for e in rule.calls[2][1]] == [event(7).id]
+    assert store.queue_depth() == 0

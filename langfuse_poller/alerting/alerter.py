@@ -1,10 +1,12 @@
 """The alerter: records the matches of grouping rules into durable alert groups, and sends their notifications.
 
-A match reaches the alerter like any delivery, to the target `rule:<name>`, and is recorded into its group in
-the same transaction that marks the delivery done: a crash neither loses nor double-counts it. A notification
-is enqueued, as a `rule.firing` or `rule.resolved` event for each of the rule's notifiers, in the same
-transaction that saves the group's new state: a restart neither re-sends nor forgets an open group, and the
-notifiers get it with the retries and dead letters of every delivery.
+A match is recorded into its group by the transaction that stores its event, just before it commits
+(`Database.apply_at_once`): a crash neither loses nor double-counts it. When the rule fails on it, or older
+matches still wait, it reaches the alerter like any delivery instead, to the target `rule:<name>`, recorded in
+the transaction that marks the delivery done. A notification is enqueued, as a `rule.firing` or
+`rule.resolved` event for each of the rule's notifiers, in the same transaction that saves the group's new
+state: a restart neither re-sends nor forgets an open group, and the notifiers get it with the retries and dead
+letters of every delivery.
 
 The alerter is typed against the alert state's contract (`state.py`), not against one backend: with standby
 pollers the groups and the notifications live in Redis instead (`redis/standby/alert_state.py`), the matches wait
@@ -53,7 +55,8 @@ def group_envelope(group: Group) -> dict[str, Any]:
 
 
 class RuleTarget(Notifier):
-    """The delivery target `rule:<name>`: records matches into the rule's groups, in the delivery's transaction."""
+    """The target `rule:<name>`: records matches into the rule's groups, in the transaction it is given (the one
+    that stores them, or the one that marks their deliveries done)."""
 
     def __init__(self, alerter: Alerter, rule: Rule) -> None:
         self.alerter = alerter
@@ -190,9 +193,9 @@ class Alerter:
                 group = cap.group(groups, labels, now)
                 silenced = whole and self.silences.match(rule.name, envelope, now) is not None
                 measures.record_value(rule, group, event, value, now, silenced=silenced)
-        # these matches are counted now, though their deliveries are marked done only after this: they hold the
-        # rule's progress back to the oldest of them. The batch is the rule's oldest waiting matches, so the
-        # window may reach the latest of them
+        # these matches are counted now, though their events (or deliveries) commit only after this: they hold the
+        # rule's progress back to the oldest of them. The batch is the rule's oldest waiting matches (new events
+        # queue behind older waiting deliveries: `Transaction.apply_waiting`), so the window may reach the latest
         latest = max((event.timestamp.timestamp() for event in events), default=0.0)
         progress = max(self.progress(tx, rule), latest)
         for group in groups.values():

@@ -29,7 +29,7 @@ from ..config import NO_CONFIG_FILE, Config, load_config
 from ..errors import LangfusePollerError
 from ..notifiers import Notifier
 from ..registry import Router, import_handler_modules
-from ..runtime import Runtime, wire_routing
+from ..runtime import Runtime, apply_rules_at_once, wire_routing
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,7 @@ def build(runtime: Runtime, prepared: Prepared) -> Routing:
 def swap(runtime: Runtime, prepared: Prepared, routing: Routing) -> None:
     """Put the new routing in place; only while nothing polls or delivers. Closes the old targets."""
     old_targets = runtime.worker.replace_targets(routing.targets, prepared.config.delivery)
+    apply_rules_at_once(runtime.store, routing.alerter, routing.targets, runtime.worker)
     old_silences = runtime.alerter.silences
     runtime.config = prepared.config
     runtime.router = routing.router

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .alerts import AlertTables, SqliteAlertState
-from .database import Database, SqliteError, Transaction
+from .database import Database, InProcessTarget, SqliteError, Transaction
 from .migrations import MIGRATIONS
 from .outbox import ROWS_PER_INSERT, DeadLetter, DueDelivery, Outbox, StoredEvent, event_id_hash
 from .streams import READ_PATH_KEY, StreamTables
@@ -28,6 +28,7 @@ __all__ = [
     "ROWS_PER_INSERT",
     "DeadLetter",
     "DueDelivery",
+    "InProcessTarget",
     "SqliteAlertState",
     "SqliteError",
     "Store",

@@ -12,18 +12,21 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import StateError
+from ..events import Event
 from ..util.lockfile import lock_path, read_holder, write_holder
 from .alerts import AlertWrites
 from .base import Tables
 from .migrations import MIGRATIONS
 from .outbox import OutboxWrites, StoredEvent, event_id_hash, stored_by
 from .streams import StreamWrites
+
+log = logging.getLogger(__name__)
 
 # what a statement raises when SQLite fails (a locked or read-only file, a full disk), by the store's name: a
 # caller that answers such a failure itself (the webhook receiver: 503, so that Langfuse sends again) catches
@@ -39,8 +42,59 @@ URGENT_TURN = 1.0
 MIGRATION_LOCK_WAIT = 5.0
 
 
+@runtime_checkable
+class InProcessTarget(Protocol):
+    """A target inside this process whose work is a state change (an alerting rule's groups): done in a write
+    transaction of this store, the one that stores its events (`Database.apply_at_once`) or the one that marks
+    their deliveries done."""
+
+    def apply(self, tx: Transaction, events: Sequence[Event]) -> None:
+        """Apply the events' effect through `tx`; raise to roll it back (the events are then delivered to this
+        target later, with retries)."""
+        ...
+
+
 class Transaction(StreamWrites, OutboxWrites, AlertWrites):
     """The writes of one transaction; obtained from `Store.write()`."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float, at_once: Mapping[str, InProcessTarget]) -> None:
+        super().__init__(conn, now, at_once)
+        self._targets = at_once
+        # how many new events each `at_once` target was applied to, or failed on (they were queued for it)
+        self.applied: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+
+    def apply_waiting(self) -> None:
+        """Apply the new events of this transaction to their `at_once` targets, oldest first (a page comes newest
+        first), each target in a part of the transaction that fails alone: its writes are then undone, and its
+        events get their deliveries to it after all (retried, and dead letters if they keep failing).
+        `Database.write` calls this before it commits."""
+        while self.waiting:
+            # what a target enqueues (alert notifications) goes to notifiers, never back to it: this ends
+            waiting, self.waiting = self.waiting, {}
+            for target, pending in waiting.items():
+                ordered = sorted(pending.values(), key=lambda stored: (stored[1].timestamp, stored[0]))
+                if self.oldest_pending_ts(target) is not None:
+                    # older events still wait as deliveries (a failure, an upgrade): these queue behind them, since
+                    # a rule judges its windows in event time and takes the waiting ones for its oldest
+                    self.deliver_instead(target, ordered)
+                    continue
+                events = [event for _, event in ordered]
+                try:
+                    with self.part():
+                        self._targets[target].apply(self, events)
+                except Exception as exc:
+                    log.warning(
+                        "%s failed on %d new events in the transaction that stored them (%s: %s); they are queued",
+                        target,
+                        len(events),
+                        type(exc).__name__,
+                        exc,
+                    )
+                    self.failed[target] = self.failed.get(target, 0) + len(events)
+                    self.deliver_instead(target, ordered)
+                else:
+                    self.applied[target] = self.applied.get(target, 0) + len(events)
 
 
 class Database(Tables["Transaction"]):
@@ -59,6 +113,9 @@ class Database(Tables["Transaction"]):
         self._lock_fd: int | None = None
         # told of the events each transaction stored, once it committed (the metrics count them by type)
         self.on_stored: Callable[[Sequence[StoredEvent]], None] | None = None
+        # see apply_at_once
+        self._at_once: Mapping[str, InProcessTarget] = {}
+        self._on_applied: Callable[[Mapping[str, int], Mapping[str, int]], None] | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -106,20 +163,34 @@ class Database(Tables["Transaction"]):
         conn = self._conn()
         with self._locked(urgent):
             conn.execute("BEGIN IMMEDIATE")
-            tx = Transaction(conn, self.clock() if now is None else now)
+            tx = Transaction(conn, self.clock() if now is None else now, self._at_once)
             try:
                 yield tx
+                tx.apply_waiting()
                 stored = stored_by(tx) if tx.enqueued and self.on_stored is not None else []
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        if (tx.applied or tx.failed) and self._on_applied is not None:
+            self._on_applied(tx.applied, tx.failed)
         if stored and self.on_stored is not None:
             try:
                 self.on_stored(stored)
             except Exception:
                 # the transaction committed: an observer's failure must not look like the write's
                 logging.getLogger(__name__).exception("an observer of stored events failed")
+
+    def apply_at_once(
+        self,
+        targets: Mapping[str, InProcessTarget],
+        on_applied: Callable[[Mapping[str, int], Mapping[str, int]], None] | None = None,
+    ) -> None:
+        """From the next transaction on, apply each new event to those of `targets` it is routed to in the
+        transaction that stores it, just before it commits, rather than give it a delivery to them; when that
+        fails, it gets the delivery after all (`OutboxWrites.apply_waiting`). `on_applied` is told, after each
+        commit, how many events each target took so, and how many it failed on."""
+        self._at_once, self._on_applied = dict(targets), on_applied
 
     @contextmanager
     def _locked(self, urgent: bool) -> Iterator[None]:

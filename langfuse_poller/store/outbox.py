@@ -6,8 +6,9 @@ not be parsed).
 from __future__ import annotations
 
 import json
+import sqlite3
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,6 +84,13 @@ def stored_by(tx: OutboxWrites) -> list[StoredEvent]:
 class OutboxWrites(TransactionBase):
     """A transaction's writes to the outbox: the events a poll or a webhook stores, and finished deliveries."""
 
+    def __init__(self, conn: sqlite3.Connection, now: float, at_once: Collection[str] = ()) -> None:
+        super().__init__(conn, now)
+        # the targets that new events are applied to by the transaction that stores them, not delivered to
+        # (`Database.apply_at_once`), and the events that wait for that: (seq, event) by target and event id
+        self.at_once = at_once
+        self.waiting: dict[str, dict[str, tuple[int, Event]]] = {}
+
     def enqueue(self, event: Event, targets: Iterable[str]) -> bool:
         """Store an event and one pending delivery per target; False when the event id is already stored."""
         return self.enqueue_many([(event, list(targets))]) == 1
@@ -92,6 +100,12 @@ class OutboxWrites(TransactionBase):
 
         An event id already stored is not stored again, and gets no delivery it already has. The look-up and the
         insert are atomic: the transaction holds the write lock from its start (BEGIN IMMEDIATE).
+
+        A new event routed to an `at_once` target gets no delivery to it: it waits in `waiting`, and the
+        transaction applies it before it commits, with the events of all its pages (`Transaction.apply_waiting`).
+        An event stored before gets none either: it was applied when it was stored. In a catch-up, writing,
+        reading back, parsing and marking done a delivery per alerting rule and event cost more than the rules
+        themselves (BENCHMARKS.md, "Catch-up with alerting rules and usage metrics").
         """
         stored: dict[str, int] = {}
         # events stored before (a re-read, a replay): (seq, ts), since one may lack a delivery to a target added
@@ -131,7 +145,14 @@ class OutboxWrites(TransactionBase):
                 ts = e.timestamp.timestamp()
             else:
                 seq, ts = earlier[e.id]
-            deliveries.extend((seq, target, self.now, ts, self.now) for target in dict.fromkeys(targets))
+            for target in dict.fromkeys(targets):
+                if target not in self.at_once:
+                    deliveries.append((seq, target, self.now, ts, self.now))
+                elif e.id in stored:
+                    # an id the page holds twice is applied once
+                    self.waiting.setdefault(target, {}).setdefault(e.id, (seq, e))
+                # an event stored before was applied then (or given its delivery, when that failed); without a row
+                # to say which, a target added since does not get it: a rule counts the events stored after it
         self.conn.executemany(
             "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
             deliveries,
@@ -139,19 +160,27 @@ class OutboxWrites(TransactionBase):
         self.enqueued += len(stored)
         return len(stored)
 
+    def deliver_instead(self, target: str, waiting: Iterable[tuple[int, Event]]) -> None:
+        """Give events that waited for an `at_once` target, which failed on them, their deliveries to it."""
+        self.conn.executemany(
+            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
+            [(seq, target, self.now, event.timestamp.timestamp(), self.now) for seq, event in waiting],
+        )
+
     @contextmanager
     def part(self) -> Iterator[None]:
         """A part of the transaction that fails alone (a savepoint): on an exception its writes are undone and the
         exception goes on; the rest of the transaction stays, to commit."""
         enqueued = self.enqueued
+        waiting = {target: dict(pending) for target, pending in self.waiting.items()}
         self.conn.execute("SAVEPOINT part")
         try:
             yield
         except BaseException:
             self.conn.execute("ROLLBACK TO part")
             self.conn.execute("RELEASE part")
-            # what `stored_by` reads back counts only the events that stay
-            self.enqueued = enqueued
+            # what `stored_by` reads back counts only the events that stay, and only they are applied
+            self.enqueued, self.waiting = enqueued, waiting
             raise
         self.conn.execute("RELEASE part")
 
