@@ -125,6 +125,9 @@ class CompiledRule:
         """Whether the condition holds for an event whose type the rule's globs match (the Router checked)."""
         if self.program is None:
             return True
+        plainly = self._when_reads.plainly(envelope)
+        if plainly is not None:
+            return plainly
         return self._holds(self.program, "condition", event, self._when_reads.activation(envelope))
 
     def resolves(self, event: Event, envelope: Mapping[str, Any]) -> bool:
@@ -138,8 +141,10 @@ class CompiledRule:
         `value` (a value of any kind for `distinct` and new_value rules), 0.0 for a count without `value`; None
         when there is none it can use, which leaves the match out (counted in `skipped`, said once)."""
         if self.share_program is not None:
-            share = self._share_reads.activation(envelope)
-            return 1.0 if self._holds(self.share_program, "share", event, share) else 0.0
+            plainly = self._share_reads.plainly(envelope)
+            if plainly is None:
+                plainly = self._holds(self.share_program, "share", event, self._share_reads.activation(envelope))
+            return 1.0 if plainly else 0.0
         if self.value_program is None:
             return 0.0
         measure = self.rule.measure
@@ -189,6 +194,8 @@ _DATA = re.compile(r"\bdata\b")
 _DATA_CALL = re.compile(r"\bdata\.[A-Za-z_][A-Za-z0-9_]*\s*\(")
 _TOP_KEYS = re.compile(r"\b(id|event|timestamp|source)\b")
 _PATH = re.compile(r"^\s*data(\.[A-Za-z_][A-Za-z0-9_]*)+\s*$")
+# `data.level == "ERROR"`: a field against a string without escapes, what most `when` and `share` conditions are
+_EQUALS = re.compile(r"""^\s*data\.([A-Za-z_][A-Za-z0-9_]*)\s*==\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*$""")
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,8 @@ class Reads:
     data: frozenset[str] | None  # the `data.X` fields read; None: all of `data`
     top: frozenset[str]  # the other top-level keys named
     path: str | None  # the expression is a plain path (`data.totalCost`): read without CEL
+    # the expression compares a field of data with a string (`data.level == "ERROR"`): (field, string)
+    equals: tuple[str, str] | None = None
 
     @classmethod
     def of(cls, expression: str | None) -> Reads:
@@ -211,7 +220,18 @@ class Reads:
         # every `data` is followed by `.field`: those fields are all it reads of data
         whole = len(_DATA.findall(expression)) != len(fields) or _DATA_CALL.search(expression) is not None
         path = expression.strip() if _PATH.match(expression) else None
-        return cls(None if whole else frozenset(fields), frozenset(_TOP_KEYS.findall(expression)), path)
+        compared = _EQUALS.match(expression)
+        equals = (compared[1], compared[2] if compared[2] is not None else compared[3]) if compared else None
+        return cls(None if whole else frozenset(fields), frozenset(_TOP_KEYS.findall(expression)), path, equals)
+
+    def plainly(self, envelope: Mapping[str, Any]) -> bool | None:
+        """The outcome of an `equals` expression when the field holds a string, found without CEL (about 10 us
+        less per match); None when CEL must judge (another expression, a field of another type or missing)."""
+        if self.equals is None:
+            return None
+        data = envelope.get("data")
+        value = data.get(self.equals[0]) if type(data) is dict else None
+        return value == self.equals[1] if type(value) is str else None
 
     def activation(self, envelope: Mapping[str, Any]) -> dict[str, Any]:
         """The part of the envelope the expression reads."""

@@ -126,6 +126,13 @@ def test_check_compiles_value_and_share(tmp_path: Path, rule: dict[str, Any], ke
         'has(data.metadata) && data.metadata.env == "prod"',
         'timestamp(timestamp) > timestamp("2027-01-01T00:00:00Z")',
         'source == "poll" && data.totalCost > 0.1',
+        # a field against a string is judged without CEL when the field holds a string, by CEL otherwise
+        'data.level == "ERROR"',
+        "data.level == 'DEFAULT'",
+        'data.model == "m" ',
+        'data.totalCost == "0.25"',
+        'data.usage == "30"',
+        'data.missing == "x"',
     ],
 )
 def test_value_and_share_read_what_cel_reads_of_the_whole_envelope(expression: str) -> None:
@@ -157,6 +164,11 @@ def test_value_and_share_read_what_cel_reads_of_the_whole_envelope(expression: s
             return type(exc)
 
     assert run(reads.activation(envelope)) == run(envelope)
+    plainly = reads.plainly(envelope)
+    assert plainly is None or plainly == run(envelope)
+    assert (plainly is not None) == (
+        expression in ('data.level == "ERROR"', "data.level == 'DEFAULT'", 'data.model == "m" ')
+    )
     # a rule's `when` is judged on the same narrowed activation, with the same outcome as on the whole envelope
     from langfuse_poller.events import Event
     from langfuse_poller.registry import CompiledRule
