@@ -24,6 +24,7 @@ whoever was told it fired. Matches that arrived after the last notification are 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -92,11 +93,18 @@ class Group:
 def lookup(envelope: Mapping[str, Any], path: str) -> Any:
     """The value at a dotted path of the envelope ("data.environment"), or None."""
     value: Any = envelope
-    for part in path.split("."):
-        if not isinstance(value, Mapping):
+    for part in _parts(path):
+        # event data is made of JSON objects: dicts, checked first since this runs for every match and label
+        if type(value) is not dict and not isinstance(value, Mapping):
             return None
         value = value.get(part)
     return value
+
+
+@functools.lru_cache(maxsize=1024)
+def _parts(path: str) -> tuple[str, ...]:
+    # the paths are a rule's `group_by`: few, and each split for every match
+    return tuple(path.split("."))
 
 
 def labels_of(rule: Rule, envelope: Mapping[str, Any]) -> dict[str, str]:
