@@ -36,6 +36,8 @@ SqliteError = sqlite3.Error
 URGENT_TURN = 1.0
 
 
+# tries to put a new state in WAL mode, 50 ms apart (see _use_wal)
+WAL_ATTEMPTS = 60
 # how long an update of the schema waits for the state's lock: long enough for another process of this release that
 # creates or updates the same file at the same moment (several commands started at once on a new state), short
 # enough that a running daemon, which holds the lock for good, is named soon
@@ -97,6 +99,20 @@ class Transaction(StreamWrites, OutboxWrites, AlertWrites):
                     self.applied[target] = self.applied.get(target, 0) + len(events)
 
 
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (a no-op once it is). Two commands started at once on a new state were seen to
+    get "database is locked" at once from this, the busy timeout notwithstanding: it is tried again, a few
+    seconds at most."""
+    for attempt in range(WAL_ATTEMPTS):
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == WAL_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05)
+
+
 class Database(Tables["Transaction"]):
     """The state file: connections, transactions, the lock and the schema. Safe to share between threads: each
     thread gets its own connection."""
@@ -129,7 +145,7 @@ class Database(Tables["Transaction"]):
         if conn is None:
             try:
                 conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                conn.execute("PRAGMA journal_mode = WAL")
+                _use_wal(conn)
                 # NORMAL in WAL mode survives a process crash; a power cut may drop the last commits, which
                 # rolls back the watermark together with its events, so nothing is lost, only re-read
                 conn.execute("PRAGMA synchronous = NORMAL")
