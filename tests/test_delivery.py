@@ -283,13 +283,18 @@ def test_an_in_process_target_that_fails_does_not_hold_back_the_others(tmp_path:
     assert store.pending_by_target() == {"rule:bad": 3}
     assert worker.stats.delivered == {"rule:good": 3}
     assert worker.stats.failed == {"rule:bad": 3}
-    bad.fail = False
+    recover(worker, bad, now)
+    assert store.queue_depth() == 0
+    assert [len(events) for _, events in bad.calls] == [3]
+
+
+def recover(worker: DeliveryWorker, target: Counting, now: list[float]) -> None:
+    """The failing target works again: its retries, due within the hour, are delivered; the worker stops."""
+    target.fail = False
     now[0] += 3600
     worker.kick()
     worker.wait_idle()
     worker.close()
-    assert store.queue_depth() == 0
-    assert [len(events) for _, events in bad.calls] == [3]
 
 
 class Notifying(Counting):
@@ -370,11 +375,7 @@ def test_an_in_process_target_that_fails_at_once_gets_the_deliveries_instead(tmp
     worker.kick()
     worker.wait_idle()
     assert worker.stats.failed == {"rule:bad": 3}
-    bad.fail = False
-    now[0] += 3600
-    worker.kick()
-    worker.wait_idle()
-    worker.close()
+    recover(worker, bad, now)
     assert [len(events) for _, events in bad.calls] == [3]
     # what is left is the notice the rule queued once it worked
     assert store.pending_by_target() == {"notifier:pager": 1}

@@ -195,7 +195,7 @@ class Database(Tables["Transaction"]):
                 self.on_stored(stored)
             except Exception:
                 # the transaction committed: an observer's failure must not look like the write's
-                logging.getLogger(__name__).exception("an observer of stored events failed")
+                log.exception("an observer of stored events failed")
 
     def apply_at_once(
         self,
@@ -204,7 +204,7 @@ class Database(Tables["Transaction"]):
     ) -> None:
         """From the next transaction on, apply each new event to those of `targets` it is routed to in the
         transaction that stores it, just before it commits, rather than give it a delivery to them; when that
-        fails, it gets the delivery after all (`OutboxWrites.apply_waiting`). `on_applied` is told, after each
+        fails, it gets the delivery after all (`Transaction.apply_waiting`). `on_applied` is told, after each
         commit, how many events each target took so, and how many it failed on."""
         self._at_once, self._on_applied = dict(targets), on_applied
 
@@ -261,9 +261,7 @@ class Database(Tables["Transaction"]):
                 wait=MIGRATION_LOCK_WAIT,
             )
             # a rebuild of a large outbox takes a while (migration 4: about 7 s for 600,000 events)
-            logging.getLogger(__name__).info(
-                "updating the state in %s from schema %d to %d", self.path, max(applied), len(MIGRATIONS)
-            )
+            log.info("updating the state in %s from schema %d to %d", self.path, max(applied), len(MIGRATIONS))
         try:
             conn.create_function("event_id_hash", 1, event_id_hash, deterministic=True)
             # a migration may rebuild a table that others refer to: with foreign keys enforced, dropping the old

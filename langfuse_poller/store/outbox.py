@@ -153,18 +153,19 @@ class OutboxWrites(TransactionBase):
                     self.waiting.setdefault(target, {}).setdefault(e.id, (seq, e))
                 # an event stored before was applied then (or given its delivery, when that failed); without a row
                 # to say which, a target added since does not get it: a rule counts the events stored after it
-        self.conn.executemany(
-            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
-            deliveries,
-        )
+        self._add_deliveries(deliveries)
         self.enqueued += len(stored)
         return len(stored)
 
     def deliver_instead(self, target: str, waiting: Iterable[tuple[int, Event]]) -> None:
-        """Give events that waited for an `at_once` target, which failed on them, their deliveries to it."""
+        """Give events that waited for an `at_once` target their deliveries to it after all: it failed on them,
+        or older ones still wait for it as deliveries."""
+        self._add_deliveries([(seq, target, self.now, event.timestamp.timestamp(), self.now) for seq, event in waiting])
+
+    def _add_deliveries(self, rows: Sequence[tuple[int, str, float, float, float]]) -> None:
+        """Pending deliveries: (event seq, target, next_at, event time, updated_at); one that exists stays as it is."""
         self.conn.executemany(
-            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)",
-            [(seq, target, self.now, event.timestamp.timestamp(), self.now) for seq, event in waiting],
+            "INSERT OR IGNORE INTO deliveries (event_seq, target, next_at, ts, updated_at) VALUES (?, ?, ?, ?, ?)", rows
         )
 
     @contextmanager
