@@ -7,8 +7,9 @@ windows travel in `Group.measure`, and new_value's first run and known values in
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,15 @@ from prometheus_client import generate_latest
 from langfuse_poller.alerting.measures import OVERFLOW, fingerprint, measure
 from langfuse_poller.config import Config
 from langfuse_poller.events import Event
+from langfuse_poller.notifiers.messages import message_for
+from langfuse_poller.notifiers.pagerduty import PagerDutySettings
+from langfuse_poller.notifiers.slack import blocks_for
 from langfuse_poller.service.metrics import Metrics
+from langfuse_poller.util.toml_tables import Secret
 
 from .conftest import Clock
 from .test_alerting import T0, alert_config, at, feed, notifications, runtime
+from .test_slack_pagerduty import ROUTING_KEY, fields
 
 
 def measuring(tmp_path: Path, backend: dict[str, Any] | None = None, **rule: Any) -> Config:
@@ -357,3 +363,29 @@ def test_a_window_kept_under_another_window_or_aggregate_starts_afresh(tmp_path:
         send(rt, clock, 3, gen(3, T0 + 3, cost=1.0))
         [group] = rt.alerter.store.alert_state().groups()
         assert [bucket[0] for bucket in group.measure["b"]] == [int(T0 // 120)]
+
+
+def test_a_notification_counts_the_values_its_measure_left_out(tmp_path: Path, backend: dict[str, Any]) -> None:
+    clock = Clock(T0)
+    with runtime(measuring(tmp_path, backend, **{**COST, "group_by": [], "window": "1m"}), clock) as rt:
+        # no number: left out of the group the batch made
+        assert send(rt, clock, 0, gen(1, T0, cost=2.0), gen(2, T0, cost=None)) == []
+        assert send(rt, clock, 100, gen(3, T0 + 100, cost=1.0)) == []
+        # the windows that held 10 s were judged at 100 s: too late to count
+        assert send(rt, clock, 130, gen(4, T0 + 130, cost=1.0), gen(5, T0 + 10, cost=9.0)) == []
+        # no number, for the group kept in the state
+        warned = send(rt, clock, 140, gen(6, T0 + 140, cost=None), gen(7, T0 + 140, cost=1.5))
+        assert told(warned) == [("rule.firing", "new", "warning", 3.5)]
+        assert (warned[0]["data"]["late"], warned[0]["data"]["skipped"]) == (1, 2)
+        # each notification counts those since the one before
+        assert at(rt, clock, 210) == []
+        resolved = at(rt, clock, 400)
+        assert told(resolved) == [("rule.resolved", "resolved", "warning", None)]
+        assert (resolved[0]["data"]["late"], resolved[0]["data"]["skipped"]) == (0, 0)
+
+    event = Event.from_json(json.dumps(warned[0]))
+    assert dict(message_for(event).facts)["Left out"] == "1 too late, 2 not a number"
+    assert "Left out" not in dict(message_for(Event.from_json(json.dumps(resolved[0]))).facts)
+    assert fields(blocks_for(message_for(event), event))["Left out"] == "1 too late, 2 not a number"
+    settings = PagerDutySettings(Secret(ROUTING_KEY), "error", "test", "http://127.0.0.1:9/", timedelta(seconds=1))
+    assert settings.build("pd").body(event)["payload"]["custom_details"]["Left out"] == "1 too late, 2 not a number"

@@ -187,9 +187,13 @@ class Alerter:
             for event in events:
                 envelope = event.envelope() if whole else _light_envelope(event)
                 value = compiled.measured(event, envelope)
-                if value is None:
-                    continue
                 labels = labels_of(rule, envelope)
+                if value is None:
+                    # left out; the group of its key, when there is one, counts it for its next notification
+                    left = cap.existing(groups, labels)
+                    if left is not None:
+                        measures.record_skipped(left)
+                    continue
                 group = cap.group(groups, labels, now)
                 silenced = whole and self.silences.match(rule.name, envelope, now) is not None
                 measures.record_value(rule, group, event, value, now, silenced=silenced)
@@ -368,8 +372,7 @@ class _Cap:
         has `max_groups` groups already."""
         rule = self.rule
         assert rule.measure is not None
-        values = tuple(labels.values())
-        key = self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
+        key = self._key(labels)
         group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
         if group is None:
             if self.count is None:
@@ -391,6 +394,18 @@ class _Cap:
                 self.count += 1
         groups[key] = group
         return group
+
+    def existing(self, groups: dict[str, Group], labels: dict[str, str]) -> Group | None:
+        """The group of these labels, from this batch or the state; None when there is none (none is opened)."""
+        key = self._key(labels)
+        group = groups.get(key) or self.tx.alert_state.group(self.rule.name, key)
+        if group is not None:
+            groups[key] = group
+        return group
+
+    def _key(self, labels: dict[str, str]) -> str:
+        values = tuple(labels.values())
+        return self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
 
 
 if TYPE_CHECKING:

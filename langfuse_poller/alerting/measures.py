@@ -108,7 +108,7 @@ def record_value(rule: Rule, group: Group, event: Event, value: Any, now: float,
     index = math.floor(ts / plan.width)
     upto = state.get("upto")
     if upto is not None and index <= math.floor(upto / plan.width) - plan.keep:
-        # later than every window that held it: those were judged without it
+        # later than every window that held it: those were judged without it (the next notification says so)
         state["late"] = state.get("late", 0) + 1
         return
     group.last_match_at = now
@@ -354,9 +354,16 @@ def _data(rule: Rule, group: Group, reading: Reading | None) -> dict[str, Any]:
     else:
         bounds = {"above": m.above, "below": m.below, "warnAbove": m.warn_above, "warnBelow": m.warn_below}
         data.update({key: bound for key, bound in bounds.items() if bound is not None})
-    if state.get("skip"):
-        data["skipped"] = state["skip"]
+    # what the measure left out, told once: each notification counts those since the one before
+    data["late"] = state.pop("late", 0)
+    data["skipped"] = state.pop("skip", 0)
     return data
+
+
+def record_skipped(group: Group) -> None:
+    """A match of the group whose `value` was no number: left out of its window, and counted for the next
+    notification to tell."""
+    group.measure["skip"] = group.measure.get("skip", 0) + 1
 
 
 def start_new_value(group: Group, value: str, shown: str) -> None:

@@ -257,6 +257,13 @@ def _measure_message(data: Mapping[str, Any], rule: str, group: str, where: str,
         if kind == "ratio":
             counted = f"{data.get('matching', 0)} of {counted}"
         facts.append(("Values", counted))
+        left_out = [
+            f"{count} {what}"
+            for count, what in ((data.get("late"), "too late"), (data.get("skipped"), "not a number"))
+            if count
+        ]
+        if left_out:
+            facts.append(("Left out", ", ".join(left_out)))
     if data.get("silenced"):
         facts.append(("Silenced", str(data["silenced"])))
     if data.get("condition"):
