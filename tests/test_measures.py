@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,14 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
+from langfuse_poller.alerting.groups import group_key
 from langfuse_poller.alerting.measures import OVERFLOW, fingerprint, measure
-from langfuse_poller.config import Config
+from langfuse_poller.config import Config, parse_config
 from langfuse_poller.events import Event
 from langfuse_poller.notifiers.messages import message_for
 from langfuse_poller.notifiers.pagerduty import PagerDutySettings
 from langfuse_poller.notifiers.slack import blocks_for
+from langfuse_poller.runtime import Runtime
 from langfuse_poller.service.metrics import Metrics
 from langfuse_poller.util.toml_tables import Secret
 
@@ -389,3 +393,66 @@ def test_a_notification_counts_the_values_its_measure_left_out(tmp_path: Path, b
     assert fields(blocks_for(message_for(event), event))["Left out"] == "1 too late, 2 not a number"
     settings = PagerDutySettings(Secret(ROUTING_KEY), "error", "test", "http://127.0.0.1:9/", timedelta(seconds=1))
     assert settings.build("pd").body(event)["payload"]["custom_details"]["Left out"] == "1 too late, 2 not a number"
+
+
+def test_a_removed_new_value_rule_forgets_what_it_knew(tmp_path: Path, backend: dict[str, Any]) -> None:
+    clock = Clock(T0)
+
+    def config(*names: str) -> Config:
+        rules = [
+            {"name": name, "type": "new_value", "events": ["generation.created"], "value": "data.model"}
+            for name in names
+        ]
+        notifiers = {"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}}
+        settings = {"langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"}}
+        return parse_config(
+            {
+                **settings,
+                "state": {"path": str(tmp_path / "state.db")},
+                "notifiers": notifiers,
+                "rules": [{**rule, "notify": ["alerts"]} for rule in rules],
+                **backend,
+            },
+            "test",
+        )
+
+    def kept(rt: Runtime, rule: str) -> tuple[float | None, dict[str, float], int]:
+        """When the rule first ran and the values it knows, by the contract; and its rows or keys, read raw."""
+        state = rt.alerter.store.alert_state()
+        known = state.seen_values(rule, [group_key({"value": "m1"}), group_key({"value": "m2"})])
+        if not backend:
+            with closing(sqlite3.connect(tmp_path / "state.db")) as conn:
+                rows = sum(
+                    conn.execute(f"SELECT COUNT(*) FROM {table} WHERE rule = ?", (rule,)).fetchone()[0]
+                    for table in ("alert_rules", "alert_values")
+                )
+            return state.rule_started(rule), known, rows
+        from langfuse_poller.redis.queue import sync_client
+        from langfuse_poller.redis.standby.alert_script import AlertKeys
+        from langfuse_poller.redis.standby.keys import PollerKeys
+
+        keys = AlertKeys(PollerKeys.of(rt.config.queue))
+        client = sync_client(backend["queue"]["url"], 1.0)
+        rows = len(client.keys(keys.values(rule) + "*")) + client.hexists(keys.rules, rule)
+        client.close()
+        return state.rule_started(rule), known, rows
+
+    with runtime(config("kept", "gone"), clock) as rt:
+        assert send(rt, clock, 10, gen(1, T0 + 10), gen(2, T0 + 10, model="m2")) == []
+        for rule in ("kept", "gone"):
+            started, known, rows = kept(rt, rule)
+            assert started is not None and len(known) == 2 and rows > 0
+    # a restart without the rule: nothing of it is left; the rule that stays keeps what it learned
+    with runtime(config("kept"), clock) as rt:
+        assert kept(rt, "gone") == (None, {}, 0)
+        started, known, rows = kept(rt, "kept")
+        assert started is not None and len(known) == 2 and rows > 0
+        # a transaction sees its own forgetting, and one that fails forgets nothing
+        with pytest.raises(RuntimeError), rt.alerter.store.write() as tx:
+            state = tx.alert_state
+            assert state.kept_rules() == ["kept"]
+            state.forget_rule("kept")
+            assert state.kept_rules() == [] and state.rule_started("kept") is None
+            assert state.seen_values("kept", [group_key({"value": "m1"})]) == {}
+            raise RuntimeError("rolled back")
+        assert kept(rt, "kept") == (started, known, rows)

@@ -273,7 +273,8 @@ class Alerter:
         """Reconcile the stored groups with the rules, and open the watching group of ungrouped absence rules.
 
         A group whose rule is gone, no longer groups, or groups by other fields is resolved (its notifiers
-        told, so no PagerDuty incident stays open forever) and dropped.
+        told, so no PagerDuty incident stays open forever) and dropped; a rule that is gone, or is no longer a
+        new_value rule, forgets its first run and the values it knew.
         """
         now = self.clock() if now is None else now
         term = self.store.alert_term()
@@ -291,6 +292,11 @@ class Alerter:
                     notice = alert_event(gone, group, now, status="resolved", reason="resolved", new=0)
                     self._enqueue(tx, group.rule, [notice], [f"notifier:{name}" for name in group.told])
                 tx.alert_state.delete(group.rule, group.key)
+            # what a new_value rule knows is of no use once it is gone, and would otherwise stay for good
+            learning = {rule.name for rule in self.rules.values() if rule.kind == "new_value"}
+            for name in tx.alert_state.kept_rules():
+                if name not in learning:
+                    tx.alert_state.forget_rule(name)
             for rule in self.rules.values():
                 if rule.kind == "new_value":
                     # the rule's first `learn` starts at its first run, as far as the poller has read
