@@ -15,7 +15,9 @@ the condition has not held for `resolve_after` (event time, so a value that wave
 and goes back to watching, keeping its window; a watching group whose window is empty is dropped. A new_value
 group opens firing, notifies once (after `group_wait`), and resolves once its value has not been seen for
 `resolve_after`. Notifications: `new` when it fires, `update` when its severity rises from warning to critical,
-`repeat` every `repeat_interval`, `resolved`. The window state is in `Group.measure`, stored with the group.
+`repeat` every `repeat_interval`, `resolved`; each of a metric, ratio or spike group counts the values its
+measure left out since the one before (`late`, `skipped`). The window state is in `Group.measure`, stored with
+the group.
 """
 
 from __future__ import annotations
