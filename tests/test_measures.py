@@ -7,21 +7,31 @@ windows travel in `Group.measure`, and new_value's first run and known values in
 
 from __future__ import annotations
 
+import json
 import logging
-from datetime import UTC, datetime
+import sqlite3
+from contextlib import closing
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import generate_latest
 
+from langfuse_poller.alerting.groups import group_key
 from langfuse_poller.alerting.measures import OVERFLOW, fingerprint, measure
-from langfuse_poller.config import Config
+from langfuse_poller.config import Config, parse_config
 from langfuse_poller.events import Event
+from langfuse_poller.notifiers.messages import message_for
+from langfuse_poller.notifiers.pagerduty import PagerDutySettings
+from langfuse_poller.notifiers.slack import blocks_for
+from langfuse_poller.runtime import Runtime
 from langfuse_poller.service.metrics import Metrics
+from langfuse_poller.util.toml_tables import Secret
 
 from .conftest import Clock
 from .test_alerting import T0, alert_config, at, feed, notifications, runtime
+from .test_slack_pagerduty import ROUTING_KEY, fields
 
 
 def measuring(tmp_path: Path, backend: dict[str, Any] | None = None, **rule: Any) -> Config:
@@ -357,3 +367,92 @@ def test_a_window_kept_under_another_window_or_aggregate_starts_afresh(tmp_path:
         send(rt, clock, 3, gen(3, T0 + 3, cost=1.0))
         [group] = rt.alerter.store.alert_state().groups()
         assert [bucket[0] for bucket in group.measure["b"]] == [int(T0 // 120)]
+
+
+def test_a_notification_counts_the_values_its_measure_left_out(tmp_path: Path, backend: dict[str, Any]) -> None:
+    clock = Clock(T0)
+    with runtime(measuring(tmp_path, backend, **{**COST, "group_by": [], "window": "1m"}), clock) as rt:
+        # no number: left out of the group the batch made
+        assert send(rt, clock, 0, gen(1, T0, cost=2.0), gen(2, T0, cost=None)) == []
+        assert send(rt, clock, 100, gen(3, T0 + 100, cost=1.0)) == []
+        # the windows that held 10 s were judged at 100 s: too late to count
+        assert send(rt, clock, 130, gen(4, T0 + 130, cost=1.0), gen(5, T0 + 10, cost=9.0)) == []
+        # no number, for the group kept in the state
+        warned = send(rt, clock, 140, gen(6, T0 + 140, cost=None), gen(7, T0 + 140, cost=1.5))
+        assert told(warned) == [("rule.firing", "new", "warning", 3.5)]
+        assert (warned[0]["data"]["late"], warned[0]["data"]["skipped"]) == (1, 2)
+        # each notification counts those since the one before
+        assert at(rt, clock, 210) == []
+        resolved = at(rt, clock, 400)
+        assert told(resolved) == [("rule.resolved", "resolved", "warning", None)]
+        assert (resolved[0]["data"]["late"], resolved[0]["data"]["skipped"]) == (0, 0)
+
+    event = Event.from_json(json.dumps(warned[0]))
+    assert dict(message_for(event).facts)["Left out"] == "1 too late, 2 not a number"
+    assert "Left out" not in dict(message_for(Event.from_json(json.dumps(resolved[0]))).facts)
+    assert fields(blocks_for(message_for(event), event))["Left out"] == "1 too late, 2 not a number"
+    settings = PagerDutySettings(Secret(ROUTING_KEY), "error", "test", "http://127.0.0.1:9/", timedelta(seconds=1))
+    assert settings.build("pd").body(event)["payload"]["custom_details"]["Left out"] == "1 too late, 2 not a number"
+
+
+def test_a_removed_new_value_rule_forgets_what_it_knew(tmp_path: Path, backend: dict[str, Any]) -> None:
+    clock = Clock(T0)
+
+    def config(*names: str) -> Config:
+        rules = [
+            {"name": name, "type": "new_value", "events": ["generation.created"], "value": "data.model"}
+            for name in names
+        ]
+        notifiers = {"alerts": {"type": "jsonl", "path": str(tmp_path / "alerts.jsonl")}}
+        settings = {"langfuse": {"base_url": "http://127.0.0.1:9", "public_key": "pk", "secret_key": "sk"}}
+        return parse_config(
+            {
+                **settings,
+                "state": {"path": str(tmp_path / "state.db")},
+                "notifiers": notifiers,
+                "rules": [{**rule, "notify": ["alerts"]} for rule in rules],
+                **backend,
+            },
+            "test",
+        )
+
+    def kept(rt: Runtime, rule: str) -> tuple[float | None, dict[str, float], int]:
+        """When the rule first ran and the values it knows, by the contract; and its rows or keys, read raw."""
+        state = rt.alerter.store.alert_state()
+        known = state.seen_values(rule, [group_key({"value": "m1"}), group_key({"value": "m2"})])
+        if not backend:
+            with closing(sqlite3.connect(tmp_path / "state.db")) as conn:
+                rows = sum(
+                    conn.execute(f"SELECT COUNT(*) FROM {table} WHERE rule = ?", (rule,)).fetchone()[0]
+                    for table in ("alert_rules", "alert_values")
+                )
+            return state.rule_started(rule), known, rows
+        from langfuse_poller.redis.queue import sync_client
+        from langfuse_poller.redis.standby.alert_script import AlertKeys
+        from langfuse_poller.redis.standby.keys import PollerKeys
+
+        keys = AlertKeys(PollerKeys.of(rt.config.queue))
+        client = sync_client(backend["queue"]["url"], 1.0)
+        rows = len(client.keys(keys.values(rule) + "*")) + client.hexists(keys.rules, rule)
+        client.close()
+        return state.rule_started(rule), known, rows
+
+    with runtime(config("kept", "gone"), clock) as rt:
+        assert send(rt, clock, 10, gen(1, T0 + 10), gen(2, T0 + 10, model="m2")) == []
+        for rule in ("kept", "gone"):
+            started, known, rows = kept(rt, rule)
+            assert started is not None and len(known) == 2 and rows > 0
+    # a restart without the rule: nothing of it is left; the rule that stays keeps what it learned
+    with runtime(config("kept"), clock) as rt:
+        assert kept(rt, "gone") == (None, {}, 0)
+        started, known, rows = kept(rt, "kept")
+        assert started is not None and len(known) == 2 and rows > 0
+        # a transaction sees its own forgetting, and one that fails forgets nothing
+        with pytest.raises(RuntimeError), rt.alerter.store.write() as tx:
+            state = tx.alert_state
+            assert state.kept_rules() == ["kept"]
+            state.forget_rule("kept")
+            assert state.kept_rules() == [] and state.rule_started("kept") is None
+            assert state.seen_values("kept", [group_key({"value": "m1"})]) == {}
+            raise RuntimeError("rolled back")
+        assert kept(rt, "kept") == (started, known, rows)

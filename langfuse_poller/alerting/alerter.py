@@ -187,9 +187,13 @@ class Alerter:
             for event in events:
                 envelope = event.envelope() if whole else _light_envelope(event)
                 value = compiled.measured(event, envelope)
-                if value is None:
-                    continue
                 labels = labels_of(rule, envelope)
+                if value is None:
+                    # left out; the group of its key, when there is one, counts it for its next notification
+                    left = cap.existing(groups, labels)
+                    if left is not None:
+                        measures.record_skipped(left)
+                    continue
                 group = cap.group(groups, labels, now)
                 silenced = whole and self.silences.match(rule.name, envelope, now) is not None
                 measures.record_value(rule, group, event, value, now, silenced=silenced)
@@ -269,7 +273,8 @@ class Alerter:
         """Reconcile the stored groups with the rules, and open the watching group of ungrouped absence rules.
 
         A group whose rule is gone, no longer groups, or groups by other fields is resolved (its notifiers
-        told, so no PagerDuty incident stays open forever) and dropped.
+        told, so no PagerDuty incident stays open forever) and dropped; a rule that is gone, or is no longer a
+        new_value rule, forgets its first run and the values it knew.
         """
         now = self.clock() if now is None else now
         term = self.store.alert_term()
@@ -287,6 +292,11 @@ class Alerter:
                     notice = alert_event(gone, group, now, status="resolved", reason="resolved", new=0)
                     self._enqueue(tx, group.rule, [notice], [f"notifier:{name}" for name in group.told])
                 tx.alert_state.delete(group.rule, group.key)
+            # what a new_value rule knows is of no use once it is gone, and would otherwise stay for good
+            learning = {rule.name for rule in self.rules.values() if rule.kind == "new_value"}
+            for name in tx.alert_state.kept_rules():
+                if name not in learning:
+                    tx.alert_state.forget_rule(name)
             for rule in self.rules.values():
                 if rule.kind == "new_value":
                     # the rule's first `learn` starts at its first run, as far as the poller has read
@@ -368,8 +378,7 @@ class _Cap:
         has `max_groups` groups already."""
         rule = self.rule
         assert rule.measure is not None
-        values = tuple(labels.values())
-        key = self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
+        key = self._key(labels)
         group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
         if group is None:
             if self.count is None:
@@ -391,6 +400,18 @@ class _Cap:
                 self.count += 1
         groups[key] = group
         return group
+
+    def existing(self, groups: dict[str, Group], labels: dict[str, str]) -> Group | None:
+        """The group of these labels, from this batch or the state; None when there is none (none is opened)."""
+        key = self._key(labels)
+        group = groups.get(key) or self.tx.alert_state.group(self.rule.name, key)
+        if group is not None:
+            groups[key] = group
+        return group
+
+    def _key(self, labels: dict[str, str]) -> str:
+        values = tuple(labels.values())
+        return self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
 
 
 if TYPE_CHECKING:

@@ -15,7 +15,9 @@ the condition has not held for `resolve_after` (event time, so a value that wave
 and goes back to watching, keeping its window; a watching group whose window is empty is dropped. A new_value
 group opens firing, notifies once (after `group_wait`), and resolves once its value has not been seen for
 `resolve_after`. Notifications: `new` when it fires, `update` when its severity rises from warning to critical,
-`repeat` every `repeat_interval`, `resolved`. The window state is in `Group.measure`, stored with the group.
+`repeat` every `repeat_interval`, `resolved`; each of a metric, ratio or spike group counts the values its
+measure left out since the one before (`late`, `skipped`). The window state is in `Group.measure`, stored with
+the group.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def record_value(rule: Rule, group: Group, event: Event, value: Any, now: float,
     index = math.floor(ts / plan.width)
     upto = state.get("upto")
     if upto is not None and index <= math.floor(upto / plan.width) - plan.keep:
-        # later than every window that held it: those were judged without it
+        # later than every window that held it: those were judged without it (the next notification says so)
         state["late"] = state.get("late", 0) + 1
         return
     group.last_match_at = now
@@ -354,9 +356,16 @@ def _data(rule: Rule, group: Group, reading: Reading | None) -> dict[str, Any]:
     else:
         bounds = {"above": m.above, "below": m.below, "warnAbove": m.warn_above, "warnBelow": m.warn_below}
         data.update({key: bound for key, bound in bounds.items() if bound is not None})
-    if state.get("skip"):
-        data["skipped"] = state["skip"]
+    # what the measure left out, told once: each notification counts those since the one before
+    data["late"] = state.pop("late", 0)
+    data["skipped"] = state.pop("skip", 0)
     return data
+
+
+def record_skipped(group: Group) -> None:
+    """A match of the group whose `value` was no number: left out of its window, and counted for the next
+    notification to tell."""
+    group.measure["skip"] = group.measure.get("skip", 0) + 1
 
 
 def start_new_value(group: Group, value: str, shown: str) -> None:

@@ -98,6 +98,15 @@ class AlertState(Protocol):
         """Forget the values of a new_value rule last seen before `before` (event time); how many were."""
         ...
 
+    def kept_rules(self) -> list[str]:
+        """The rules that keep state beyond their groups (a new_value rule's first run and known values), sorted."""
+        ...
+
+    def forget_rule(self, rule: str) -> None:
+        """Forget what `rule` keeps beyond its groups: its first run and every value it knows (a rule gone from the
+        config, or no longer a new_value rule). Its groups are not touched."""
+        ...
+
 
 class AlertTransaction(Protocol):
     """One change of the alert state: group writes and the notifications they send, kept together or not at all."""

@@ -210,6 +210,15 @@ def _measured(data: Mapping[str, Any], value: Any) -> str:
     return _number(float(value)) if isinstance(value, int | float) else str(value)
 
 
+def _unjudged(data: Mapping[str, Any]) -> str:
+    """Why a measure has no value (`value` is null): its window held no values, or fewer than `min_count`."""
+    count, window = data.get("count") or 0, data.get("window")
+    if not count:
+        return f"no values in the last {window}"
+    values = "1 value" if count == 1 else f"{count} values"
+    return f"only {values} in the last {window} (min_count {data.get('minCount')})"
+
+
 def _measure_message(data: Mapping[str, Any], rule: str, group: str, where: str, resolved: bool) -> Message:
     """A metric, ratio, spike or new_value alert: the value against its threshold, the window, the samples."""
     kind = data.get("kind")
@@ -228,7 +237,10 @@ def _measure_message(data: Mapping[str, Any], rule: str, group: str, where: str,
         if data.get("firstAt"):
             facts.append(("First", str(data["firstAt"])))
     else:
-        if kind == "spike":
+        unjudged = _unjudged(data) if value is None else None
+        if unjudged is not None:
+            line = unjudged
+        elif kind == "spike":
             previous = data.get("previous")
             compared = f"{aggregate} {_measured(data, value)} against {_measured(data, previous)} the window before"
             line = f"{compared} (x{_number(float(data.get('factor') or 0))} {data.get('direction')})"
@@ -237,7 +249,7 @@ def _measure_message(data: Mapping[str, Any], rule: str, group: str, where: str,
             line = f"{aggregate} {_measured(data, value)} {sign} {_measured(data, threshold)}"
         icon = "🟠" if warning else "🔥"
         title = f"✅ Resolved: {rule}{where}: {line}" if resolved else f"{icon} {rule}{where}: {line}"
-        facts.append(("Value", f"{_measured(data, value)} ({aggregate} over {data.get('window')})"))
+        facts.append(("Value", unjudged or f"{_measured(data, value)} ({aggregate} over {data.get('window')})"))
         if threshold is not None:
             facts.append(("Threshold", _measured(data, threshold)))
         facts.append(("Severity", str(data.get("severity"))))
@@ -245,6 +257,13 @@ def _measure_message(data: Mapping[str, Any], rule: str, group: str, where: str,
         if kind == "ratio":
             counted = f"{data.get('matching', 0)} of {counted}"
         facts.append(("Values", counted))
+        left_out = [
+            f"{count} {what}"
+            for count, what in ((data.get("late"), "too late"), (data.get("skipped"), "not a number"))
+            if count
+        ]
+        if left_out:
+            facts.append(("Left out", ", ".join(left_out)))
     if data.get("silenced"):
         facts.append(("Silenced", str(data["silenced"])))
     if data.get("condition"):

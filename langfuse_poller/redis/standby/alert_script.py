@@ -56,6 +56,9 @@ for _, op in ipairs(cjson.decode(ARGV[3])) do
       redis.call('HDEL', h, k)
     end
     redis.call('ZREMRANGEBYSCORE', h .. ':by-time', '-inf', '(' .. op.before)
+  elseif op.op == 'drop' then
+    redis.call('HDEL', p .. ':alert-rules', op.r)
+    redis.call('UNLINK', p .. ':alert-values:' .. op.r, p .. ':alert-values:' .. op.r .. ':by-time')
   elseif op.op == 'take' then
     redis.call('LTRIM', p .. ':alert-matches', op.n, -1)
   elseif op.op == 'notice' then

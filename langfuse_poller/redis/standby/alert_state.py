@@ -197,6 +197,8 @@ class RedisAlertState:
     def rule_started(self, rule: str) -> float | None:
         if self._tx is not None and rule in self._tx.started:
             return self._tx.started[rule]
+        if self._tx is not None and rule in self._tx.dropped:
+            return None
         found = self._store.call("read when a rule first ran", self._store.client.hget, self._keys.rules, rule)
         return None if found is None else float(found)
 
@@ -208,7 +210,7 @@ class RedisAlertState:
 
     def seen_values(self, rule: str, keys: Sequence[str]) -> dict[str, float]:
         seen: dict[str, float] = {}
-        if keys:
+        if keys and (self._tx is None or rule not in self._tx.dropped):
             found = self._store.call(
                 "read a rule's known values", self._store.client.hmget, self._keys.values(rule), list(keys)
             )
@@ -236,6 +238,20 @@ class RedisAlertState:
         tx.rule_ops.append({"op": "forget", "r": rule, "before": number(before)})
         return count
 
+    def kept_rules(self) -> list[str]:
+        # every rule that knows values has its first run recorded first (`start_rule`)
+        kept = set(self._store.call("read the rules' state", self._store.client.hkeys, self._keys.rules))
+        if self._tx is not None:
+            kept = (kept - self._tx.dropped) | set(self._tx.started)
+        return sorted(kept)
+
+    def forget_rule(self, rule: str) -> None:
+        tx = self._writer()
+        tx.started.pop(rule, None)
+        tx.seen.pop(rule, None)
+        tx.dropped.add(rule)
+        tx.rule_ops.append({"op": "drop", "r": rule})
+
     def _writer(self) -> RedisAlertTransaction:
         if self._tx is None:
             raise StateError("the alert state read outside a transaction cannot be written")
@@ -255,6 +271,7 @@ class RedisAlertTransaction:
         # new_value rules' state: first runs and sightings this transaction wrote, and its writes, in order
         self.started: dict[str, float] = {}
         self.seen: dict[str, dict[str, float]] = {}
+        self.dropped: set[str] = set()  # rules forgotten: what Redis still holds of them is not read
         self.rule_ops: list[dict[str, Any]] = []
         self._state = RedisAlertState(store, self)
 
