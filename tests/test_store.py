@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 from pathlib import Path
 
 import pytest
 
 from langfuse_poller import events
+from langfuse_poller.alerting.groups import Group
 from langfuse_poller.errors import StateError
 from langfuse_poller.store import MIGRATIONS, Store, event_id_hash
 
@@ -211,5 +214,56 @@ def test_enqueue_many_stores_each_event_once_and_adds_only_missing_deliveries(tm
         assert [target for target, *_ in store.deliveries_of(second.id)] == ["a"]
         stored = store.event(first.id)
         assert stored is not None and stored.to_json() == first.to_json()
+    finally:
+        store.close()
+
+
+def test_alert_group_rows_written_with_json_read_back_and_new_rows_are_json(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    group = Group(
+        rule="errors",
+        key="k",
+        labels={"data.environment": "produção"},
+        state="firing",
+        opened_at=1000.0,
+        told=["slack"],
+        samples=[{"id": "trace.updated:o1:1", "value": float("nan"), "statusMessage": "délai dépassé"}],
+        arrivals=[999.5],
+        measure={"b": [[1, 1, 2.5, 2.5, 2.5, {"92": 1}, None]]},
+    )
+    columns = {name: json.dumps(getattr(group, name), ensure_ascii=False) for name in ("labels", "told", "samples")}
+    try:
+        with store.write(1000.0) as tx:
+            tx.alert_state.save(group)
+            # the row as an earlier release wrote it: json.dumps, NaN and all
+            tx.conn.execute(
+                "UPDATE alert_groups SET labels = ?, told = ?, samples = ? WHERE key = 'k'",
+                (columns["labels"], columns["told"], columns["samples"]),
+            )
+        [found] = store.alert_state().groups()
+        assert math.isnan(found.samples[0].pop("value")) and found.samples == [
+            {"id": "trace.updated:o1:1", "statusMessage": "délai dépassé"}
+        ]
+        assert (found.labels, found.told, found.arrivals, found.measure) == (
+            group.labels,
+            group.told,
+            group.arrivals,
+            group.measure,
+        )
+        # a sample that orjson cannot write (an integer beyond 64 bits) is written as before
+        found.samples = [{"id": "score.created:s1", "value": 2**70}]
+        with store.write(1001.0) as tx:
+            tx.alert_state.save(found)
+        with store.write(1002.0) as tx:
+            row = tx.conn.execute("SELECT labels, told, samples, arrivals, measure FROM alert_groups").fetchone()
+        # what is written now is JSON that the standard library reads
+        assert [json.loads(text) for text in row] == [
+            {"data.environment": "produção"},
+            ["slack"],
+            [{"id": "score.created:s1", "value": 2**70}],
+            [999.5],
+            group.measure,
+        ]
+        assert store.alert_state().groups()[0].samples == [{"id": "score.created:s1", "value": 2**70}]
     finally:
         store.close()

@@ -214,6 +214,8 @@ class Alerter:
         measure = rule.measure
         state = tx.alert_state
         found = []
+        # a batch's errors are mostly a few kinds: each one's key (JSON and SHA-256 of its labels) is made once
+        keys: dict[tuple[str, ...], str] = {}
         for event in events:
             envelope = event.envelope()
             raw = compiled.measured(event, envelope)
@@ -222,7 +224,9 @@ class Alerter:
             shown = raw if isinstance(raw, str) else json.dumps(raw)
             value = measures.fingerprint(shown) if measure.fingerprint else shown[: measures.MAX_VALUE_CHARS]
             labels = {**labels_of(rule, envelope), "value": value}
-            found.append((event, envelope, labels, group_key(labels), shown))
+            values = tuple(labels.values())
+            key = keys.get(values) or keys.setdefault(values, group_key(labels))
+            found.append((event, envelope, labels, key, shown))
         groups: dict[str, Group] = {}
         if not found:
             return groups
@@ -247,9 +251,7 @@ class Alerter:
                     measures.start_new_value(group, labels["value"], shown)
             groups[group.key] = group
             silenced = self.silences.match(rule.name, envelope, now) is not None
-            record_match(rule, group, event, now, silenced=silenced)
-            # the first sighting is the sample that matters
-            del group.samples[1:]
+            measures.record_sighting(rule, group, event, now, silenced=silenced)
         state.see_values(rule.name, {key: known[key] for *_, key, _ in found})
         state.forget_values(rule.name, self.progress(tx, rule) - measure.remember.total_seconds())
         return groups

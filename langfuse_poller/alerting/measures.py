@@ -374,6 +374,24 @@ def start_new_value(group: Group, value: str, shown: str) -> None:
     group.measure["fingerprint"] = value
 
 
+def record_sighting(rule: Rule, group: Group, event: Event, now: float, *, silenced: bool) -> None:
+    """Count a sighting of a new_value group's value, as `groups.record_match` counts a match, but keeping
+    only one sample: the first sighting's (the latest's, with `samples = 1`). It is made only when kept: most
+    sightings are of a group that has its sample already."""
+    assert rule.grouping is not None
+    ts = event.timestamp.timestamp()
+    group.last_match_at = now
+    group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
+    if silenced:
+        group.silenced += 1
+        return
+    group.count += 1
+    group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
+    limit = rule.grouping.samples
+    if limit == 1 or (limit and not group.samples):
+        group.samples = [sample_of(event)]
+
+
 _MASKS = (
     (re.compile(r"\b[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE), "<url>"),
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b", re.IGNORECASE), "<uuid>"),
