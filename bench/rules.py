@@ -6,8 +6,8 @@
     python bench/rules.py --part cap --keys 10000          # max_groups reached: twice as many keys as the cap
 
 Each part builds the daemon's runtime on a throwaway SQLite state, with a clock that follows the events' time,
-and hands the matches to a rule's alert groups as the delivery worker does: batches of 2,000 (delivery.py's
-BULK_BATCH), each `Alerter.record` in one write transaction, every group it moved read and saved in it.
+and hands the matches to a rule's alert groups in batches of 2,000, about what a catch-up's write transaction
+applies to a rule at once, each `Alerter.record` in one write transaction, every group it moved read and saved.
 
 cost: one rule at a time over the same generations (`--models` models, the group_by key; one every 100 ms of
 event time, so an hour's window holds 36,000 of them) and, for new_value, error messages of 50 kinds, each
@@ -42,7 +42,7 @@ from langfuse_poller.rules import Rule
 from langfuse_poller.runtime import Runtime
 from langfuse_poller.testing.fake_langfuse import FakeLangfuse
 
-BATCH = 2000  # delivery.py's BULK_BATCH: what an in-process target gets at once
+BATCH = 2000  # about the generations of a catch-up transaction's pages, which a rule gets at once
 START = 1_800_000_000.0
 
 RULES: dict[str, dict[str, Any]] = {
@@ -106,7 +106,7 @@ class Bench:
         self.rule: Rule = config.rules[0]
 
     def record(self, batch: list[Event]) -> tuple[float, float]:
-        """Hand a batch to the rule as the delivery worker does; the seconds it took, on the wall and of CPU
+        """Hand a batch to the rule as a write transaction does; the seconds it took, on the wall and of CPU
         (this process's, which other work on a shared machine inflates less)."""
         self.now = max(self.now, batch[-1].timestamp.timestamp())
         began, cpu = time.perf_counter(), time.process_time()
