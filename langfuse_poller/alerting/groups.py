@@ -130,20 +130,29 @@ def open_group(rule: Rule, key: str, labels: dict[str, str], now: float, seq: in
     return Group(rule=rule.name, key=key, labels=labels, state=state, opened_at=now, seq=seq)
 
 
-def record_match(rule: Rule, group: Group, event: Event, now: float, *, silenced: bool) -> None:
-    """Count one match into its group (opened with `open_group` when new or resolved)."""
-    assert rule.grouping is not None
+def note_match(group: Group, event: Event, now: float, *, silenced: bool, counts: bool = True) -> bool:
+    """What every kind records of a match: when it came, and one more silenced match or (when it `counts`) one
+    more in the count. Whether it was counted: the caller then keeps a sample of it."""
     ts = event.timestamp.timestamp()
     group.last_match_at = now
     group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
     if silenced:
         group.silenced += 1
-    elif rule.kind != "absence":
+        return False
+    if counts:
         group.count += 1
         group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
-        if rule.grouping.samples:
-            group.samples = [*group.samples, sample_of(event)][-rule.grouping.samples :]
+    return counts
+
+
+def record_match(rule: Rule, group: Group, event: Event, now: float, *, silenced: bool) -> None:
+    """Count one match into its group (opened with `open_group` when new or resolved)."""
+    assert rule.grouping is not None
+    # an absence rule's group counts nothing: a match only ends the silence
+    if note_match(group, event, now, silenced=silenced, counts=rule.kind != "absence") and rule.grouping.samples:
+        group.samples = [*group.samples, sample_of(event)][-rule.grouping.samples :]
     if rule.kind == "frequency":
+        ts = event.timestamp.timestamp()
         bisect.insort(group.arrivals, ts)
         del group.arrivals[: -rule.threshold]
         window = rule.window.total_seconds()

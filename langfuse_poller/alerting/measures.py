@@ -30,7 +30,7 @@ from typing import Any
 from ..events import Event
 from ..rules import Rule
 from ..util.durations import format_duration
-from .groups import PROGRESS_RECHECK, SILENCE_RECHECK, Group, notify, sample_of
+from .groups import PROGRESS_RECHECK, SILENCE_RECHECK, Group, note_match, notify, sample_of
 from .windows import BUCKETS, SUM, add, bucket_width, distinct_key, prune, summarize, window_range
 from .windows import aggregate as aggregate_of
 
@@ -379,14 +379,8 @@ def record_sighting(rule: Rule, group: Group, event: Event, now: float, *, silen
     only one sample: the first sighting's (the latest's, with `samples = 1`). It is made only when kept: most
     sightings are of a group that has its sample already."""
     assert rule.grouping is not None
-    ts = event.timestamp.timestamp()
-    group.last_match_at = now
-    group.last_ts = ts if group.last_ts is None else max(group.last_ts, ts)
-    if silenced:
-        group.silenced += 1
+    if not note_match(group, event, now, silenced=silenced):
         return
-    group.count += 1
-    group.first_ts = ts if group.first_ts is None else min(group.first_ts, ts)
     limit = rule.grouping.samples
     if limit == 1 or (limit and not group.samples):
         group.samples = [sample_of(event)]
