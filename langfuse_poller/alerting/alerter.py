@@ -214,7 +214,7 @@ class Alerter:
         measure = rule.measure
         state = tx.alert_state
         found = []
-        # a batch's errors are mostly a few kinds: each one's key (JSON and SHA-256 of its labels) is made once
+        # a batch's errors are mostly a few kinds: each one's key is made once
         keys: dict[tuple[str, ...], str] = {}
         for event in events:
             envelope = event.envelope()
@@ -224,9 +224,7 @@ class Alerter:
             shown = raw if isinstance(raw, str) else json.dumps(raw)
             value = measures.fingerprint(shown) if measure.fingerprint else shown[: measures.MAX_VALUE_CHARS]
             labels = {**labels_of(rule, envelope), "value": value}
-            values = tuple(labels.values())
-            key = keys.get(values) or keys.setdefault(values, group_key(labels))
-            found.append((event, envelope, labels, key, shown))
+            found.append((event, envelope, labels, _cached_key(keys, labels), shown))
         groups: dict[str, Group] = {}
         if not found:
             return groups
@@ -372,7 +370,7 @@ class _Cap:
         self.tx = tx
         self.rule = rule
         self.count: int | None = None
-        # a batch's matches mostly share a few keys: each key's digest is made once
+        # the batch's group keys (`_cached_key`)
         self._keys: dict[tuple[str, ...], str] = {}
 
     def group(self, groups: dict[str, Group], labels: dict[str, str], now: float) -> Group:
@@ -380,40 +378,43 @@ class _Cap:
         has `max_groups` groups already."""
         rule = self.rule
         assert rule.measure is not None
-        key = self._key(labels)
-        group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
-        if group is None:
-            if self.count is None:
-                self.count = self.tx.alert_state.group_count(rule.name)
-            if self.count >= rule.measure.max_groups:
-                labels = dict.fromkeys(labels, measures.OVERFLOW)
-                key = group_key(labels)
-                self.alerter.overflowed[rule.name] += 1
-                if self.alerter.overflowed[rule.name] == 1:
-                    log.warning(
-                        "rule %s has %d groups, its max_groups: matches of further keys go to the group labelled %r",
-                        rule.name,
-                        rule.measure.max_groups,
-                        measures.OVERFLOW,
-                    )
-                group = groups.get(key) or self.tx.alert_state.group(rule.name, key)
-            if group is None:
-                group = open_group(rule, key, labels, now)
-                self.count += 1
-        groups[key] = group
+        group = self.existing(groups, labels)
+        if group is not None:
+            return group
+        if self.count is None:
+            self.count = self.tx.alert_state.group_count(rule.name)
+        if self.count >= rule.measure.max_groups:
+            labels = dict.fromkeys(labels, measures.OVERFLOW)
+            self.alerter.overflowed[rule.name] += 1
+            if self.alerter.overflowed[rule.name] == 1:
+                log.warning(
+                    "rule %s has %d groups, its max_groups: matches of further keys go to the group labelled %r",
+                    rule.name,
+                    rule.measure.max_groups,
+                    measures.OVERFLOW,
+                )
+            group = self.existing(groups, labels)
+            if group is not None:
+                return group
+        key = _cached_key(self._keys, labels)
+        group = groups[key] = open_group(rule, key, labels, now)
+        self.count += 1
         return group
 
     def existing(self, groups: dict[str, Group], labels: dict[str, str]) -> Group | None:
         """The group of these labels, from this batch or the state; None when there is none (none is opened)."""
-        key = self._key(labels)
+        key = _cached_key(self._keys, labels)
         group = groups.get(key) or self.tx.alert_state.group(self.rule.name, key)
         if group is not None:
             groups[key] = group
         return group
 
-    def _key(self, labels: dict[str, str]) -> str:
-        values = tuple(labels.values())
-        return self._keys.get(values) or self._keys.setdefault(values, group_key(labels))
+
+def _cached_key(keys: dict[tuple[str, ...], str], labels: dict[str, str]) -> str:
+    """`group_key` of these labels, made once per batch: a batch's matches mostly share a few keys, and a key
+    costs a JSON dump and a SHA-256. `keys` holds the batch's keys by the labels' values."""
+    values = tuple(labels.values())
+    return keys.get(values) or keys.setdefault(values, group_key(labels))
 
 
 if TYPE_CHECKING:
