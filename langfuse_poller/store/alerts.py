@@ -170,12 +170,8 @@ class SqliteAlertState:
 
     def kept_rules(self) -> list[str]:
         """The rules that keep state beyond their groups (a new_value rule's first run and known values), sorted."""
-        # the rules of alert_values one index seek each: a scan of its rows took 70 ms for 500,000 values
-        rows = self._conn.execute(
-            "WITH RECURSIVE valued(rule) AS (SELECT MIN(rule) FROM alert_values UNION ALL "
-            "SELECT (SELECT MIN(rule) FROM alert_values WHERE rule > valued.rule) FROM valued WHERE rule IS NOT NULL) "
-            "SELECT rule FROM alert_rules UNION SELECT rule FROM valued WHERE rule IS NOT NULL ORDER BY 1"
-        )
+        # read at start and at a takeover only: a scan of 500,000 values takes about 70 ms
+        rows = self._conn.execute("SELECT rule FROM alert_rules UNION SELECT rule FROM alert_values ORDER BY 1")
         return [rule for (rule,) in rows]
 
     def forget_rule(self, rule: str) -> None:
